@@ -1,0 +1,419 @@
+"""Capture: trace a model into a runnable FX graph and build the IR from it.
+
+``torch.export`` (non-strict) is tried first: it gives ATen ops with shapes and ``nn_module_stack``
+metadata, and its ``.module()`` is a GraphModule whose ``get_attr`` nodes carry the parameters' full names,
+so every op maps back to its module path. ``torch.fx.symbolic_trace`` plus a shape-recording run is the
+fallback for models export rejects. TorchScript files are converted to an ExportedProgram first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from mpqc.errors import UserError
+
+from .ir import Graph, Op, OpKind, Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Captured:
+    """The IR, the runnable GraphModule it describes, and how it was obtained."""
+
+    graph: Graph
+    gm: torch.fx.GraphModule
+    method: str  # "export" | "fx" | "torchscript"
+    example_inputs: tuple
+
+
+# --------------------------------------------------------------------------------------------------------
+# op classification (shared by both capture paths)
+_CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
+_MATMUL = {"matmul", "bmm", "mm", "baddbmm", "scaled_dot_product_attention", "__matmul__"}
+_EMBED = {"embedding", "embedding_bag", "_embedding_bag"}
+_NORM = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
+         "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "instance_norm", "rms_norm"}
+_NONNEG_ACT = {"relu", "relu_", "relu6", "sigmoid", "softmax", "_softmax", "hardsigmoid", "hardsigmoid_",
+               "sigmoid_"}
+_ACT = _NONNEG_ACT | {"gelu", "silu", "silu_", "tanh", "hardswish", "hardswish_", "leaky_relu", "leaky_relu_",
+                      "elu", "mish", "log_softmax", "_log_softmax", "hardtanh", "hardtanh_", "erf"}
+_POOL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+         "adaptive_avg_pool2d", "adaptive_max_pool2d", "mean", "max_pool2d_with_indices", "amax", "sum"}
+_ADD = {"add", "add_", "sub", "sub_", "iadd"}
+_MUL = {"mul", "mul_", "div", "div_", "truediv", "imul"}
+_CAT = {"cat", "stack", "concat"}
+_RESHAPE = {"view", "reshape", "flatten", "permute", "transpose", "t", "contiguous", "unsqueeze", "squeeze",
+            "expand", "clone", "dropout", "getitem", "slice", "select", "split", "chunk", "_unsafe_view", "alias",
+            "detach", "unflatten", "size", "narrow", "split_with_sizes", "unbind", "to", "type_as", "_to_copy",
+            "native_dropout", "feature_dropout", "alpha_dropout", "lift_fresh_copy", "expand_as", "repeat",
+            "flip", "roll", "pad", "constant_pad_nd", "channel_shuffle", "pixel_shuffle", "movedim", "squeeze_",
+            "unsqueeze_", "as_strided", "view_as", "identity"}
+# passthrough kinds keep "known non-negative" when every input is
+_PASSTHROUGH = {OpKind.POOL, OpKind.RESHAPE, OpKind.CAT, OpKind.ADD, OpKind.MUL}
+
+_MODULE_KINDS: list[tuple[type, OpKind]] = [
+    (torch.nn.modules.conv._ConvNd, OpKind.CONV),
+    (torch.nn.Linear, OpKind.LINEAR),
+    (torch.nn.Embedding, OpKind.EMBEDDING),
+    (torch.nn.EmbeddingBag, OpKind.EMBEDDING),
+    (torch.nn.modules.batchnorm._NormBase, OpKind.NORM),
+    (torch.nn.LayerNorm, OpKind.NORM),
+    (torch.nn.GroupNorm, OpKind.NORM),
+    (torch.nn.modules.pooling._MaxPoolNd, OpKind.POOL),
+    (torch.nn.modules.pooling._AvgPoolNd, OpKind.POOL),
+    (torch.nn.modules.pooling._AdaptiveAvgPoolNd, OpKind.POOL),
+    (torch.nn.Flatten, OpKind.RESHAPE),
+    (torch.nn.Dropout, OpKind.RESHAPE),
+    (torch.nn.Identity, OpKind.RESHAPE),
+]
+_NONNEG_MODULES = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Sigmoid, torch.nn.Softmax, torch.nn.Hardsigmoid)
+_ACT_MODULES = _NONNEG_MODULES + (torch.nn.GELU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Hardswish,
+                                  torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Hardtanh, torch.nn.Mish)
+
+
+def _base_name(node: torch.fx.Node) -> str:
+    """The bare op name of a call_function / call_method node: 'aten.conv2d.default' -> 'conv2d'."""
+    t = node.target
+    if node.op == "call_method":
+        return str(t)
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t.__name__
+    if t is operator.getitem:
+        return "getitem"
+    return getattr(t, "__name__", str(t))
+
+
+def _kind_of_name(name: str) -> OpKind:
+    if name in _CONV:
+        return OpKind.CONV
+    if name in {"linear", "addmm"}:
+        return OpKind.LINEAR
+    if name in _MATMUL:
+        return OpKind.MATMUL
+    if name in _EMBED:
+        return OpKind.EMBEDDING
+    if name in _NORM:
+        return OpKind.NORM
+    if name in _ACT:
+        return OpKind.ACT
+    if name in _POOL:
+        return OpKind.POOL
+    if name in _ADD:
+        return OpKind.ADD
+    if name in _MUL:
+        return OpKind.MUL
+    if name in _CAT:
+        return OpKind.CAT
+    if name in _RESHAPE:
+        return OpKind.RESHAPE
+    return OpKind.OTHER
+
+
+def _shape(v) -> list[int] | None:
+    if isinstance(v, torch.Tensor):
+        return [int(s) for s in v.shape]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# tracing
+def trace(model: torch.nn.Module, example_inputs: tuple, method: str = "auto") -> tuple[torch.fx.GraphModule, str]:
+    """Trace ``model`` to a GraphModule with a tensor value in ``node.meta['val']`` for every node.
+
+    ``method``: "auto" (export, then fx), "export" or "fx".
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        from torch._export.converter import TS2EPConverter
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the converter warns once per unused BN counter
+                ep = TS2EPConverter(model, example_inputs).convert()
+        except Exception as e:  # noqa: BLE001 - report the converter's reason in one line
+            raise UserError(f"cannot convert this TorchScript model to a graph ({_first_line(e)}); "
+                            "save the model with torch.export.save or as a state dict with --arch") from None
+        return ep.module(), "torchscript"
+    export_error: BaseException | None = None
+    if method in ("auto", "export"):
+        try:
+            ep = torch.export.export(model, example_inputs, strict=False)
+            return ep.module(), "export"
+        except Exception as e:  # noqa: BLE001 - export fails in many ways; fall back to fx
+            if method == "export":
+                raise UserError(f"torch.export failed: {_first_line(e)}; check --input-shape") from None
+            export_error = e
+            log.info("torch.export failed (%s); falling back to torch.fx.symbolic_trace", _first_line(e))
+    try:
+        gm = torch.fx.symbolic_trace(model)
+        _record_values(gm, example_inputs)
+        return gm, "fx"
+    except Exception as e:  # noqa: BLE001
+        why = f"torch.export failed ({_first_line(export_error)}) and " if export_error else ""
+        raise UserError(f"cannot capture the model: {why}"
+                        f"torch.fx.symbolic_trace failed ({_first_line(e)}); check --input-shape, or make the "
+                        "forward exportable (no data-dependent Python control flow)") from None
+
+
+def _first_line(e: BaseException | None) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def _record_values(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
+    """Run the traced module once, storing each node's output in ``meta['val']`` (what export gives)."""
+
+    class _Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["val"] = out
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(*example_inputs)
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = False,
+            method: str = "auto") -> Captured:
+    """Trace ``model`` and build the IR from the traced graph.
+
+    With ``fold_bn`` the inference BatchNorms are folded into the layers before them (what a deployed
+    integer graph computes); ``mpqc inspect`` shows the model as written, the pipeline folds.
+    """
+    from .loading import set_eval
+
+    model = set_eval(model)
+    gm, method = trace(model, example_inputs, method)
+    if fold_bn:
+        from .passes import fold_batchnorm
+
+        fold_batchnorm(gm)
+    graph = build_ir(gm, total_params=sum(p.numel() for p in model.parameters()),
+                     input_shapes=[_shape(x) for x in example_inputs], method=method)
+    return Captured(graph, gm, method, example_inputs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# IR construction
+def _module_path(node: torch.fx.Node) -> tuple[str, type | None]:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", None
+    path, typ = list(stack.values())[-1]
+    if isinstance(typ, str):
+        return path, None
+    return path, typ
+
+
+def _param_name(gm: torch.fx.GraphModule, node) -> str | None:
+    """The parameter FQN a node reads, following single-input views (t, permute) back to a get_attr."""
+    for _ in range(4):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.op == "get_attr":
+            return str(node.target)
+        if node.op in ("call_function", "call_method") and _base_name(node) in {"t", "permute", "transpose",
+                                                                                  "view", "reshape", "to"}:
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def _flat_nodes(args) -> list[torch.fx.Node]:
+    out: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(args, out.append)
+    return out
+
+
+def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, method: str) -> Graph:
+    """Build the IR from a GraphModule whose nodes carry ``meta['val']``."""
+    modules = dict(gm.named_modules())
+    params = dict(gm.named_parameters())
+    params.update(dict(gm.named_buffers()))
+    ops: list[Op] = []
+    tensors: dict[str, Tensor] = {}
+    name_of: dict[str, str] = {}  # fx node name -> IR tensor/op name
+    used: set[str] = set()
+    inputs: list[str] = []
+    outputs: list[str] = []
+
+    def unique(name: str) -> str:
+        base, k = name, 1
+        while name in used:
+            k += 1
+            name = f"{base}@{k}"
+        used.add(name)
+        return name
+
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder":
+            if not isinstance(val, torch.Tensor):
+                continue
+            name = unique(str(node.target))
+            name_of[node.name] = name
+            tensors[name] = Tensor(name, _shape(val), str(val.dtype).replace("torch.", ""), None)
+            inputs.append(name)
+            continue
+        if node.op == "get_attr":
+            continue
+        if node.op == "output":
+            for a in _flat_nodes(node.args):
+                if a.name in name_of:
+                    outputs.append(name_of[a.name])
+            continue
+        # call_function / call_method / call_module
+        weight_fqn = bias_fqn = None
+        if node.op == "call_module":
+            mod = modules[str(node.target)]
+            kind = next((k for cls, k in _MODULE_KINDS if isinstance(mod, cls)), None)
+            if kind is None:
+                kind = OpKind.ACT if isinstance(mod, _ACT_MODULES) else OpKind.OTHER
+            nonneg_act = isinstance(mod, _NONNEG_MODULES)
+            module_path, base = str(node.target), type(mod).__name__.lower()
+            if kind in (OpKind.CONV, OpKind.LINEAR, OpKind.EMBEDDING):
+                weight_fqn = f"{node.target}.weight"
+                if getattr(mod, "bias", None) is not None:
+                    bias_fqn = f"{node.target}.bias"
+            if isinstance(mod, torch.nn.modules.conv._ConvTransposeNd):
+                kind = OpKind.OTHER
+        else:
+            base = _base_name(node)
+            kind = _kind_of_name(base)
+            nonneg_act = base in _NONNEG_ACT or (base in {"hardtanh", "hardtanh_", "clamp"} and _min_arg(node) >= 0)
+            module_path, _ = _module_path(node)
+            args = list(node.args)
+            if kind == OpKind.CONV:
+                if base in {"convolution", "_convolution"} and len(args) > 6 and args[6]:
+                    kind = OpKind.OTHER  # transposed convolution: kept for structure, not quantized
+                weight_fqn = _param_name(gm, args[1])
+                bias_fqn = _param_name(gm, args[2]) if len(args) > 2 else None
+            elif kind == OpKind.LINEAR and base == "linear":
+                weight_fqn = _param_name(gm, args[1])
+                bias_fqn = _param_name(gm, args[2]) if len(args) > 2 else None
+            elif kind == OpKind.LINEAR and base == "addmm":
+                weight_fqn = _param_name(gm, args[2])
+                bias_fqn = _param_name(gm, args[0])
+            elif kind == OpKind.EMBEDDING:
+                weight_fqn = _param_name(gm, args[0])
+            elif kind == OpKind.MATMUL:
+                for a in args[:2]:
+                    if _param_name(gm, a):  # a matmul with a parameter operand is a linear layer
+                        kind, weight_fqn = OpKind.LINEAR, _param_name(gm, a)
+            if kind in (OpKind.CONV, OpKind.LINEAR, OpKind.EMBEDDING) and weight_fqn is None:
+                kind = OpKind.MATMUL if kind == OpKind.LINEAR else OpKind.OTHER
+
+        in_nodes = [a for a in _flat_nodes((node.args, node.kwargs)) if a.name in name_of]
+        in_names = [name_of[a.name] for a in in_nodes]
+        if weight_fqn is not None:
+            name = unique(weight_fqn.rsplit(".", 1)[0] if "." in weight_fqn else weight_fqn)
+        elif module_path and module_path not in used and node.op != "call_module" and kind != OpKind.OTHER \
+                and _is_leaf_module_op(node):
+            name = unique(module_path)
+        elif node.op == "call_module":
+            name = unique(module_path)
+        else:
+            name = unique(f"{module_path}/{node.name}" if module_path else node.name)
+        name_of[node.name] = name
+
+        out_shape = _shape(val[0] if isinstance(val, (tuple, list)) and val and
+                           isinstance(val[0], torch.Tensor) and base != "split" else val) or []
+        op = Op(name=name, kind=kind, target=str(node.target) if node.op != "call_module" else type(
+            modules[str(node.target)]).__name__, inputs=in_names, output=name,
+            in_shapes=[tensors[n].shape for n in in_names], out_shape=out_shape, module=module_path,
+            weight_fqn=weight_fqn, bias_fqn=bias_fqn, attrs={"node": node.name})
+        if weight_fqn is not None:
+            op.weight_shape = [int(s) for s in params[weight_fqn].shape]
+        _annotate(op, node, params)
+        nonneg = nonneg_act or (kind in _PASSTHROUGH and in_names and
+                                all(tensors[n].nonnegative for n in in_names))
+        tensors[name] = Tensor(name, out_shape, _dtype(val), name, nonnegative=bool(nonneg))
+        for n in in_names:
+            if name not in tensors[n].consumers:
+                tensors[n].consumers.append(name)
+        ops.append(op)
+
+    meta = {"total_params": int(total_params), "input_shapes": input_shapes, "capture": method}
+    return Graph(ops, tensors.values(), inputs, outputs, meta)
+
+
+def _is_leaf_module_op(node: torch.fx.Node) -> bool:
+    """True when the op is the whole of a library leaf module (e.g. a BatchNorm2d), so it can take its name."""
+    _, typ = _module_path(node)
+    return typ is not None and typ.__module__.startswith("torch.nn.modules")
+
+
+def _min_arg(node: torch.fx.Node) -> float:
+    args = list(node.args)
+    v = args[1] if len(args) > 1 else node.kwargs.get("min_val", node.kwargs.get("min", -1.0))
+    return float(v) if isinstance(v, (int, float)) else -1.0
+
+
+def _dtype(val) -> str:
+    if isinstance(val, torch.Tensor):
+        return str(val.dtype).replace("torch.", "")
+    return "tuple"
+
+
+def _annotate(op: Op, node: torch.fx.Node, params: dict) -> None:
+    """Fill groups, fan-in, MACs and params from the exact geometry (DESIGN.md, units)."""
+    out_numel = math.prod(op.out_shape) if op.out_shape else 0
+    if op.weight_fqn is not None:
+        op.params = params[op.weight_fqn].numel() + (params[op.bias_fqn].numel() if op.bias_fqn else 0)
+    if op.kind == OpKind.CONV:
+        w = op.weight_shape
+        c_in = op.in_shapes[0][1] if op.in_shapes and len(op.in_shapes[0]) > 1 else w[1]
+        op.groups = max(1, c_in // w[1])
+        op.fan_in = math.prod(w[1:])
+        # C_out*H_out*W_out*(C_in/groups)*k_h*k_w: the output elements times what each one reduces over
+        op.macs = out_numel * op.fan_in
+        op.act_inputs = op.inputs[:1]
+        op.attrs.update(_conv_attrs(node))
+    elif op.kind == OpKind.LINEAR:
+        op.fan_in = op.weight_shape[-1] if len(op.weight_shape) == 2 else op.weight_shape[0]
+        op.macs = out_numel * op.fan_in
+        op.act_inputs = [n for n in op.inputs][:1]
+    elif op.kind == OpKind.MATMUL:
+        base = _base_name(node) if node.op != "call_module" else ""
+        if base == "scaled_dot_product_attention":
+            q, k, v = op.in_shapes[:3]
+            bh = math.prod(q[:-2])
+            op.macs = bh * q[-2] * k[-2] * q[-1] + bh * q[-2] * k[-2] * v[-1]
+            op.fan_in = q[-1]
+            op.act_inputs = op.inputs[:3]
+        else:
+            a = op.in_shapes[0] if op.in_shapes else []
+            k = a[-1] if a else 0
+            op.fan_in = k
+            op.macs = out_numel * k
+            # baddbmm(input, a, b): the product operands are the last two
+            op.act_inputs = op.inputs[-2:] if base == "baddbmm" else op.inputs[:2]
+    elif op.kind == OpKind.EMBEDDING:
+        op.fan_in = 1
+        op.macs = 0  # a table look-up, no multiply-accumulate
+    elif op.kind == OpKind.NORM:
+        for a in _flat_nodes(node.args)[1:3]:
+            if a.op == "get_attr" and str(a.target) in params:
+                op.params += params[str(a.target)].numel()
+
+
+def _conv_attrs(node: torch.fx.Node) -> dict:
+    args = list(node.args)
+    if node.op == "call_module":
+        return {}
+    names = ["stride", "padding", "dilation"]
+    out = {}
+    for i, k in enumerate(names, start=3):
+        if len(args) > i and isinstance(args[i], (list, tuple, int, str)):
+            out[k] = list(args[i]) if isinstance(args[i], (list, tuple)) else args[i]
+    return out

@@ -1,0 +1,249 @@
+"""Model loading: every way a user hands mpqc a trained model, each failure as one actionable line.
+
+Accepted MODEL specs: a TorchScript file, a ``torch.export`` file (``.pt2``), a state dict with
+``arch="pkg.module:factory"``, ``torchvision:NAME`` (random init, or ``weights=FILE``), and a pickled
+``nn.Module`` only with ``trust_pickle=True`` (unpickling runs code from the file).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import io
+import os
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from mpqc.errors import UserError
+
+# default input shapes of torchvision models whose native resolution is not 224
+_TORCHVISION_SHAPES = {"inception_v3": (1, 3, 299, 299), "googlenet": (1, 3, 224, 224)}
+_DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to capture: the module, example inputs at the input shape, and where it came from."""
+
+    module: torch.nn.Module
+    example_inputs: tuple
+    source: str
+
+    @property
+    def input_shape(self) -> list[int]:
+        return list(self.example_inputs[0].shape)
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """Parse ``"1,3,224,224"`` (also ``1x3x224x224``) into a tuple of positive ints."""
+    if text is None:
+        return None
+    text_ = text.replace(" ", "")
+    parts = text_.split(",") if "," in text_ else text_.split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UserError(f"--input-shape {text!r} is not a comma-separated list of integers; "
+                        "write it like 1,3,224,224") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UserError(f"--input-shape {text!r} must list positive sizes, like 1,3,224,224")
+    return shape
+
+
+def load_model(spec: str, *, arch: str | None = None, weights: str | None = None, trust_pickle: bool = False,
+               input_shape: tuple[int, ...] | str | None = None) -> LoadedModel:
+    """Load MODEL as described by ``spec`` and build example inputs for capture."""
+    if isinstance(input_shape, str):
+        input_shape = parse_input_shape(input_shape)
+    if spec.startswith("torchvision:"):
+        module, default_shape = _load_torchvision(spec.split(":", 1)[1], weights)
+        source = spec
+    else:
+        if weights is not None:
+            raise UserError("--weights applies to torchvision:NAME models; for a state dict use MODEL --arch")
+        module, default_shape = _load_file(spec, arch=arch, trust_pickle=trust_pickle)
+        source = os.path.abspath(spec)
+    check_finite(module)
+    if input_shape is not None:
+        example = (torch.randn(*input_shape),)
+    elif hasattr(module, "example_inputs") and callable(module.example_inputs):
+        example = tuple(module.example_inputs())
+    elif default_shape is not None:
+        example = default_shape if isinstance(default_shape, tuple) and isinstance(default_shape[0], torch.Tensor) \
+            else (torch.randn(*default_shape),)
+    else:
+        raise UserError(f"the input shape of {spec} is unknown; pass --input-shape, e.g. --input-shape 1,3,224,224")
+    return LoadedModel(set_eval(module), example, source)
+
+
+def set_eval(module: torch.nn.Module) -> torch.nn.Module:
+    """Put a model in inference mode; an unlifted torch.export module has no train/eval switch and stays as is."""
+    try:
+        return module.eval()
+    except NotImplementedError:
+        return module
+
+
+def check_finite(module: torch.nn.Module) -> None:
+    """Reject models with NaN/Inf weights: every later stage would silently produce garbage."""
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"parameter {name} contains NaN or Inf values; fix or retrain the model before "
+                            "compiling it")
+
+
+def _load_torchvision(name: str, weights: str | None):
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
+        raise UserError(f"unknown torchvision model {name!r}{hint}")
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    module = torchvision.models.get_model(name, weights=None, **kwargs)
+    if weights is not None:
+        state = _read_state_dict(weights)
+        _load_state(module, state, weights)
+    return module, _TORCHVISION_SHAPES.get(name, _DEFAULT_IMAGE_SHAPE)
+
+
+def _read_state_dict(path: str) -> dict:
+    _require_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a plain state dict (it pickles Python objects); save "
+                        "model.state_dict() instead") from None
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read {path}: the file is truncated or corrupt ({_short(e)})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def _load_state(module: torch.nn.Module, state: dict, path: str) -> None:
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {path} do not fit the architecture ({_short(e)})") from None
+    if missing or unexpected:
+        what = (f"missing {', '.join(missing[:3])}" if missing else "") + \
+               (f" unexpected {', '.join(unexpected[:3])}" if unexpected else "")
+        raise UserError(f"the weights in {path} do not fit the architecture:{what.rstrip()}; check --arch")
+
+
+def _require_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"model file {path} not found")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory; pass a model file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"model file {path} is empty")
+
+
+def _short(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def _load_file(path: str, *, arch: str | None, trust_pickle: bool):
+    _require_file(path)
+    is_zip = zipfile.is_zipfile(path)
+    names = zipfile.ZipFile(path).namelist() if is_zip else []
+    if is_zip and any(n.endswith("constants.pkl") or "/code/" in n for n in names) and \
+            not any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
+        try:
+            module = torch.jit.load(path, map_location="cpu")
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot read TorchScript file {path}: truncated or corrupt ({_short(e)})") from None
+        return module, None
+    if path.endswith(".pt2") or any(n.endswith("serialized_exported_program.json") or "/models/" in n
+                                    for n in names):
+        try:
+            ep = torch.export.load(path)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot read torch.export file {path}: truncated or corrupt ({_short(e)})") from None
+        example = ep.example_inputs[0] if getattr(ep, "example_inputs", None) else None
+        if example is None:
+            shapes = [tuple(n.meta["val"].shape) for n in ep.graph.nodes if n.op == "placeholder"
+                      and n.name in ep.graph_signature.user_inputs]
+            example = tuple(torch.randn(*s) for s in shapes) if shapes else None
+        return ep.module(), tuple(example) if example is not None else None
+    if is_zip and not names:
+        raise UserError(f"cannot read {path}: the file is truncated or corrupt")
+    # a torch.save'd object: state dict (needs --arch) or pickled module (needs --trust-pickle)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol notices; the outcome is reported below
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a refused class: the bytes are not a valid checkpoint
+            raise UserError(f"cannot read {path}: the file is truncated or corrupt ({_short(e)})") from None
+        if not trust_pickle:
+            raise UserError(f"{path} is a pickled Python object; unpickling runs code stored in the file, so "
+                            "mpqc refuses it by default: pass --trust-pickle if you trust its source, or save "
+                            "a state dict (with --arch) or a torch.export file instead") from None
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot unpickle {path} ({_short(e)}); its classes must be importable") from None
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read {path}: the file is truncated or corrupt ({_short(e)})") from None
+    if isinstance(obj, torch.nn.Module):
+        if arch is not None:
+            raise UserError(f"{path} holds a whole module; drop --arch")
+        return obj, getattr(obj, "input_shape", None)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if arch is None:
+            raise UserError(f"{path} is a state dict; say which architecture it belongs to with "
+                            "--arch pkg.module:factory")
+        module = _build_arch(arch)
+        _load_state(module, obj, path)
+        return module, getattr(module, "input_shape", None)
+    raise UserError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def _build_arch(arch: str) -> torch.nn.Module:
+    if ":" not in arch:
+        raise UserError(f"--arch {arch!r} must be pkg.module:factory, e.g. torchvision.models:resnet18")
+    mod_name, fn_name = arch.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--arch: cannot import module {mod_name!r} ({_short(e)}); is it on PYTHONPATH?") from None
+    fn = getattr(mod, fn_name, None)
+    if fn is None or not callable(fn):
+        raise UserError(f"--arch: {mod_name} has no callable {fn_name!r}")
+    try:
+        module = fn()
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--arch: calling {arch}() failed ({_short(e)}); the factory must take no arguments") \
+            from None
+    if not isinstance(module, torch.nn.Module):
+        raise UserError(f"--arch: {arch}() returned a {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def model_hash(module: torch.nn.Module) -> str:
+    """A content hash of the parameters and buffers (names, shapes and values), for caches and manifests."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu().contiguous()
+            h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

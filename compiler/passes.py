@@ -1,0 +1,105 @@
+"""Graph passes on the captured GraphModule that run before the IR is built.
+
+``fold_batchnorm`` folds an inference-mode BatchNorm into the convolution (or linear layer) before it, so the
+weights that get quantized are the weights a deployed integer kernel multiplies with: quantizing unfolded
+weights and folding afterwards changes every quantized value.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+_BN_TARGETS = {"batch_norm", "_native_batch_norm_legit_no_training"}
+
+
+def _packet(node: torch.fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__
+    return getattr(t, "__name__", str(t))
+
+
+def _get_attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        obj = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+    return None
+
+
+def _set_param(gm: torch.fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
+    mod_path, _, leaf = fqn.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    if hasattr(mod, leaf) and leaf in mod._parameters:
+        del mod._parameters[leaf]
+    elif hasattr(mod, leaf):
+        delattr(mod, leaf)
+    mod.register_parameter(leaf, torch.nn.Parameter(value.detach().clone()))
+
+
+def fold_batchnorm(gm: torch.fx.GraphModule) -> int:
+    """Fold every inference BatchNorm whose only input is a conv/linear used nowhere else; returns the count.
+
+    w' = w·γ/√(σ²+ε) per output channel, b' = (b − μ)·γ/√(σ²+ε) + β.
+    """
+    folded = 0
+    for bn in list(gm.graph.nodes):
+        if bn.op == "call_function" and _packet(bn) in _BN_TARGETS:
+            args = list(bn.args)
+            if _packet(bn) == "batch_norm" and (len(args) < 6 or args[5] is not False):
+                continue  # training-mode BN: statistics come from the batch, nothing to fold
+            conv = args[0]
+            if not isinstance(conv, torch.fx.Node) or conv.op != "call_function" or len(conv.users) != 1 \
+                    or _packet(conv) not in {"conv1d", "conv2d", "conv3d", "convolution", "linear"}:
+                continue
+            if _packet(conv) == "convolution" and conv.args[6]:
+                continue  # transposed
+            gamma, beta, mean, var = (_get_attr(gm, a) for a in args[1:5])
+            eps = args[7] if _packet(bn) == "batch_norm" else args[6]
+            w_node = conv.args[1]
+            w = _get_attr(gm, w_node)
+            if w is None or mean is None or var is None:
+                continue
+            b_node = conv.args[2] if len(conv.args) > 2 else None
+            b = _get_attr(gm, b_node) if b_node is not None else None
+            with torch.no_grad():
+                inv = torch.rsqrt(var.float() + eps)
+                g = gamma.float() * inv if gamma is not None else inv
+                w_new = w.float() * g.reshape(-1, *([1] * (w.dim() - 1)))
+                b0 = b.float() if b is not None else torch.zeros_like(mean, dtype=torch.float32)
+                b_new = (b0 - mean.float()) * g + (beta.float() if beta is not None else 0.0)
+            w_fqn = str(w_node.target)
+            _set_param(gm, w_fqn, w_new.to(w.dtype))
+            b_fqn = w_fqn.rsplit(".", 1)[0] + ".bias" if "." in w_fqn else w_fqn + "_bias"
+            _set_param(gm, b_fqn, b_new.to(w.dtype))
+            with gm.graph.inserting_before(conv):
+                new_b = gm.graph.get_attr(b_fqn)
+            cargs = list(conv.args)
+            if len(cargs) > 2:
+                cargs[2] = new_b
+            else:
+                cargs.append(new_b)
+            conv.args = tuple(cargs)
+            if "val" in bn.meta:
+                conv.meta["val"] = bn.meta["val"]
+            bn.replace_all_uses_with(conv)
+            gm.graph.erase_node(bn)
+            folded += 1
+    if folded:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        _drop_unused_attrs(gm)
+    return folded
+
+
+def _drop_unused_attrs(gm: torch.fx.GraphModule) -> None:
+    """Remove BN parameters and buffers no node reads any more, so they do not count as model weights."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            mod_path, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(mod_path) if mod_path else gm
+            mod._parameters.pop(leaf, None)
+            mod._buffers.pop(leaf, None)

@@ -1,0 +1,70 @@
+"""The ``mpqc`` command line: one sub-command per stage, each in ``mpqc/commands/<name>.py``.
+
+Exit codes: 0 success, 1 an internal error (a bug: traceback shown), 2 bad input (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import warnings
+
+from mpqc import __version__
+from mpqc.errors import UserError
+
+# order is the order of `mpqc --help`; a module is listed once it exists
+COMMANDS = ("inspect", "profile", "sensitivity", "search", "finetune", "export", "compile", "report", "demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on bad options already; keep its message to one line."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"mpqc: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mpqc", description="Hardware-aware mixed-precision deployment compiler.")
+    parser.add_argument("--version", action="version", version=f"mpqc {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"mpqc.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"mpqc.commands.{name}":
+                continue
+            raise
+        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__)
+        mod.add_arguments(p)
+        p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    if not args.verbose:
+        warnings.simplefilter("ignore")  # library notices would break the one-line error contract
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args._run(args)
+    except UserError as e:
+        print(f"mpqc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mpqc: interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)
+        return 130
+    if isinstance(result, int):
+        return result
+    if args.json and result is not None:
+        print(json.dumps(result, indent=1, default=str))
+    return 0

@@ -1,0 +1,13 @@
+"""Errors a user can cause and fix: the CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input (file, option, budget, data): the message names the problem and the fix."""
+
+    exit_code = 2
+
+
+class InfeasibleError(UserError):
+    """The budgets leave no assignment; the message names the smallest feasible value of each budget."""

@@ -1,0 +1,173 @@
+"""Capture + IR: MACs per layer equal hand counts taken from module hooks, on the model zoo and edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from mpqc.compiler.capture import capture
+from mpqc.compiler.ir import OpKind
+from tests.models import TinyBert, TinyDLRM
+
+ZOO = {
+    "resnet18": 64, "resnet50": 64, "mobilenet_v2": 64, "mobilenet_v3_small": 64, "shufflenet_v2_x1_0": 64,
+    "googlenet": 64, "inception_v3": 96, "efficientnet_b0": 64, "regnet_y_400mf": 64,
+}
+
+
+def hook_macs(model: nn.Module, inputs: tuple) -> dict[str, int]:
+    """MACs of every Conv/Linear from its module and the output shape a forward hook sees (independent of mpqc)."""
+    macs: dict[str, int] = {}
+
+    def make(name, mod):
+        def hook(_m, inp, out):
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                c_out, h_w = out.shape[1], math.prod(out.shape[2:])
+                macs[name] = out.shape[0] * c_out * h_w * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
+            else:
+                macs[name] = out.numel() * mod.in_features
+        return hook
+
+    handles = [m.register_forward_hook(make(n, m)) for n, m in model.named_modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    with torch.no_grad():
+        model(*inputs)
+    for h in handles:
+        h.remove()
+    return macs
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_layer_macs_equal_hook_counts(name):
+    kw = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    model = torchvision.models.get_model(name, **kw).eval()
+    x = (torch.randn(1, 3, ZOO[name], ZOO[name]),)
+    expected = hook_macs(model, x)
+    graph = capture(model, x).graph
+    got = {op.name: op.macs for op in graph.layers() if op.kind in (OpKind.CONV, OpKind.LINEAR)}
+    assert got == expected
+    assert graph.total_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_vit_linear_and_attention_macs():
+    model = torchvision.models.vit_b_16(image_size=64).eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    graph = capture(model, x).graph
+    expected = hook_macs(model, x)
+    # nn.MultiheadAttention's in-projection is a bare parameter (F.linear), not a Linear module
+    for name, macs in expected.items():
+        assert graph.ops[name].macs == macs
+    tokens, heads, dh = 17, 12, 64  # 4x4 patches + class token
+    attn = [op for op in graph.layers() if op.kind == OpKind.MATMUL]
+    assert len(attn) == 12
+    assert all(op.macs == 2 * heads * tokens * tokens * dh for op in attn)
+    in_proj = graph.ops["encoder.layers.encoder_layer_0.self_attention"]
+    assert in_proj.kind == OpKind.LINEAR and in_proj.macs == tokens * 3 * 768 * 768
+
+
+def test_bert_style_encoder_counts_attention_as_activation_products():
+    model = TinyBert().eval()
+    graph = capture(model, model.example_inputs()).graph
+    b, t, d, h = 2, 12, 32, 4
+    mm = [op for op in graph.layers() if op.kind == OpKind.MATMUL]
+    assert len(mm) == 4  # scores and context, two layers
+    for op in mm:
+        assert op.weight_fqn is None and len(op.act_inputs) == 2  # both operands are activations
+        assert op.macs == b * h * t * t * (d // h)
+    emb = [op for op in graph.layers() if op.kind == OpKind.EMBEDDING]
+    assert {op.name for op in emb} == {"tok", "pos"} and all(op.macs == 0 for op in emb)
+    assert graph.ops["layers.0.ff1"].macs == b * t * d * 64
+    assert graph.ops["cls"].macs == b * d * 3
+
+
+def test_dlrm_like_embeddings_mlp_and_interaction():
+    model = TinyDLRM().eval()
+    graph = capture(model, model.example_inputs()).graph
+    kinds = [op.kind for op in graph.layers()]
+    assert kinds.count(OpKind.EMBEDDING) == 3 and kinds.count(OpKind.LINEAR) == 4
+    (bmm,) = [op for op in graph.layers() if op.kind == OpKind.MATMUL]
+    assert bmm.macs == 4 * 4 * 4 * 16  # batch x f x f x dim
+    assert graph.ops["emb.0"].params == 50 * 16
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(cin=3, cout=8, k=3, stride=1, padding=0, dilation=1, groups=1, hw=(11, 9)),
+    dict(cin=4, cout=6, k=3, stride=2, padding=1, dilation=1, groups=2, hw=(13, 13)),
+    dict(cin=5, cout=7, k=(3, 5), stride=(2, 1), padding=(2, 0), dilation=(1, 2), groups=1, hw=(10, 17)),
+    dict(cin=8, cout=8, k=3, stride=1, padding=2, dilation=2, groups=8, hw=(9, 9)),  # depthwise
+])
+def test_conv_macs_hand_checked(cfg):
+    conv = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], stride=cfg["stride"], padding=cfg["padding"],
+                     dilation=cfg["dilation"], groups=cfg["groups"])
+    k = conv.kernel_size
+    hw_out = [
+        (cfg["hw"][i] + 2 * conv.padding[i] - conv.dilation[i] * (k[i] - 1) - 1) // conv.stride[i] + 1
+        for i in range(2)
+    ]
+    graph = capture(nn.Sequential(conv), (torch.randn(1, cfg["cin"], *cfg["hw"]),)).graph
+    (op,) = graph.layers()
+    assert op.out_shape == [1, cfg["cout"], *hw_out]
+    assert op.groups == cfg["groups"]
+    assert op.fan_in == cfg["cin"] // cfg["groups"] * k[0] * k[1]
+    assert op.macs == cfg["cout"] * hw_out[0] * hw_out[1] * (cfg["cin"] // cfg["groups"]) * k[0] * k[1]
+
+
+def test_linear_and_batched_matmul_macs():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(7, 5)
+
+        def forward(self, a, b):
+            return self.fc(torch.bmm(a, b))
+
+    graph = capture(M(), (torch.randn(3, 4, 6), torch.randn(3, 6, 7))).graph
+    mm = next(op for op in graph.layers() if op.kind == OpKind.MATMUL)
+    assert mm.macs == 3 * 4 * 7 * 6
+    assert graph.ops["fc"].macs == 3 * 4 * 5 * 7
+
+
+def test_resnet18_residual_inputs_form_one_activation_group():
+    graph = capture(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 64, 64),)).graph
+    groups = {g.consumers: g for g in graph.act_groups()}
+    for stage in ("layer2", "layer3", "layer4"):
+        g = groups[(f"{stage}.0.conv1", f"{stage}.0.downsample.0")]
+        assert not g.signed  # read after a ReLU: unsigned
+    first = next(g for g in graph.act_groups() if "conv1" in g.consumers)
+    assert first.signed  # the image input can be negative
+
+
+def test_fx_fallback_matches_export():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    a, b = capture(model, x, method="export"), capture(model, x, method="fx")
+    assert b.method == "fx"
+    assert [(o.name, o.macs) for o in a.graph.layers()] == [(o.name, o.macs) for o in b.graph.layers()]
+    assert torch.allclose(a.gm(*x), b.gm(*x))
+
+
+def test_torchscript_capture_names_layers_by_weight():
+    model = torchvision.models.resnet18().eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    ts = torch.jit.trace(model, x)
+    cap = capture(ts, x)
+    assert cap.method == "torchscript"
+    assert {op.name for op in cap.graph.layers()} == {op.name for op in capture(model, x).graph.layers()}
+
+
+def test_fold_batchnorm_keeps_outputs():
+    model = torchvision.models.resnet18().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = (torch.randn(2, 3, 64, 64),)
+    cap = capture(model, x, fold_bn=True)
+    assert not any(op.kind == OpKind.NORM for op in cap.graph)
+    assert all(op.bias_fqn for op in cap.graph.layers())
+    torch.testing.assert_close(cap.gm(*x), model(*x), rtol=1e-4, atol=1e-4)

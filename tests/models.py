@@ -1,0 +1,102 @@
+"""Small models defined for the tests: a BERT-style encoder, a DLRM-like recommender, a digits CNN."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written with explicit matmuls (activation x activation products)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.dh = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        def split(y):
+            return y.view(b, t, self.heads, self.dh).transpose(1, 2)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.dh)
+        y = torch.matmul(att.softmax(-1), v)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ff: int):
+        super().__init__()
+        self.attn = Attention(dim, heads)
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ff1, self.ff2 = nn.Linear(dim, ff), nn.Linear(ff, dim)
+
+    def forward(self, x):
+        x = self.ln1(x + self.attn(x))
+        return self.ln2(x + self.ff2(torch.nn.functional.gelu(self.ff1(x))))
+
+
+class TinyBert(nn.Module):
+    """A BERT-style encoder: token + position embeddings, N encoder layers, a classifier on token 0."""
+
+    def __init__(self, vocab=100, dim=32, heads=4, ff=64, layers=2, seq=12, classes=3):
+        super().__init__()
+        self.seq = seq
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq, dim)
+        self.layers = nn.ModuleList(EncoderLayer(dim, heads, ff) for _ in range(layers))
+        self.cls = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        for layer in self.layers:
+            x = layer(x)
+        return self.cls(x[:, 0])
+
+    def example_inputs(self):
+        return (torch.randint(0, 100, (2, self.seq)),)
+
+
+class TinyDLRM(nn.Module):
+    """DLRM-like: a bottom MLP on dense features, embedding tables on sparse ones, pairwise dot interaction."""
+
+    def __init__(self, dense=8, tables=(50, 40, 30), dim=16):
+        super().__init__()
+        self.bottom = nn.Sequential(nn.Linear(dense, 32), nn.ReLU(), nn.Linear(32, dim), nn.ReLU())
+        self.emb = nn.ModuleList(nn.Embedding(n, dim) for n in tables)
+        f = len(tables) + 1
+        self.top = nn.Sequential(nn.Linear(dim + f * f, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, dense, sparse):
+        x = self.bottom(dense)
+        feats = torch.stack([x] + [e(sparse[:, i]) for i, e in enumerate(self.emb)], dim=1)
+        inter = torch.bmm(feats, feats.transpose(1, 2)).flatten(1)
+        return self.top(torch.cat([x, inter], dim=1))
+
+    def example_inputs(self):
+        return torch.randn(4, 8), torch.randint(0, 30, (4, 3))
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for the 8x8 digits data (conv-bn-relu x3, a residual add, linear head)."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(x + self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+    input_shape = (1, 1, 8, 8)
