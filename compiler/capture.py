@@ -142,12 +142,17 @@ def trace(model: torch.nn.Module, example_inputs: tuple, method: str = "auto") -
         except Exception as e:  # noqa: BLE001 - report the converter's reason in one line
             raise UserError(f"cannot convert this TorchScript model to a graph ({_first_line(e)}); "
                             "save the model with torch.export.save or as a state dict with --arch") from None
-        return ep.module(), "torchscript"
+        gm = _export_dynamic_batch(ep.module(), example_inputs) or ep.module()
+        _record_values(gm, example_inputs)
+        return gm, "torchscript"
     export_error: BaseException | None = None
     if method in ("auto", "export"):
         try:
-            ep = torch.export.export(model, example_inputs, strict=False)
-            return ep.module(), "export"
+            gm = _export_dynamic_batch(model, example_inputs)
+            if gm is None:
+                gm = torch.export.export(model, example_inputs, strict=False).module()
+            _record_values(gm, example_inputs)
+            return gm, "export"
         except Exception as e:  # noqa: BLE001 - export fails in many ways; fall back to fx
             if method == "export":
                 raise UserError(f"torch.export failed: {_first_line(e)}; check --input-shape") from None
@@ -164,6 +169,24 @@ def trace(model: torch.nn.Module, example_inputs: tuple, method: str = "auto") -
                         "forward exportable (no data-dependent Python control flow)") from None
 
 
+def _export_dynamic_batch(model: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModule | None:
+    """Export with a symbolic batch dimension so the graph runs on any batch size; None if the model refuses.
+
+    The example is doubled along dim 0 first: export specialises a size of 1 to a constant.
+    """
+    if not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in example_inputs):
+        return None
+    doubled = tuple(torch.cat([x, x]) for x in example_inputs)
+    dims = tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, doubled, dynamic_shapes=dims, strict=False).module()
+    except Exception as e:  # noqa: BLE001 - a static graph still serves the IR
+        log.info("export with a dynamic batch failed (%s); the graph keeps the example's batch", _first_line(e))
+        return None
+
+
 def _first_line(e: BaseException | None) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:300]
@@ -175,7 +198,9 @@ def _record_values(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
     class _Recorder(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            n.meta["val"] = out
+            # shapes and dtypes only: meta tensors keep no activation memory alive
+            n.meta["val"] = torch.fx.node.map_aggregate(
+                out, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v)
             return out
 
     with torch.no_grad():

@@ -79,24 +79,4 @@ class TinyDLRM(nn.Module):
         return torch.randn(4, 8), torch.randint(0, 30, (4, 3))
 
 
-class DigitsCNN(nn.Module):
-    """A small CNN for the 8x8 digits data (conv-bn-relu x3, a residual add, linear head)."""
-
-    def __init__(self, width: int = 16, classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.bn3 = nn.BatchNorm2d(2 * width)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * width, classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(x + self.bn2(self.conv2(x)))
-        x = torch.relu(self.bn3(self.conv3(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-    input_shape = (1, 1, 8, 8)
+from mpqc.compiler.zoo import DigitsCNN  # noqa: E402,F401  (re-exported for the tests)

@@ -1,0 +1,203 @@
+"""Data sets named by ``--data SPEC``, split reproducibly into train / calibration / validation.
+
+SPEC: ``digits`` (ships with scikit-learn), ``cifar10:DIR`` (npz shards as in shared/data/cifar10),
+``imagefolder:DIR`` (one sub-folder per class), ``npz:FILE`` (arrays ``x`` and ``y``). Images become float
+tensors in NCHW, normalised per channel with statistics of the training split.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from mpqc.errors import UserError
+
+
+@dataclass
+class DataSplits:
+    """Train, calibration and validation sets (tensor data sets of (x, label)) and what they hold."""
+
+    name: str
+    train: TensorDataset
+    calib: TensorDataset
+    val: TensorDataset
+    num_classes: int
+    augment: str = "none"  # "crop_flip" for CIFAR-style training augmentation
+
+    @property
+    def input_shape(self) -> list[int]:
+        return [1, *self.train.tensors[0].shape[1:]]
+
+    def fingerprint(self) -> str:
+        """A content hash of the three splits (for caches and manifests)."""
+        import hashlib
+
+        h = hashlib.sha256(self.name.encode())
+        for ds in (self.train, self.calib, self.val):
+            for t in ds.tensors:
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t[: min(len(t), 256)].contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def make_loader(ds: TensorDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last)
+
+
+def _split(x: np.ndarray, y: np.ndarray, *, val_frac: float, calib: int, seed: int, test=None):
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(x))
+    if test is None:
+        n_val = max(1, int(round(len(x) * val_frac)))
+        val_idx, train_idx = idx[:n_val], idx[n_val:]
+        xv, yv = x[val_idx], y[val_idx]
+    else:
+        train_idx = idx
+        xv, yv = test
+    xt, yt = x[train_idx], y[train_idx]
+    return (xt, yt), (xt[:calib], yt[:calib]), (xv, yv)
+
+
+def _check(x: np.ndarray, y: np.ndarray, what: str) -> None:
+    if len(x) == 0:
+        raise UserError(f"{what} holds no samples")
+    if len(x) != len(y):
+        raise UserError(f"{what}: {len(x)} inputs but {len(y)} labels; they must match")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{what}: labels must be a 1-D integer array")
+    if y.min() < 0:
+        raise UserError(f"{what}: labels must be >= 0 (found {int(y.min())})")
+    if x.ndim != 4:
+        raise UserError(f"{what}: images must be 4-D (N, C, H, W) or (N, H, W, C); got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise UserError(f"{what}: inputs contain NaN or Inf")
+
+
+def _to_splits(name, x, y, *, seed, calib, val_frac=0.15, test=None, num_classes=None, augment="none"):
+    _check(x, y, name)
+    if test is not None:
+        _check(*test, f"{name} (test split)")
+    tr, ca, va = _split(x, y, val_frac=val_frac, calib=calib, seed=seed, test=test)
+    mean = tr[0].mean(axis=(0, 2, 3), keepdims=True)
+    std = tr[0].std(axis=(0, 2, 3), keepdims=True) + 1e-6
+
+    def ds(a):
+        return TensorDataset(torch.from_numpy(((a[0] - mean) / std).astype(np.float32)),
+                             torch.from_numpy(a[1].astype(np.int64)))
+
+    k = int(num_classes or (max(int(y.max()), int(va[1].max())) + 1))
+    if va[1].max() >= k:
+        raise UserError(f"{name}: validation labels reach {int(va[1].max())} but the data set has {k} classes")
+    return DataSplits(name, ds(tr), ds(ca), ds(va), k, augment)
+
+
+def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None = None) -> DataSplits:
+    """Load and split the data set named by ``spec`` (see the module docstring)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = (d.images[:, None, :, :] / 16.0).astype(np.float32)
+        return _to_splits("digits", x, d.target.astype(np.int64), seed=seed, calib=calib, val_frac=0.2,
+                          num_classes=10)
+    if kind == "cifar10":
+        return _load_cifar10(arg, seed=seed, calib=calib, limit=limit)
+    if kind == "npz":
+        if not os.path.isfile(arg):
+            raise UserError(f"--data npz:{arg}: file not found")
+        try:
+            with np.load(arg) as f:
+                if "x" not in f or "y" not in f:
+                    raise UserError(f"--data npz:{arg}: the file needs arrays named x and y (has {list(f.keys())})")
+                x, y = f["x"], f["y"]
+        except (OSError, ValueError) as e:
+            raise UserError(f"--data npz:{arg}: not a readable npz file ({e})") from None
+        x = _nchw(x.astype(np.float32))
+        return _to_splits(f"npz:{os.path.basename(arg)}", x, y, seed=seed, calib=calib)
+    if kind == "imagefolder":
+        return _load_imagefolder(arg, seed=seed, calib=calib)
+    raise UserError(f"--data {spec!r}: unknown data set; use digits, cifar10:DIR, imagefolder:DIR or npz:FILE")
+
+
+def _nchw(x: np.ndarray) -> np.ndarray:
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        return x.transpose(0, 3, 1, 2)
+    return x
+
+
+def _load_cifar10(d: str, *, seed: int, calib: int, limit: int | None) -> DataSplits:
+    if not os.path.isdir(d):
+        raise UserError(f"--data cifar10:{d}: directory not found")
+    train_files = sorted(glob.glob(os.path.join(d, "*train*.npz")))
+    test_files = sorted(glob.glob(os.path.join(d, "*test*.npz")))
+    if not train_files or not test_files:
+        raise UserError(f"--data cifar10:{d}: expected *train*.npz shards and a *test*.npz file there")
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            with np.load(f) as z:
+                xk = next(k for k in z.files if k.lower() in ("x", "images", "data"))
+                yk = next(k for k in z.files if k.lower() in ("y", "labels", "label"))
+                xs.append(z[xk])
+                ys.append(z[yk])
+        return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+
+    x, y = read(train_files)
+    xt, yt = read(test_files)
+    if limit:
+        x, y, xt, yt = x[:limit], y[:limit], xt[: max(1, limit // 5)], yt[: max(1, limit // 5)]
+    x = _nchw(x).astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+    xt = _nchw(xt).astype(np.float32) / (255.0 if xt.dtype == np.uint8 else 1.0)
+    return _to_splits("cifar10", x, y, seed=seed, calib=calib, test=(xt, yt), num_classes=10,
+                      augment="crop_flip")
+
+
+def _load_imagefolder(d: str, *, seed: int, calib: int, size: int = 224) -> DataSplits:
+    if not os.path.isdir(d):
+        raise UserError(f"--data imagefolder:{d}: directory not found")
+    classes = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
+    if not classes:
+        raise UserError(f"--data imagefolder:{d}: no class sub-folders found")
+    from PIL import Image
+
+    xs, ys = [], []
+    for i, c in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(d, c))):
+            try:
+                img = Image.open(os.path.join(d, c, f)).convert("RGB").resize((size, size))
+            except OSError:
+                continue
+            xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+            ys.append(i)
+    if not xs:
+        raise UserError(f"--data imagefolder:{d}: no readable images")
+    return _to_splits("imagefolder", np.stack(xs), np.array(ys, dtype=np.int64), seed=seed, calib=calib,
+                      num_classes=len(classes))
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample random crops (4-pixel padding) and horizontal flips, the standard CIFAR recipe."""
+    if kind != "crop_flip":
+        return x
+    n, _, h, w = x.shape
+    pad = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)
+    out = pad[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
