@@ -1,0 +1,52 @@
+"""Pareto sweeps re-solve one built problem over a budget range; CSV and PNG come out with the chosen point."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+
+from mpqc.compiler.search.budgets import parse_budgets
+from mpqc.compiler.search.pareto import pareto_sweep, sweep_range, write_pareto
+from mpqc.compiler.search.problem import SearchOptions, build_problem, read_sensitivity
+from mpqc.compiler.search.solve import run_solver
+from mpqc.targets import load_target
+from tests.compiler.search.helpers import branchy_graph, synthetic_table
+
+
+def _sp():
+    g = branchy_graph()
+    table = read_sensitivity(synthetic_table(g, range(2, 9), np.random.default_rng(4)))
+    return build_problem(g, load_target("generic"), parse_budgets(avg_bits="W4A6", compression=10), table,
+                         SearchOptions())
+
+
+def test_sweep_is_monotone_and_spans_the_feasible_range(tmp_path):
+    sp = _sp()
+    lo, hi = sweep_range(sp, 0)
+    assert lo < hi
+    pts = pareto_sweep(sp, 6, row=0)
+    assert len(pts) == 6 and all(p.status == "optimal" for p in pts)
+    obj = [p.objective for p in pts]
+    assert all(a >= b - 1e-12 for a, b in zip(obj, obj[1:]))  # more budget never hurts
+    assert abs(pts[0].budget * 1e9 - lo) <= 1e-6 * lo and abs(pts[-1].budget * 1e9 - hi) <= 1e-6 * hi
+    assert sum(p.chosen for p in pts) == 1
+    # each point is the optimum at its limit
+    for p in pts[:2]:
+        q = sp.problem.budget_limit.copy()
+        q[0] = p.budget * 1e9
+        from mpqc.compiler.search.pareto import _with_limit
+
+        assert abs(run_solver(_with_limit(sp.problem, 0, q[0])).objective - p.objective) <= 1e-9
+
+
+def test_csv_and_png_are_written_with_accuracy(tmp_path):
+    sp = _sp()
+    pts = pareto_sweep(sp, 4, row=1, accuracy_fn=lambda choice: float(np.sum(choice)))
+    assert all(p.accuracy is not None for p in pts)
+    c, png = str(tmp_path / "p.csv"), str(tmp_path / "p.png")
+    write_pareto(pts, sp, 1, c, png, chosen=(pts[0].budget, pts[0].objective))
+    rows = list(csv.reader(open(c)))
+    assert rows[0][0].startswith("compression") and len(rows) == 5
+    assert rows[0][-2:] == ["accuracy", "chosen"]
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

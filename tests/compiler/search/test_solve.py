@@ -1,0 +1,321 @@
+"""The solvers agree with brute force; shared activations, fixed layers, infeasibility, channels, the MCKP path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from mpqc.compiler.search.budgets import parse_budgets
+from mpqc.compiler.search.mckp import solve_mckp
+from mpqc.compiler.search.problem import (
+    MCKProblem,
+    SearchOptions,
+    SolveStatus,
+    build_problem,
+    monotone_repair,
+    read_sensitivity,
+)
+from mpqc.compiler.search.solve import minimum_budgets, run_solver, search, solve
+from mpqc.errors import InfeasibleError
+from mpqc.targets import load_target
+from tests.compiler.search.helpers import branchy_graph, brute_force, random_problem, synthetic_table
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_highs_and_mckp_equal_brute_force_on_random_instances(seed):
+    rng = np.random.default_rng(seed)
+    p = random_problem(rng, groups=int(rng.integers(3, 9)), k=4, m=int(rng.integers(2, 4)),
+                       tight=float(rng.uniform(0.05, 0.9)))
+    best, _ = brute_force(p)
+    for solver in ("highs", "mckp"):
+        sol = run_solver(p, solver=solver, gap=0.0)
+        if best is None:
+            assert sol.status == SolveStatus.INFEASIBLE, solver
+            continue
+        assert sol.status == SolveStatus.OPTIMAL, solver
+        assert p.feasible(sol.choice), solver
+        assert _close(sol.objective, best), (solver, sol.objective, best)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cbc_equals_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    p = random_problem(rng, groups=int(rng.integers(3, 9)), k=4, m=int(rng.integers(2, 4)),
+                       tight=float(rng.uniform(0.2, 0.9)))
+    best, _ = brute_force(p)
+    sol = run_solver(p, solver="cbc", gap=0.0)
+    if best is None:
+        assert sol.status == SolveStatus.INFEASIBLE
+    else:
+        assert sol.status == SolveStatus.OPTIMAL and p.feasible(sol.choice)
+        assert _close(sol.objective, best)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_twelve_groups_of_four_three_budgets(seed):
+    rng = np.random.default_rng(200 + seed)
+    p = random_problem(rng, groups=12, k=4, m=3, tight=0.4)
+    p = MCKProblem(np.arange(13) * 4, rng.random(48), p.budget_A[:, :48] if p.n >= 48 else
+                   sp.csr_matrix(rng.random((3, 48))), p.budget_limit)
+    best, _ = brute_force(p)
+    assert best is not None
+    for solver in ("highs", "mckp", "cbc"):
+        sol = run_solver(p, solver=solver, gap=0.0)
+        assert sol.status == SolveStatus.OPTIMAL and p.feasible(sol.choice), solver
+        assert _close(sol.objective, best), (solver, sol.objective, best)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_infeasible_budgets_report_the_brute_force_minimum(seed):
+    rng = np.random.default_rng(300 + seed)
+    p = random_problem(rng, groups=6, k=4, m=3, tight=0.0)
+    p.budget_limit = p.budget_limit * 0.97  # below the smallest achievable use of every row
+    assert brute_force(p)[0] is None
+    with pytest.raises(InfeasibleError) as e:
+        solve(p)
+    mins = e.value.minimums
+    for i in range(p.n_budgets):
+        row = p.budget_A.getrow(i).toarray().ravel()
+        want, _ = brute_force(p, objective=row, skip_row=i)
+        if want is None:
+            assert mins[i] is None
+        else:
+            assert mins[i] is not None and abs(mins[i] - want) <= 1e-7 * max(1.0, abs(want))
+    assert "smallest feasible" in str(e.value)
+
+
+def test_minimum_budgets_match_brute_force_when_feasible():
+    rng = np.random.default_rng(7)
+    p = random_problem(rng, groups=7, k=4, m=2, tight=0.5)
+    mins = minimum_budgets(p)
+    for i in range(2):
+        want, _ = brute_force(p, objective=p.budget_A.getrow(i).toarray().ravel(), skip_row=i)
+        assert abs(mins[i] - want) <= 1e-7 * max(1.0, abs(want))
+
+
+def test_mckp_path_on_a_large_instance_meets_its_gap_and_is_feasible():
+    rng = np.random.default_rng(11)
+    G, K = 4000, 7
+    bits = np.arange(8, 1, -1)
+    macs = rng.integers(10**4, 10**6, G).astype(float)
+    params = rng.integers(100, 5000, G).astype(float)
+    sens = rng.lognormal(0, 2, G)
+    obj = (sens[:, None] * 4.0 ** (-bits[None, :])).ravel()
+    A = np.vstack([(macs[:, None] * bits * 8).ravel(), (params[:, None] * bits).ravel()])
+    p = MCKProblem(np.arange(G + 1) * K, obj, sp.csr_matrix(A), [macs.sum() * 8 * 4.2, params.sum() * 4.5])
+    sol = solve_mckp(p, gap=1e-3)
+    assert sol.status == SolveStatus.OPTIMAL and sol.gap <= 1e-3
+    assert p.feasible(sol.choice)
+    from mpqc.compiler.search.solve_highs import solve_lp
+
+    _, lp, _, _ = solve_lp(p)
+    assert sol.bound <= lp * (1 + 1e-9) + 1e-12  # the reported bound is a valid lower bound
+    assert (sol.objective - lp) / sol.objective <= 1e-3  # and the solution is within the gap of the LP bound
+
+
+# ---------------------------------------------------------------------------------------------------------
+# builder-level checks on a small captured graph with a tensor read by two convs
+@pytest.fixture(scope="module")
+def graph():
+    return branchy_graph()
+
+
+def _brute_layers(graph, table, target, budgets, options):
+    """Brute force over per-layer joint candidates with the tensor-sharing rule applied by hand."""
+    sp_ = build_problem(graph, target, budgets, table, options)
+    return sp_, brute_force(sp_.problem)
+
+
+@pytest.mark.parametrize("mode", ["tensor", "consumer"])
+def test_shared_activation_groups_are_respected(graph, mode):
+    rng = np.random.default_rng(1)
+    table = read_sensitivity(synthetic_table(graph, range(2, 9), rng))
+    target = load_target("generic")
+    budgets = parse_budgets(avg_bits="W3A3", compression=9)
+    options = SearchOptions(act_groups=mode, w_candidates=(8, 4, 2), a_candidates=(8, 4, 2))
+    sp_, sol = search(graph, target, budgets, table, options)
+    plan = sp_.to_plan(sol)
+    shared = [g for g in graph.act_groups() if len(g.consumers) > 1]
+    assert shared and set(shared[0].consumers) == {"conv_b", "conv_c"}
+    if mode == "tensor":
+        assert plan.a_bits("conv_b") == plan.a_bits("conv_c") == plan.act_groups[shared[0].name]
+    # brute force over the raw product of per-layer candidates, applying the rule by hand
+    import itertools
+
+    layers = [op.name for op in graph.layers()]
+    opts = {n: [(w, a) for w in (8, 4, 2) for a in (8, 4, 2)] for n in layers}
+    limits = {r.name: r.limit for r in sp_.rows}
+    best = np.inf
+    from mpqc.cost_models import digital
+
+    for combo in itertools.product(*[opts[n] for n in layers]):
+        asg = dict(zip(layers, combo))
+        if mode == "tensor" and asg["conv_b"][1] != asg["conv_c"][1]:
+            continue
+        bitops = sum(digital.bitops(graph.ops[n], w, a) for n, (w, a) in asg.items())
+        size = sum(digital.weight_bits_total(graph.ops[n], w) for n, (w, a) in asg.items())
+        if bitops > limits["avg-bits"] * (1 + 1e-12) or size > limits["compression"] * (1 + 1e-12):
+            continue
+        obj = sum(table.w(n)[w] + table.a(n)[a] for n, (w, a) in asg.items())
+        best = min(best, obj)
+    assert _close(sol.objective, best)
+
+
+def test_fixed_layers_are_respected(graph):
+    rng = np.random.default_rng(2)
+    table = read_sensitivity(synthetic_table(graph, range(2, 9), rng))
+    options = SearchOptions(fix={"conv_a": {"w": 8, "a": 8}, "fc": {"w": 6, "a": None}}, w_candidates=(4, 3, 2),
+                            a_candidates=(4, 3, 2))
+    sp_, sol = search(graph, load_target("generic"), parse_budgets(avg_bits="W3A4"), table, options)
+    plan = sp_.to_plan(sol)
+    assert (plan.w_bits("conv_a"), plan.a_bits("conv_a")) == (8, 8)  # fixed outside --candidates is honoured
+    assert plan.w_bits("fc") == 6 and plan.a_bits("fc") in (4, 3, 2)
+    for name in ("conv_b", "conv_c"):
+        assert plan.w_bits(name) in (4, 3, 2)
+
+
+def test_fix_to_a_width_the_target_cannot_run_is_a_user_error(graph):
+    from mpqc.errors import UserError
+
+    table = read_sensitivity(synthetic_table(graph, range(2, 9), np.random.default_rng(0)))
+    with pytest.raises(UserError, match="does not run"):
+        build_problem(graph, load_target("bitserial"), parse_budgets(avg_bits="W4A4"), table,
+                      SearchOptions(fix={"conv_a": {"w": 3, "a": 3}}))
+
+
+def test_monotone_repair_changes_the_choice_and_no_monotone_keeps_the_table(graph):
+    rng = np.random.default_rng(3)
+    raw = synthetic_table(graph, (8, 4, 2), rng)
+    # "wired" points: conv_b's 2-bit weight score below its 4- and 8-bit ones
+    raw["layers"]["conv_b"]["w"] = {"8": 0.02, "4": 0.5, "2": 0.01}
+    plain = read_sensitivity(raw)
+    fixed = read_sensitivity(raw, monotone=True)
+    assert plain.w("conv_b")[2] == 0.01
+    assert fixed.w("conv_b") == {8: 0.02, 4: 0.5, 2: 0.5}
+    assert monotone_repair(plain).w("conv_b")[2] == 0.5
+    target = load_target("generic")
+    budgets = parse_budgets(avg_bits="W8A8")
+    opts = dict(w_candidates=(8, 4, 2), a_candidates=(8,), fix={"conv_a": {"w": 8, "a": 8}})
+    sp1, s1 = search(graph, target, budgets, plain, SearchOptions(**opts))
+    sp2, s2 = search(graph, target, budgets, fixed, SearchOptions(**opts))
+    assert sp1.to_plan(s1).w_bits("conv_b") == 2  # the table as given: 2 bits looks best and is cheapest
+    assert sp2.to_plan(s2).w_bits("conv_b") == 8  # repaired: 2 bits scores as badly as 4, and 8 is affordable
+
+
+def test_per_channel_granularity_equals_brute_force(graph):
+    rng = np.random.default_rng(5)
+    table = read_sensitivity(synthetic_table(graph, (8, 4, 2), rng, channels=True))
+    target = load_target("generic")
+    fix = {"conv_a": {"w": 8, "a": 8}, "fc": {"w": 8, "a": 8}, "conv_b": {"a": 8}, "conv_c": {"a": 8}}
+    options = SearchOptions(granularity="channel", w_candidates=(8, 4, 2), a_candidates=(8, 4, 2), fix=fix)
+    budgets = parse_budgets(avg_bits="W4A8", compression=6)
+    sp_, sol = search(graph, target, budgets, table, options, gap=0.0)
+    assert sp_.problem.pure
+    plan = sp_.to_plan(sol)
+    assert isinstance(plan.w_bits("conv_b"), list) and len(plan.w_bits("conv_b")) == 2
+    best, _ = brute_force(sp_.problem)
+    assert _close(sol.objective, best)
+    # and the per-channel costs the plan reports equal the rows the solver saw
+    assert abs(plan.costs["budget:avg-bits"]["value"] * 1e9 - sol.budget_values[0]) <= 1e-6 * sol.budget_values[0]
+
+
+def test_per_channel_with_activation_search_is_exact_on_a_tiny_model(graph):
+    rng = np.random.default_rng(6)
+    table = read_sensitivity(synthetic_table(graph, (8, 4, 2), rng, channels=True))
+    fix = {"conv_a": {"w": 8, "a": 8}, "fc": {"w": 8, "a": 8}}
+    options = SearchOptions(granularity="channel", w_candidates=(8, 4, 2), a_candidates=(8, 4, 2), fix=fix,
+                            act_groups="consumer")
+    sp_, sol = search(graph, load_target("generic"), parse_budgets(avg_bits="W4A4"), table, options, gap=0.0)
+    assert not sp_.problem.pure  # linearised products
+    # brute force: every channel width x every activation width of conv_b and conv_c
+    import itertools
+
+    from mpqc.cost_models import digital
+
+    ops = graph.ops
+    limit = sp_.rows[0].limit
+    best = np.inf
+    for ab, ac in itertools.product((8, 4, 2), repeat=2):
+        for wb in itertools.product((8, 4, 2), repeat=ops["conv_b"].out_channels):
+            for wc in itertools.product((8, 4, 2), repeat=ops["conv_c"].out_channels):
+                bitops = (digital.bitops(ops["conv_a"], 8, 8) + digital.bitops(ops["fc"], 8, 8) +
+                          digital.bitops(ops["conv_b"], list(wb), ab) + digital.bitops(ops["conv_c"], list(wc), ac))
+                if bitops > limit * (1 + 1e-12):
+                    continue
+                obj = table.a("conv_b")[ab] + table.a("conv_c")[ac] + table.w("conv_a")[8] + table.a("conv_a")[8] + \
+                    table.w("fc")[8] + table.a("fc")[8] + \
+                    sum(table.w_channel("conv_b")[b][i] for i, b in enumerate(wb)) + \
+                    sum(table.w_channel("conv_c")[b][i] for i, b in enumerate(wc))
+                best = min(best, obj)
+    assert _close(sol.objective, best)
+
+
+def test_channel_clusters_group_channels(graph):
+    from mpqc.compiler.search.problem import cluster_channels
+
+    scores = np.array([[1.0, 2.0], [1.1, 2.1], [100.0, 200.0], [90.0, 210.0]])
+    lab = cluster_channels(scores, 2)
+    assert lab[0] == lab[1] != lab[2] == lab[3]
+    rng = np.random.default_rng(8)
+    table = read_sensitivity(synthetic_table(graph, (8, 4, 2), rng, channels=True))
+    options = SearchOptions(granularity="channel", clusters=1, w_candidates=(8, 4, 2), a_candidates=(8,))
+    sp_, sol = search(graph, load_target("generic"), parse_budgets(avg_bits="W4A8"), table, options)
+    plan = sp_.to_plan(sol)
+    for name in ("conv_a", "conv_b", "conv_c"):
+        assert len(set(plan.w_bits(name))) == 1  # one cluster: every channel shares a width
+
+
+def test_coupled_path_bound_and_solution_bracket_the_optimum(graph):
+    from mpqc.compiler.search.mckp import solve_coupled
+    from mpqc.compiler.search.solve_highs import solve_highs
+
+    rng = np.random.default_rng(12)
+    table = read_sensitivity(synthetic_table(graph, (8, 6, 4, 2), rng, channels=True))
+    options = SearchOptions(granularity="channel", w_candidates=(8, 6, 4, 2), a_candidates=(8, 6, 4, 2))
+    sp_ = build_problem(graph, load_target("generic"), parse_budgets(avg_bits="W4A5", compression=6), table, options)
+    assert sp_.coupling and not sp_.problem.pure
+    exact = solve_highs(sp_.problem, gap=0.0)
+    sol = solve_coupled(sp_, gap=1e-9)
+    assert sol is not None and sp_.problem.feasible(sol.choice, sol.aux)
+    assert sol.bound <= exact.objective + 1e-12 <= sol.objective + 2e-12
+    sp_.to_plan(sol)
+
+
+def test_boundary_cost_removes_precision_changes_between_adjacent_layers(graph):
+    from mpqc.compiler.plan import layer_edges
+
+    rng = np.random.default_rng(13)
+    raw = synthetic_table(graph, (8, 4, 2), rng)
+    # make the layers disagree: conv_b's input loves 8 bits, fc's input does not care
+    raw["layers"]["conv_b"]["a"] = {"8": 0.0, "4": 5.0, "2": 9.0}
+    raw["layers"]["fc"]["a"] = {"8": 0.0, "4": 0.0, "2": 0.0}
+    table = read_sensitivity(raw)
+    budgets = parse_budgets(avg_bits="W4A4")
+    edges = [(u, v) for u, v, _, _ in layer_edges(graph)]
+
+    def changes(w):
+        opts = SearchOptions(w_candidates=(8, 4, 2), a_candidates=(8, 4, 2), boundary_cost=w)
+        sp_, sol = search(graph, load_target("generic"), budgets, table, opts)
+        plan = sp_.to_plan(sol)
+        return sum(plan.a_bits(u) != plan.a_bits(v) for u, v in edges), sp_
+
+    n0, sp0 = changes(None)
+    n1, sp1 = changes(100.0)
+    assert sp0.problem.pure and not sp1.problem.pure and sp1.boundary_edges > 0
+    assert n0 > 0 and n1 == 0
+
+
+def test_public_api_names_resolve():
+    import mpqc.compiler.search as search_pkg
+
+    assert sorted(search_pkg.__all__) == sorted(set(search_pkg.__all__))
+    for name in search_pkg.__all__:
+        assert getattr(search_pkg, name) is not None, name
+    import importlib
+
+    assert callable(importlib.import_module("mpqc.compiler.search.solve_highs").solve_highs)
