@@ -1,0 +1,56 @@
+"""Atomic file writes: a temp file in the same directory, then os.replace, so a kill never leaves half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+from mpqc.errors import UserError
+
+
+def _prepare_dir(path: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory {d} ({e.strerror}); choose a writable -o") from None
+    if not os.access(d, os.W_OK):
+        raise UserError(f"the output directory {d} is not writable; choose another -o")
+    return d
+
+
+def atomic_write_with(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` only if it succeeded."""
+    d = _prepare_dir(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file what a plain open() would
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write_with(path, w)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")

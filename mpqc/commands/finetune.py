@@ -1,0 +1,164 @@
+"""Fine-tune a model to a precision plan: LSQ QAT with distillation, PD-QAT, energy training or learned d/x_max.
+
+The model is captured with BatchNorm folded into the convolutions (what the integer graph computes), the plan's
+quantizers are inserted and calibrated on the calibration split, then trained; the QuantizedModel's state dict
+is written atomically to -o. A checkpoint is kept after every epoch (default: OUTPUT.ckpt/); running the same
+command again after an interruption resumes from it (--no-resume starts over). With --method dxmax the bits are
+learned and with --method energy the energy per MAC: the updated plan is written next to -o as
+OUTPUT.plan.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from mpqc.errors import UserError
+
+from ._common import add_model_arguments
+
+HELP = "fine-tune the quantized model to a plan (QAT), with checkpoints and resume"
+
+_METHODS = ("lsq", "pdqat", "energy", "dxmax")
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--plan", required=True, metavar="PLAN.json", help="the precision plan (from `mpqc search`)")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="digits, cifar10:DIR, imagefolder:DIR or npz:FILE")
+    p.add_argument("--config", metavar="FILE.toml", help="fine-tuning settings (options below override them)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 5)")
+    p.add_argument("--lr", type=float, help="learning rate of weights and step sizes (default 0.005)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 64)")
+    p.add_argument("--method", choices=_METHODS, help="lsq (default), pdqat, energy or dxmax")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                   help="distil from the float model (default on)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue from the last checkpoint when there is one (default on)")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="where last.pt is kept (default OUTPUT.ckpt)")
+    p.add_argument("--seed", type=int, help="seed of data order, augmentation and noise (default 0)")
+    p.add_argument("--ddp", action="store_true", help="data-parallel when launched with torchrun")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL_Q.pt",
+                   help="where the fine-tuned QuantizedModel state dict is written")
+
+
+def _config(args):
+    from mpqc.compiler.finetune import FinetuneConfig
+
+    try:
+        config = FinetuneConfig.load(args.config) if args.config else FinetuneConfig()
+    except OSError as e:
+        raise UserError(f"--config {args.config}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UserError(f"--config {args.config}: {e}") from None
+    changes = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size),
+                                 ("method", args.method), ("resume", args.resume), ("seed", args.seed),
+                                 ("checkpoint_dir", args.checkpoint_dir)) if v is not None}
+    if args.ddp:
+        changes["ddp"] = True
+    if config.checkpoint_dir is None and "checkpoint_dir" not in changes:
+        changes["checkpoint_dir"] = os.path.abspath(args.output) + ".ckpt"
+    if args.distill is not None:
+        changes["distill"] = dataclasses.replace(config.distill, enabled=args.distill)
+    try:
+        return config.replace(**changes)
+    except ValueError as e:
+        raise UserError(f"bad fine-tuning setting: {e}") from None
+
+
+def _check_output(path: str) -> None:
+    if os.path.isdir(path):
+        raise UserError(f"-o {path} is a directory; give a file name such as model_q.pt")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"-o {path}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"-o {path}: the directory {folder} is not writable")
+
+
+def _updated_plan(plan, q, result, method: str):
+    """A copy of the plan with what the method learned: bits (dxmax) or energy per MAC (energy)."""
+    from mpqc.compiler.plan import Plan
+    from mpqc.compiler.quantize import bits_of
+
+    new = Plan.from_dict(plan.to_dict())
+    if result.emac:
+        for layer, e in result.emac.items():
+            if layer in new.layers:
+                new.layers[layer].emac = e
+    if result.bits:
+        for op in q.graph_ir.layers():
+            lp = new.layers.get(op.name)
+            if lp is None:
+                continue
+            wq = q.weight_quantizer(op.name)
+            if wq is not None and wq.enabled:
+                lp.w_bits = bits_of(wq)
+            aqs = [a for a in q.act_quantizers(op.name) if a.enabled]
+            if aqs:
+                lp.a_bits = max(a.bits for a in aqs)
+            for t, key in zip(op.act_inputs, q.act_keys.get(op.name, [])):
+                if t in new.act_groups and q.aq[key].enabled:
+                    new.act_groups[t] = q.aq[key].bits
+    new.costs = {}  # stale after learning; `mpqc report` recomputes them
+    new.meta = {**new.meta, "finetuned": method}
+    return new
+
+
+def run(args):
+    import torch
+
+    from mpqc.compiler.atomic import atomic_write_with
+    from mpqc.compiler.capture import capture
+    from mpqc.compiler.data import load_data, make_loader
+    from mpqc.compiler.finetune import accuracy, apply_plan, finetune
+    from mpqc.compiler.loading import load_model
+    from mpqc.compiler.plan import Plan
+    from mpqc.compiler.quantize import QuantizedModel, RangeMethod
+
+    config = _config(args)
+    _check_output(args.output)
+    plan = Plan.load(args.plan)
+    data = load_data(args.data)
+    loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
+                        input_shape=args.input_shape)
+    teacher = loaded.module
+    cap = capture(teacher, loaded.example_inputs, fold_bn=True)
+    method = RangeMethod(config.range_init.value)
+    q = QuantizedModel(cap, act_groups=plan.act_groups_mode, method=method)
+    try:
+        emac = apply_plan(q, plan)
+    except KeyError as e:
+        raise UserError(f"--plan {args.plan}: {e.args[0]}; was it made for this model?") from None
+    except ValueError as e:
+        raise UserError(f"--plan {args.plan}: {e}") from None
+    if tuple(data.input_shape[1:]) != tuple(cap.example_inputs[0].shape[1:]):
+        raise UserError(f"--data {args.data}: samples of shape {data.input_shape[1:]} do not fit the model's input "
+                        f"{list(cap.example_inputs[0].shape[1:])}")
+    q.calibrate(make_loader(data.calib, config.eval_batch_size), method=method, max_batches=config.calib_batches)
+    calibrated = accuracy(q, data.val, batch_size=config.eval_batch_size)
+    try:
+        result = finetune(q, teacher, data, config, progress=not (args.json or args.no_progress),
+                          emac=emac or None)
+    except (ValueError, FloatingPointError) as e:
+        raise UserError(str(e)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 writes and reports
+    atomic_write_with(args.output, lambda tmp: torch.save(q.state_dict(), tmp))
+    plan_out = None
+    if result.bits or result.emac:
+        plan_out = os.path.splitext(args.output)[0] + ".plan.json"
+        _updated_plan(plan, q, result, config.method.value).save(plan_out)
+    last = result.metrics[-1] if result.metrics else {}
+    if not args.json:
+        print(f"{config.method.value}: {len(result.metrics)} epochs, val accuracy {calibrated:.2f}% calibrated -> "
+              f"{result.final_accuracy:.2f}% fine-tuned; wrote {args.output}"
+              + (f" and {plan_out}" if plan_out else ""))
+    summary = {k: v for k, v in result.summary.items() if k not in ("history",)}
+    return {"output": os.path.abspath(args.output), "plan": plan_out, "method": config.method.value,
+            "epochs": len(result.metrics), "calibrated_accuracy": calibrated,
+            "final_accuracy": result.final_accuracy, "resumed_from": result.resumed_from,
+            "checkpoint": result.checkpoint, "last_epoch": last, "summary": summary}
