@@ -245,5 +245,5 @@ def model_hash(module: torch.nn.Module) -> str:
         if isinstance(t, torch.Tensor):
             t = t.detach().cpu().contiguous()
             h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]

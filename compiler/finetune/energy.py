@@ -67,7 +67,8 @@ class LayerNoise(nn.Module):
         # sigma at E = 1 depends on the quantizers' ranges; it scales the noise but is not a training signal
         s1 = self.sigma_fn().detach().to(device=y.device, dtype=torch.float32)
         seed = (int(self.seed) + 1_000_033 * self.stream) % _SEED_MOD
-        out = analog_noise_log_e(y, s1, self.log_e, seed=seed, offset=int(self.counter), axis=self.axis)
+        out = analog_noise_log_e(y, s1, self.log_e, seed=seed, offset=int(self.counter), axis=self.axis,
+                                 backend="fast")
         with torch.no_grad():
             self.counter += y.numel()
         return out

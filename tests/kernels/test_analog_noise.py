@@ -300,3 +300,17 @@ def test_cuda_noise_matches_reference_to_a_few_ulp():
     sigma = torch.rand(33) + 0.1
     out = analog_noise(y.cuda(), sigma.cuda(), seed=77, axis=1, backend="triton").cpu()
     torch.testing.assert_close(out, analog_noise_reference(y, sigma, seed=77, axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_cpu_backend_is_seeded_and_has_the_right_spread():
+    from mpqc.kernels import analog_noise
+
+    y = torch.zeros(200_000)
+    sigma = torch.tensor(0.3, requires_grad=True)
+    a = analog_noise(y, sigma, seed=5, offset=7, backend="fast")
+    b = analog_noise(y, sigma, seed=5, offset=7, backend="fast")
+    c = analog_noise(y, sigma, seed=5, offset=8, backend="fast")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert abs(float(a.std()) - 0.3) < 0.01
+    a.sum().backward()
+    torch.testing.assert_close(sigma.grad, (a / 0.3).sum().detach(), rtol=1e-4, atol=1e-2)

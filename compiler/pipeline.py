@@ -1,0 +1,452 @@
+"""`mpqc compile`: capture → sensitivity → search → fine-tune → export → evaluate → report, one straight line.
+
+Each stage writes its artifact into OUT and records it in OUT/manifest.json (content hashes, options,
+versions, time); a re-run reuses every stage whose inputs did not change, so a killed run resumes where
+it stopped (fine-tuning also resumes mid-stage from its per-epoch checkpoint). NOTE: stage order matters:
+the search reads the sensitivity table, fine-tuning reads the plan, export reads the fine-tuned state.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from mpqc.errors import UserError
+
+from .atomic import atomic_write_json, atomic_write_text, atomic_write_with
+from .manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+STAGES = ("capture", "sensitivity", "search", "finetune", "export", "evaluate", "report")
+
+
+@dataclass
+class CompileOptions:
+    """Everything `mpqc compile` takes (the Python API mirrors the CLI)."""
+
+    model: str
+    target: str
+    data: str
+    out: str
+    arch: str | None = None
+    weights: str | None = None
+    trust_pickle: bool = False
+    input_shape: str | None = None
+    # budgets, as on the command line
+    bitops: str | None = None
+    avg_bits: str | None = None
+    size: str | None = None
+    compression: str | None = None
+    act_mem: str | None = None
+    act_mem_max: str | None = None
+    latency: str | None = None
+    lut: str | None = None
+    energy: str | None = None
+    emac: str | None = None
+    # search
+    sensitivity: str = "fisher"
+    granularity: str = "layer"
+    clusters: int | None = None
+    candidates: str | None = None
+    fix: tuple[str, ...] = ()
+    weight_alpha: float = 1.0
+    monotone: bool = True
+    act_groups: str = "tensor"
+    solver: str = "highs"
+    time_limit: float | None = None
+    search: str = "ilp"
+    pareto: int | None = None
+    # fine-tuning and export
+    epochs: int = 3
+    lr: float = 0.01
+    batch_size: int = 64
+    finetune_method: str | None = None  # default: lsq (digital), energy with a fixed allocation (analog)
+    profile: str = "ort"
+    seed: int = 0
+    stop_after: str | None = None
+    samples: int = 256  # data samples for the sensitivity pass
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.stop_after is not None and self.stop_after not in STAGES:
+            raise UserError(f"--stop-after {self.stop_after!r}: choose one of {', '.join(STAGES)}")
+        if self.epochs < 0:
+            raise UserError(f"--epochs {self.epochs} must be >= 0")
+        if self.granularity not in ("layer", "channel"):
+            raise UserError(f"--granularity {self.granularity!r}: use layer or channel")
+        self.fix = tuple(self.fix)
+
+
+@dataclass
+class CompileResult:
+    """Where everything went and the headline numbers."""
+
+    out: str
+    paths: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    reused: list = field(default_factory=list)
+    stopped_after: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _budget_kwargs(o: CompileOptions) -> dict:
+    return {k: getattr(o, k) for k in ("bitops", "avg_bits", "size", "compression", "act_mem", "act_mem_max",
+                                       "latency", "lut", "energy", "emac")}
+
+
+class _Run:
+    """State shared by the stages of one compile (loaded lazily: reused stages skip the expensive parts)."""
+
+    def __init__(self, o: CompileOptions):
+        from mpqc.targets import load_target
+
+        from .capture import capture
+        from .data import load_data
+        from .loading import load_model
+
+        self.o = o
+        self.out = o.out
+        self.target = load_target(o.target)
+        self.budgets = self._budgets()
+        self.loaded = load_model(o.model, arch=o.arch, weights=o.weights, trust_pickle=o.trust_pickle,
+                                 input_shape=o.input_shape)
+        self.data = load_data(o.data, seed=o.seed)
+        in_shape = list(self.data.input_shape[1:])
+        if list(self.loaded.input_shape[1:]) != in_shape and o.input_shape is None:
+            self.loaded.example_inputs = (torch.zeros(1, *in_shape),)
+        self.teacher = self.loaded.module
+        self._check_data()
+        self.captured = capture(copy.deepcopy(self.loaded.module), self.loaded.example_inputs, fold_bn=True)
+        self.manifest = Manifest.load(o.out)
+
+    def _budgets(self):
+        from .search import budgets as B
+
+        budgets = B.parse_budgets(**_budget_kwargs(self.o))
+        if not budgets:
+            raise UserError("give at least one budget (--avg-bits, --bitops, --size, --compression, --act-mem, "
+                            "--latency, --energy, --emac)")
+        if self.target.kind == "analog" and not any(b.kind == "emac" for b in budgets):
+            raise UserError(f"target {self.target.name} is analog: give the energy budget --emac E")
+        return budgets
+
+    def _check_data(self) -> None:
+        x, y = self.data.val.tensors
+        try:
+            with torch.no_grad():
+                logits = self.teacher(x[:2])
+        except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit the model
+            raise UserError(f"the data set {self.o.data} does not fit the model's input "
+                            f"(samples of shape {list(x.shape[1:])}): {str(e).splitlines()[0][:150]}") from None
+        if logits.dim() != 2:
+            raise UserError("mpqc compile evaluates classifiers: the model must return [batch, classes] logits")
+        if logits.shape[1] < self.data.num_classes:
+            raise UserError(f"the data set has {self.data.num_classes} classes but the model outputs "
+                            f"{logits.shape[1]}; use matching data or model")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def plan(self):
+        from .plan import Plan
+
+        return Plan.load(self.path("plan.json"))
+
+    def quantized(self, *, state: bool):
+        """A QuantizedModel at the plan, calibrated; with ``state`` the fine-tuned weights are loaded."""
+        from .finetune import FinetuneConfig, prepare
+        from .finetune.driver import apply_plan
+
+        plan = self.plan()
+        q = prepare(copy.deepcopy(self.captured), {}, self.data, FinetuneConfig(), act_groups=plan.act_groups_mode)
+        emac = apply_plan(q, plan)
+        from .data import make_loader
+
+        q.calibrate(make_loader(self.data.calib, 256))
+        if state and os.path.exists(self.path("model_q.pt")):
+            sd = torch.load(self.path("model_q.pt"), map_location="cpu", weights_only=True)
+            q.load_state_dict(sd.get("model", sd), strict=False)
+        return q, emac
+
+    def finetune_method(self) -> str:
+        if self.o.finetune_method:
+            return self.o.finetune_method
+        return "energy" if self.target.kind == "analog" else "lsq"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# stages
+def _stage_capture(r: _Run) -> dict:
+    from .train import evaluate
+
+    atomic_write_text(r.path("ir.json"), r.captured.graph.to_json())
+    return {"fp_accuracy": evaluate(r.teacher, r.data.val), "layers": len(r.captured.graph.layers()),
+            "total_macs": r.captured.graph.total_macs(), "capture": r.captured.method}
+
+
+def _stage_sensitivity(r: _Run) -> dict:
+    from .search.problem import parse_candidates
+    from .sensitivity import run_sensitivity
+
+    o = r.o
+    method = "analog" if r.target.kind == "analog" and o.sensitivity == "fisher" else o.sensitivity
+    cands = parse_candidates(o.candidates) or tuple(sorted({b for b in r.target.weight_bits + r.target.act_bits
+                                                            if b <= 8}, reverse=True))
+    options = {"candidates": cands, "granularity": o.granularity, "samples": o.samples, "seed": o.seed,
+               "act_groups": o.act_groups}
+    if method == "analog":
+        options["target"] = o.target
+    table = run_sensitivity(method, r.captured, r.data, options,
+                            cache=os.path.join(r.out, ".cache"))
+    table.save(r.path("sensitivity.json"))
+    return {"method": method}
+
+
+def _stage_search(r: _Run) -> dict:
+    import numpy as np
+
+    from .plan import plan_costs, uniform_plan
+    from .search.pareto import pareto_sweep, write_pareto
+    from .search.problem import SearchOptions, parse_candidates, parse_fix, read_sensitivity, score_plan
+    from .search.solve import search
+
+    o = r.o
+    table = read_sensitivity(r.path("sensitivity.json"), monotone=o.monotone)
+    cands = parse_candidates(o.candidates)
+    options = SearchOptions(granularity=o.granularity, clusters=o.clusters, w_candidates=cands, a_candidates=cands,
+                            fix=parse_fix(list(o.fix), analog=r.target.kind == "analog"),
+                            weight_alpha=o.weight_alpha, monotone=o.monotone, act_groups=o.act_groups)
+    lut = None
+    if o.lut:
+        from mpqc.cost_models.latency import LatencyTable
+
+        lut = LatencyTable.load(o.lut)
+    solver = {"highs": "auto", "highs-mip": "highs", "cbc": "cbc"}.get(o.solver, "auto")
+    if o.search == "greedy":
+        from .search.greedy import greedy_search
+        from .search.problem import build_problem
+
+        sp = build_problem(r.captured.graph, r.target, r.budgets, table, options, lut=lut)
+        sol = greedy_search(sp, table)
+    else:
+        sp, sol = search(r.captured.graph, r.target, r.budgets, table, options, solver=solver,
+                         time_limit=o.time_limit, lut=lut)
+    plan = sp.to_plan(sol, sensitivity="sensitivity.json", lut=lut,
+                      meta={"model": r.loaded.source, "search": o.search, "weight_alpha": o.weight_alpha})
+    if r.target.kind != "analog":
+        baselines = {}
+        for b in r.budgets:
+            if b.avg_bits is not None:
+                up = uniform_plan(r.captured.graph, *b.avg_bits, r.target.name, act_groups_mode=o.act_groups)
+                costs = plan_costs(up, r.captured.graph, r.target, lut=lut)
+                baselines[f"W{b.avg_bits[0]}A{b.avg_bits[1]}"] = {
+                    "objective": score_plan(up, r.captured.graph, table, o.weight_alpha),
+                    **{k: v["value"] for k, v in costs.items()}}
+        plan.meta["baselines"] = baselines
+    plan.save(r.path("plan.json"))
+    info = {"status": plan.solver["status"], "objective": plan.objective, "time_s": plan.solver["time_s"]}
+    if o.pareto:
+        points = pareto_sweep(sp, o.pareto, row=0, solver=solver, time_limit=o.time_limit)
+        from .search.pareto import _div
+
+        chosen = (float(np.asarray(sol.budget_values)[0]) / _div(sp.rows[0]), float(sol.objective))
+        atomic_write_with(r.path("pareto.csv"),
+                          lambda tmp: write_pareto(points, sp, 0, tmp, None, chosen=chosen))
+        info["pareto_points"] = len(points)
+    return info
+
+
+def _stage_finetune(r: _Run) -> dict:
+    from .finetune import FinetuneConfig, finetune
+
+    o = r.o
+    q, emac = r.quantized(state=False)
+    if o.epochs == 0:
+        atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save({"model": q.state_dict()}, tmp))
+        return {"epochs": 0}
+    method = r.finetune_method()
+    cfg = {"epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size, "seed": o.seed, "method": method,
+           "checkpoint_dir": r.path("finetune_ckpt"), "resume": True}
+    if method == "energy":
+        from .finetune.config import EnergyConfig
+
+        cfg["energy"] = EnergyConfig(mode="fixed")
+    config = FinetuneConfig(**cfg)
+    res = finetune(q, r.teacher, r.data, config, progress=o.progress, emac=emac or None)
+    atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save({"model": q.state_dict()}, tmp))
+    return {"epochs": o.epochs, "method": method, "final_accuracy": res.final_accuracy,
+            "resumed_from": res.resumed_from}
+
+
+def _stage_export(r: _Run) -> dict:
+    from .data import make_loader
+    from .export import check_parity, export_qdq
+
+    q, _ = r.quantized(state=True)
+    exported = export_qdq(q, r.o.profile, calib=make_loader(r.data.calib, 64),
+                          example_inputs=(r.data.val.tensors[0][:2],))
+    exported.save(r.path("model.onnx"))
+    x = r.data.val.tensors[0][:256]
+    report = check_parity(exported.model, exported.reference, x)
+    atomic_write_json(r.path("parity.json"), report.to_dict())
+    return {"parity": report.summary() if hasattr(report, "summary") else None}
+
+
+def _ort_accuracy(path: str, ds) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x, y = ds.tensors
+    correct = 0
+    for i in range(0, len(x), 256):
+        out = sess.run(None, {name: x[i:i + 256].numpy()})[0]
+        correct += int((np.argmax(out, -1) == y[i:i + 256].numpy()).sum())
+    return 100.0 * correct / max(1, len(x))
+
+
+def _stage_evaluate(r: _Run) -> dict:
+    from .train import evaluate
+
+    q, emac = r.quantized(state=True)
+    plan = r.plan()
+    acc = {"full precision": evaluate(r.teacher, r.data.val)}
+    metrics: dict = {"accuracy": acc, "target": r.target.name}
+    if r.target.kind == "analog":
+        metrics["analog"] = _analog_comparison(r, q, plan, acc)
+    else:
+        acc["fake-quant (PyTorch)"] = evaluate(q, r.data.val)
+    if os.path.exists(r.path("model.onnx")):
+        acc["exported ONNX (onnxruntime)"] = _ort_accuracy(r.path("model.onnx"), r.data.val)
+    metrics["costs"] = {k: v for k, v in plan.costs.items()}
+    atomic_write_json(r.path("metrics.json"), metrics)
+    return {"accuracy": acc}
+
+
+def _analog_comparison(r: _Run, q, plan, acc: dict) -> dict:
+    """Accuracy at the planned energy allocation vs a uniform E at the same MAC-weighted average, and the
+    energy each needs to stay within 1 point of full precision (the energy saved at equal accuracy)."""
+    import numpy as np
+
+    from .finetune.energy import evaluate_at_energy
+
+    layers = [op for op in r.captured.graph.layers() if op.name in plan.layers and plan.emac(op.name) is not None]
+    macs = {op.name: op.macs for op in layers}
+    emac = {n: float(np.mean(plan.emac(n))) for n in macs}
+    total = sum(macs.values()) or 1
+    e_avg = sum(macs[n] * emac[n] for n in macs) / total
+    shape = {n: emac[n] / e_avg for n in macs}  # the allocation's profile, MAC-weighted mean 1
+
+    def at(scale: float, profile: dict) -> float:
+        return evaluate_at_energy(q, r.data.val, {n: profile[n] * scale for n in macs})
+
+    planned, uniform = at(e_avg, shape), at(e_avg, {n: 1.0 for n in macs})
+    acc["fake-quant + analog noise (planned E)"] = planned
+    acc[f"fake-quant + analog noise (uniform E = {e_avg:.4g})"] = uniform
+    goal = acc["full precision"] - 1.0
+    grid = r.target.analog.e_grid()
+    lo, hi = float(min(grid)) / 1e3, float(max(grid))  # below the grid too: small models tolerate E < 1
+
+    def needed(profile: dict) -> float | None:
+        """Smallest MAC-weighted mean E (geometric bisection, 7 steps) reaching ``goal``."""
+        if at(hi, profile) < goal:
+            return None
+        a, b = lo, hi
+        if at(a, profile) >= goal:
+            return a
+        for _ in range(7):
+            mid = (a * b) ** 0.5
+            a, b = (a, mid) if at(mid, profile) >= goal else (mid, b)
+        return b
+
+    e_plan, e_uni = needed(shape), needed({n: 1.0 for n in macs})
+    out = {"mac_weighted_E (planned)": e_avg, "accuracy planned (%)": planned,
+           "accuracy uniform at same E (%)": uniform, "total energy planned": e_avg * total,
+           "accuracy goal (FP - 1 point, %)": goal,
+           "E needed for the goal, planned allocation": e_plan if e_plan is not None else f"> {hi:.4g}",
+           "E needed for the goal, uniform": e_uni if e_uni is not None else f"> {hi:.4g}"}
+    if e_plan is not None and e_uni is not None:
+        out["energy saved at equal accuracy (%)"] = 100.0 * (1 - e_plan / e_uni)
+    return out
+
+
+def _stage_report(r: _Run) -> dict:
+    from .report import write_report
+
+    return {"paths": write_report(r.out)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> CompileResult:  # noqa: A001
+    """Run the whole pipeline (see the module docstring); returns the paths and headline numbers."""
+    o = CompileOptions(model=model, target=target, data=data, out=out, **kwargs)
+    os.makedirs(o.out, exist_ok=True) if _writable_parent(o.out) else None
+    r = _Run(o)
+    result = CompileResult(out=o.out)
+    opts = {k: v for k, v in asdict(o).items() if k not in ("out", "progress", "stop_after")}
+    common = {"model": opts["model"], "arch": o.arch, "weights": o.weights, "input_shape": o.input_shape,
+              "model_hash": _model_hash(r), "data": o.data, "seed": o.seed}
+    plan_in = {"sens": "sensitivity.json"}
+    steps = [
+        ("capture", {**common}, ["ir.json"], _stage_capture),
+        ("sensitivity", {**common, "target": o.target, "method": o.sensitivity, "granularity": o.granularity,
+                         "candidates": o.candidates, "samples": o.samples, "act_groups": o.act_groups},
+         ["sensitivity.json"], _stage_sensitivity),
+        ("search", {**common, **{k: v for k, v in opts.items() if k not in ("epochs", "lr", "batch_size", "profile",
+                                                                              "finetune_method")},
+                    "_files": plan_in}, ["plan.json"] + (["pareto.csv"] if o.pareto else []), _stage_search),
+        ("finetune", {**common, "epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size,
+                      "method": o.finetune_method, "_files": {"plan": "plan.json"}}, ["model_q.pt"],
+         _stage_finetune),
+        ("export", {**common, "profile": o.profile, "_files": {"plan": "plan.json", "state": "model_q.pt"}},
+         ["model.onnx", "parity.json"], _stage_export),
+        ("evaluate", {**common, "_files": {"plan": "plan.json", "state": "model_q.pt", "onnx": "model.onnx"}},
+         ["metrics.json"], _stage_evaluate),
+        ("report", {"_files": {"plan": "plan.json", "metrics": "metrics.json"}}, ["report.html"], _stage_report),
+    ]
+    t0 = time.perf_counter()
+    for name, inputs, outputs, fn in steps:
+        reused, info = r.manifest.run(name, inputs, outputs, lambda fn=fn: fn(r))
+        if reused:
+            result.reused.append(name)
+        log.info("stage %s %s", name, "reused" if reused else "done")
+        for rel in outputs:
+            result.paths[rel] = r.path(rel)
+        if name == "evaluate" or name == "capture":
+            result.metrics.update(info)
+        if o.stop_after == name:
+            result.stopped_after = name
+            break
+    result.metrics["total_time_s"] = time.perf_counter() - t0
+    if os.path.exists(r.path("metrics.json")):
+        import json
+
+        with open(r.path("metrics.json")) as f:
+            result.metrics.update(json.load(f))
+    return result
+
+
+def _writable_parent(out: str) -> bool:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory {out} ({e.strerror}); choose a writable -o") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"the output directory {out} is not writable; choose another -o")
+    return True
+
+
+def _model_hash(r: _Run) -> str:
+    from .loading import model_hash
+
+    return model_hash(r.loaded.module)

@@ -1,0 +1,259 @@
+"""The report: PNG plots and one self-contained HTML page (images embedded) from a compile directory.
+
+Everything is read back from the stage artifacts in OUT (ir.json, sensitivity.json, plan.json,
+pareto.csv, metrics.json), so ``mpqc report OUT`` regenerates the report without re-running anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import os
+from dataclasses import dataclass, field
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mpqc.errors import UserError  # noqa: E402
+
+from .atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+PLOTS = ("bits", "sensitivity", "costs", "pareto")
+
+
+@dataclass
+class ReportInputs:
+    """What the report reads from OUT; missing optional pieces leave their plot out with a note."""
+
+    out: str
+    ir: dict
+    plan: dict
+    sensitivity: dict | None = None
+    metrics: dict = field(default_factory=dict)
+    pareto: list[dict] | None = None
+    manifest: dict = field(default_factory=dict)
+
+
+def _read_json(path: str, required: bool):
+    if not os.path.exists(path):
+        if required:
+            raise UserError(f"{path} not found: run `mpqc compile` into this directory first")
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); re-run the stage that writes it") from None
+
+
+def read_inputs(out: str) -> ReportInputs:
+    if not os.path.isdir(out):
+        raise UserError(f"{out} is not a directory; pass the OUTDIR of a `mpqc compile` run")
+    ir = _read_json(os.path.join(out, "ir.json"), True)
+    plan = _read_json(os.path.join(out, "plan.json"), True)
+    sens = _read_json(os.path.join(out, "sensitivity.json"), False)
+    metrics = _read_json(os.path.join(out, "metrics.json"), False) or {}
+    manifest = _read_json(os.path.join(out, "manifest.json"), False) or {}
+    pareto = None
+    p = os.path.join(out, "pareto.csv")
+    if os.path.exists(p):
+        with open(p) as f:
+            pareto = list(csv.DictReader(f))
+    return ReportInputs(out, ir, plan, sens, metrics, pareto, manifest)
+
+
+def _layer_names(inp: ReportInputs) -> list[str]:
+    names = [op["name"] for op in inp.ir["ops"] if op["kind"] in ("conv", "linear", "matmul", "embedding")]
+    return [n for n in names if n in inp.plan.get("layers", {})] or list(inp.plan.get("layers", {}))
+
+
+def _short(name: str, n: int = 28) -> str:
+    return name if len(name) <= n else "…" + name[-(n - 1):]
+
+
+def _mean_bits(b) -> float | None:
+    if b is None:
+        return None
+    if isinstance(b, list):
+        return float(np.mean(b)) if b else None
+    return float(b)
+
+
+def plot_bits(inp: ReportInputs, path: str) -> None:
+    """Per-layer weight/activation bits, or the energy per MAC on an analog target (log scale)."""
+    names = _layer_names(inp)
+    layers = inp.plan["layers"]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    emac = [_mean_bits(layers[n].get("emac")) for n in names]
+    if any(e is not None for e in emac):
+        ax.bar(x, [e or 0 for e in emac], color="#4c72b0")
+        ax.set_yscale("log")
+        ax.set_ylabel("energy per MAC E (target unit)")
+        ax.set_title("Energy allocation per layer")
+    else:
+        w = [_mean_bits(layers[n].get("w_bits")) or 0 for n in names]
+        a = [_mean_bits(layers[n].get("a_bits")) or 0 for n in names]
+        ax.bar(x - 0.2, w, 0.4, label="weights (mean over channels)", color="#4c72b0")
+        ax.bar(x + 0.2, a, 0.4, label="activations (input)", color="#dd8452")
+        ax.set_ylabel("bits")
+        ax.set_title("Precision per layer")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xticks(x, [_short(n) for n in names], rotation=75, fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_sensitivity(inp: ReportInputs, path: str) -> None:
+    """Heat map of log10 sensitivity: layers x candidate (weights, activations, or energies)."""
+    layers = (inp.sensitivity or {}).get("layers", {})
+    names = [n for n in _layer_names(inp) if n in layers]
+    cols: list[tuple[str, str]] = []
+    for kind in ("w", "a", "e"):
+        keys = sorted({k for n in names for k in (layers[n].get(kind) or {})}, key=lambda k: -float(k))
+        cols += [(kind, k) for k in keys]
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(cols) + 3), max(3, 0.28 * len(names) + 1.5)))
+    if not names or not cols:
+        ax.text(0.5, 0.5, "no sensitivity table", ha="center", va="center")
+        ax.axis("off")
+    else:
+        m = np.full((len(names), len(cols)), np.nan)
+        for i, n in enumerate(names):
+            for j, (kind, k) in enumerate(cols):
+                v = (layers[n].get(kind) or {}).get(k)
+                if v is not None:
+                    m[i, j] = np.log10(max(float(v), 1e-12))
+        im = ax.imshow(m, aspect="auto", cmap="magma")
+        ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=7)
+        ax.set_xticks(range(len(cols)), [f"{'W' if k == 'w' else 'A' if k == 'a' else 'E'}{v}" for k, v in cols],
+                      rotation=60, fontsize=7)
+        fig.colorbar(im, ax=ax, label="log10 score")
+        ax.set_title(f"Sensitivity ({(inp.sensitivity or {}).get('method', '?')})")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_costs(inp: ReportInputs, path: str) -> None:
+    """Each layer's share of every cost the plan reports (per-layer breakdown under every budget)."""
+    per_layer = inp.plan.get("layer_costs") or {}
+    names = [n for n in _layer_names(inp) if n in per_layer]
+    keys = sorted({k for n in names for k in per_layer[n]})
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    if not names or not keys:
+        ax.text(0.5, 0.5, "no per-layer costs in plan.json", ha="center", va="center")
+        ax.axis("off")
+    else:
+        x = np.arange(len(names))
+        width = 0.8 / len(keys)
+        for i, k in enumerate(keys):
+            vals = np.array([float(per_layer[n].get(k, 0.0)) for n in names])
+            total = vals.sum() or 1.0
+            ax.bar(x + (i - (len(keys) - 1) / 2) * width, 100 * vals / total, width, label=k)
+        ax.set_ylabel("share of the model total (%)")
+        ax.set_xticks(x, [_short(n) for n in names], rotation=75, fontsize=7)
+        ax.legend(fontsize=8)
+        ax.set_title("Per-layer cost breakdown")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_pareto(inp: ReportInputs, path: str) -> None:
+    """Objective (and accuracy when measured) against the swept budget, the chosen plan marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = inp.pareto or []
+    if not rows:
+        ax.text(0.5, 0.5, "no Pareto sweep (run with --pareto N)", ha="center", va="center")
+        ax.axis("off")
+    else:
+        cost_key = next((k for k in rows[0] if k not in ("objective", "accuracy", "status", "chosen")), None)
+        xs = [float(r[cost_key]) for r in rows if r.get("objective") not in ("", None)]
+        ys = [float(r["objective"]) for r in rows if r.get("objective") not in ("", None)]
+        ax.plot(xs, ys, "o-", label="objective (predicted loss increase)")
+        chosen = [r for r in rows if str(r.get("chosen", "")).lower() in ("1", "true")]
+        if chosen:
+            ax.plot([float(chosen[0][cost_key])], [float(chosen[0]["objective"])], "r*", ms=16, label="chosen plan")
+        ax.set_xlabel(cost_key)
+        ax.set_ylabel("objective")
+        if any(r.get("accuracy") not in ("", None) for r in rows):
+            ax2 = ax.twinx()
+            acc = [(float(r[cost_key]), float(r["accuracy"])) for r in rows if r.get("accuracy") not in ("", None)]
+            ax2.plot(*zip(*acc), "s--", color="#55a868", label="accuracy")
+            ax2.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=8, loc="upper right")
+        ax.set_title("Pareto front")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _table(rows: list[list], head: list[str]) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return f"mixed {min(v)}–{max(v)} (mean {np.mean(v):.2f})" if v and isinstance(v[0], (int, float)) else str(v)
+    return "" if v is None else str(v)
+
+
+def write_report(out: str) -> dict[str, str]:
+    """Write OUT/report.html and OUT/plot_*.png; returns their paths."""
+    inp = read_inputs(out)
+    paths = {name: os.path.join(out, f"plot_{name}.png") for name in PLOTS}
+    plot_bits(inp, paths["bits"])
+    plot_sensitivity(inp, paths["sensitivity"])
+    plot_costs(inp, paths["costs"])
+    plot_pareto(inp, paths["pareto"])
+    imgs = ""
+    for name, p in paths.items():
+        with open(p, "rb") as f:
+            b64 = base64.b64encode(f.read()).decode()
+        imgs += f'<figure><img alt="{name}" src="data:image/png;base64,{b64}"/></figure>\n'
+    plan = inp.plan
+    acc_rows = [[k, v] for k, v in (inp.metrics.get("accuracy") or {}).items()]
+    cost_rows = [[k, c.get("value"), c.get("budget"), c.get("slack"), c.get("binding"), c.get("unit", "")]
+                 for k, c in (plan.get("costs") or {}).items()]
+    layer_rows = [[n, plan["layers"][n].get("w_bits"), plan["layers"][n].get("a_bits"),
+                   plan["layers"][n].get("emac")] for n in _layer_names(inp)]
+    solver = plan.get("solver") or {}
+    analog = inp.metrics.get("analog")
+    analog_html = ""
+    if analog:
+        analog_html = "<h2>Analog: energy allocation against a uniform E</h2>" + _table(
+            [[k, v] for k, v in analog.items()], ["quantity", "value"])
+    stage_rows = [[k, v.get("time_s"), v.get("status", "done")] for k, v in (inp.manifest.get("stages") or {}).items()]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mpqc report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}
+img{{max-width:100%}}</style></head><body>
+<h1>mpqc report: {html.escape(str(plan.get('target', '')))}</h1>
+<p>Units: MACs by exact geometry at the captured input shape; BitOPs = Σ MACs·b_w·b_a; sizes in bytes
+(MiB = 2<sup>20</sup> bytes); energy in the target's unit per MAC.</p>
+<h2>Accuracy</h2>{_table(acc_rows, ["model", "top-1 accuracy (%)"])}
+<h2>Budgets</h2>{_table(cost_rows, ["cost", "value", "budget", "slack", "binding", "unit"])}
+<p>Solver: {html.escape(json.dumps(solver))}</p>
+{analog_html}
+<h2>Plots</h2>{imgs}
+<h2>Per-layer plan</h2>{_table(layer_rows, ["layer", "weight bits", "input bits", "E per MAC"])}
+<h2>Stages</h2>{_table(stage_rows, ["stage", "time (s)", "status"])}
+</body></html>"""
+    report = os.path.join(out, "report.html")
+    atomic_write_text(report, page)
+    return {"report": report, **paths}

@@ -1,0 +1,89 @@
+"""`mpqc demo` and `mpqc compile` end to end on the digits data (the demo's two compiles serve the e2e checks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PLOTS = ("plot_bits.png", "plot_sensitivity.png", "plot_costs.png", "plot_pareto.png")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run([sys.executable, "-m", "mpqc", "demo", "-o", str(out), "--json"], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout)
+
+
+def test_demo_reports_contain_every_plot(demo):
+    out, summary = demo
+    for name in ("analog", "bitserial"):
+        report = Path(summary["runs"][name]["report"])
+        assert report.exists() and report.parent == out / name
+        page = report.read_text()
+        assert page.count("data:image/png;base64,") == len(PLOTS)  # self-contained: every plot embedded
+        for plot in PLOTS:
+            assert (out / name / plot).stat().st_size > 1000
+        assert not list((out / name).glob(".tmp-*"))  # no half-written files
+
+
+def test_bitserial_w3a4_keeps_accuracy_and_onnx_matches(demo):
+    out, summary = demo
+    acc = summary["runs"]["bitserial"]["accuracy"]
+    fp, fq, onnx_acc = acc["full precision"], acc["fake-quant (PyTorch)"], acc["exported ONNX (onnxruntime)"]
+    assert fq >= fp - 2.0
+    assert abs(onnx_acc - fq) <= 0.5
+    plan = json.loads((out / "bitserial" / "plan.json").read_text())
+    bitops = plan["costs"]["bitops"]["value"]
+    assert bitops <= plan["costs"]["budget:avg-bits"]["budget"] * 1e9 * (1 + 1e-9)
+    # mixed precision: not every layer at the same width
+    widths = {(lp["w_bits"] if not isinstance(lp["w_bits"], list) else -1, lp["a_bits"])
+              for lp in plan["layers"].values()}
+    assert len(widths) > 1
+
+
+def test_analog_emac_100_respects_the_energy_budget(demo):
+    out, summary = demo
+    plan = json.loads((out / "analog" / "plan.json").read_text())
+    ir = json.loads((out / "analog" / "ir.json").read_text())
+    macs = {op["name"]: op["macs"] for op in ir["ops"]}
+    used = {n: lp["emac"] for n, lp in plan["layers"].items() if lp.get("emac") is not None}
+    mean_e = sum(macs[n] * used[n] for n in used) / sum(macs[n] for n in used)
+    assert mean_e <= 100 * (1 + 1e-6)
+    assert len(set(used.values())) > 1  # an allocation, not a uniform E
+    acc = summary["runs"]["analog"]["accuracy"]
+    planned = next(v for k, v in acc.items() if "planned E" in k)
+    assert planned >= acc["full precision"] - 3.0
+    analog = summary["runs"]["analog"]["analog"]
+    assert analog["mac_weighted_E (planned)"] <= 100 * (1 + 1e-6)
+
+
+def test_rerun_reuses_finished_stages_and_stop_after(demo, tmp_path):
+    out, summary = demo
+    model = summary["model"]
+    args = [sys.executable, "-m", "mpqc", "compile", model, "--arch", "mpqc.compiler.zoo:digits_cnn", "--target",
+            "bitserial", "--avg-bits", "W3A4", "--data", "digits", "--epochs", "3", "--json"]
+    run = subprocess.run(args + ["-o", str(out / "bitserial")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert set(json.loads(run.stdout)["reused"]) == {"capture", "sensitivity", "search", "finetune", "export",
+                                                      "evaluate", "report"}
+    stop = subprocess.run(args + ["-o", str(tmp_path / "s"), "--stop-after", "search"], capture_output=True,
+                          text=True, timeout=600)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    assert (tmp_path / "s" / "plan.json").exists() and not (tmp_path / "s" / "model_q.pt").exists()
+
+
+def test_report_command_regenerates(demo):
+    out, _ = demo
+    os.remove(out / "analog" / "report.html")
+    proc = subprocess.run([sys.executable, "-m", "mpqc", "report", str(out / "analog")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "analog" / "report.html").exists()
