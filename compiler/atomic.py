@@ -11,7 +11,11 @@ from mpqc.errors import UserError
 
 
 def _prepare_dir(path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
+    return ensure_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def ensure_dir(d: str) -> str:
+    """Create ``d`` if needed and check it is writable; a one-line UserError otherwise."""
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:

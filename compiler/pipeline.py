@@ -18,7 +18,7 @@ import torch
 
 from mpqc.errors import UserError
 
-from .atomic import atomic_write_json, atomic_write_text, atomic_write_with
+from .atomic import atomic_write_json, atomic_write_text, atomic_write_with, ensure_dir
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -390,7 +390,7 @@ def _stage_report(r: _Run) -> dict:
 def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> CompileResult:  # noqa: A001
     """Run the whole pipeline (see the module docstring); returns the paths and headline numbers."""
     o = CompileOptions(model=model, target=target, data=data, out=out, **kwargs)
-    os.makedirs(o.out, exist_ok=True) if _writable_parent(o.out) else None
+    ensure_dir(o.out)
     r = _Run(o)
     result = CompileResult(out=o.out)
     opts = {k: v for k, v in asdict(o).items() if k not in ("out", "progress", "stop_after")}
@@ -434,16 +434,6 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
         with open(r.path("metrics.json")) as f:
             result.metrics.update(json.load(f))
     return result
-
-
-def _writable_parent(out: str) -> bool:
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output directory {out} ({e.strerror}); choose a writable -o") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"the output directory {out} is not writable; choose another -o")
-    return True
 
 
 def _model_hash(r: _Run) -> str:
