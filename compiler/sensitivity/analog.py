@@ -1,0 +1,95 @@
+"""Analog sensitivity: the Fisher-weighted variance of the output noise an analog array adds, per energy per MAC.
+
+On an in-memory-compute target each layer runs at an energy per MAC E from the target's grid, and the noise
+model of Garg et al. (research/seeds.md §2.2; ``mpqc.cost_models.analog``) gives the variance σ_c²(E) of the
+Gaussian noise added to every output element of channel c (thermal, shot or weight noise; all fall as 1/E).
+Independent zero-mean noise n on the outputs y raises the expected loss by ½·E[nᵀHn] = ½·Σ H_diag·σ², so with
+the Fisher of the outputs standing in for the Hessian
+
+    score(layer, E) = ½ · Σ_c σ_c²(E) · G_c,    G_c = (1/N)·Σ_i Σ_positions (∂ℓ_i/∂y_{i,c,p})²,
+
+an estimate of the loss increase at energy E (here the diagonal is exact: the noise is independent across
+elements). The output gradients are per-sample for free; the noise statistics (weight ranges and row norms,
+input range, mean ‖x_patch‖²) come from the float weights and the recorded layer inputs of the sample.
+Layers the noise model cannot describe (other than conv2d and linear) get no ``e`` scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mpqc.compiler.ir import OpKind
+from mpqc.cost_models.analog import LayerStats, output_noise_variance
+
+from ._common import Context, NodeTaps, RawScores, layer_node, weighted_layers
+
+DEFAULTS: dict = {}
+
+
+def _stat_args(op) -> dict:
+    a = op.attrs
+    return {"groups": op.groups, "stride": tuple(a.get("stride", [1, 1])) if isinstance(a.get("stride", 1), list)
+            else a.get("stride", 1), "padding": _pad(a.get("padding", 0)),
+            "dilation": tuple(a.get("dilation", [1, 1])) if isinstance(a.get("dilation", 1), list)
+            else a.get("dilation", 1)}
+
+
+def _pad(p):
+    if isinstance(p, str):
+        raise ValueError(f"string padding {p!r}")
+    return tuple(p) if isinstance(p, list) else p
+
+
+def run(ctx: Context) -> RawScores:
+    qm, target = ctx.qmodel, ctx.target
+    grid = [float(e) for e in target.analog.e_grid()]
+    ops = [op for op in weighted_layers(qm) if op.kind in (OpKind.CONV, OpKind.LINEAR)
+           and len(op.weight_shape or []) in (2, 4)]
+    node_of = {layer_node(qm, op.name): op for op in ops}
+    gsq = {op.name: torch.zeros(op.out_channels, dtype=torch.float64) for op in ops}
+    xsq: dict[str, np.ndarray | float] = {}
+    rx: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    n = 0
+    runner = NodeTaps(qm.gm, set(node_of))
+    with ctx.stage("analog: output gradients", ctx.n_batches()) as tick:
+        for x, y in ctx.batches():
+            with torch.enable_grad():
+                losses = ctx.loss_fn(runner(x), y)
+                keys = [k for k in node_of if k in runner.outputs]
+                grads = torch.autograd.grad(losses.sum(), [runner.outputs[k] for k in keys], allow_unused=True)
+            for k, g in zip(keys, grads):
+                op = node_of[k]
+                if g is None or op.name in skipped:
+                    continue
+                g = g.detach().double()
+                dim = 1 if op.kind == OpKind.CONV else g.dim() - 1
+                gsq[op.name] += g.pow(2).transpose(0, dim).reshape(g.shape[dim], -1).sum(1).cpu()
+                inp = runner.args[k][0][0].detach()
+                try:
+                    st = LayerStats.from_tensors(qm.weight(op.name), inp, **(_stat_args(op) if op.kind == OpKind.CONV
+                                                                           else {}))
+                except ValueError as e:
+                    skipped[op.name] = str(e)
+                    continue
+                prev = xsq.get(op.name, 0.0)
+                xsq[op.name] = prev + np.asarray(st.x_patch_sq) * len(x)
+                rx[op.name] = max(rx.get(op.name, 0.0), float(st.r_x))
+            n += len(x)
+            tick()
+    raw = RawScores(meta={"samples": n, "noise": target.analog.noise, "e_grid": grid, "unit": target.analog.unit,
+                          "digital_layers": list(target.analog.digital_layers), "skipped": skipped})
+    for op in ops:
+        if op.name in skipped or op.name not in xsq:
+            continue
+        w = qm.weight(op.name).detach().double()
+        rows = w.reshape(w.shape[0], -1)
+        stats = LayerStats(r_w=(2 * rows.abs().amax(1)).cpu().numpy(), r_x=rx[op.name],
+                           w_row_norms=rows.norm(dim=1).cpu().numpy(), x_patch_sq=xsq[op.name] / max(n, 1))
+        g = gsq[op.name].numpy() / max(n, 1)
+        raw.e[op.name] = {e: float(0.5 * np.sum(output_noise_variance(op, e, target, stats) * g)) for e in grid}
+    return raw
+
+
+__all__ = ["DEFAULTS", "run"]

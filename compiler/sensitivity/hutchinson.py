@@ -1,0 +1,150 @@
+"""Hessian-trace sensitivity (HAWQ-V2/V3): score(group, b) = (Tr H_group / n)·‖Δ_b‖².
+
+The trace of each group's diagonal Hessian block comes from Hutchinson's estimator, Tr H = E[vᵀHv] over
+Rademacher vectors v, with Hessian-vector products by double backward (``torch.autograd``). One probe draws
+one v over *all* weights and activation perturbations at once: the cross terms between groups vanish in
+expectation, so one Hessian-vector product estimates every block's trace (as PyHessian does). Probe k reads
+batch k mod (number of batches), so the data are cycled while the probes run.
+
+Stopping: after ``min_probes``, when every group's standard error is below ``tol`` times its mean (groups whose
+trace is below 1e-6 of the largest are ignored), or after ``probes`` probes.
+
+Weights: H is the Hessian of the mean loss w.r.t. the layer's weight; n = its element count; Δ_b = Q_b(W) − W.
+Activations: H is the per-sample Hessian w.r.t. the quantized tensor (a zero perturbation added at the
+quantizer), averaged over samples; n = elements per sample; ‖Δ_b‖² = the mean over samples of ‖Q_b(a) − a‖².
+As in HAWQ the score has no ½; at channel granularity each output channel uses its own trace and norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mpqc.errors import UserError
+
+from ._common import Context, RawScores, Taps, act_delta, act_groups, act_scales, weight_delta, weighted_layers
+
+DEFAULTS = {"probes": 64, "min_probes": 8, "tol": 0.05, "activations": True}
+
+
+class _Running:
+    """Running mean and variance (Welford) of a tensor of estimates."""
+
+    def __init__(self):
+        self.n = 0
+        self.mean = None
+        self.m2 = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.n += 1
+        if self.mean is None:
+            self.mean, self.m2 = x.clone(), torch.zeros_like(x)
+            return
+        d = x - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (x - self.mean)
+
+    def stderr(self) -> torch.Tensor:
+        if self.n < 2:
+            return torch.full_like(self.mean, math.inf)
+        return (self.m2 / (self.n - 1) / self.n).sqrt()
+
+
+def run(ctx: Context) -> RawScores:
+    probes, min_probes, tol = int(ctx.params["probes"]), int(ctx.params["min_probes"]), float(ctx.params["tol"])
+    if probes < 1 or min_probes < 1 or not tol > 0:
+        raise UserError("hutchinson: probes and min_probes must be >= 1 and tol > 0")
+    qm, cands = ctx.qmodel, ctx.candidates
+    layers = weighted_layers(qm)
+    groups = act_groups(qm) if ctx.params["activations"] else []
+    scales = act_scales(groups, cands)
+    weights = {op.name: qm.weight(op.name) for op in layers}
+    batches = list(ctx.batches())
+    gen = torch.Generator(device="cpu").manual_seed(ctx.options.seed)
+    w_stats = {n: _Running() for n in weights}  # per output channel
+    w_tot = {n: _Running() for n in weights}  # the layer's trace (channels are correlated within a probe)
+    a_stats = {g.key: _Running() for g in groups}
+    a_norm = {g.key: {b: 0.0 for b in cands} for g in groups}
+    a_numel: dict[str, int] = {}
+    seen = 0
+    used = 0
+    with ctx.stage("hutchinson: probes", probes) as tick:
+        for k in range(probes):
+            x, y = batches[k % len(batches)]
+            with Taps(groups, mode="perturb") as taps, torch.enable_grad():
+                loss = ctx.loss_fn(qm.gm(x), y).sum()
+                keys = [g.key for g in groups if g.key in taps.perturb]
+                inputs = list(weights.values()) + [taps.perturb[key] for key in keys]
+                grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+                pairs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                vs = [_rademacher(inputs[i], gen) for i, _ in pairs]
+                hv = torch.autograd.grad([g for _, g in pairs], [inputs[i] for i, _ in pairs], grad_outputs=vs,
+                                         allow_unused=True)
+            est = {i: (v * h).detach().float() if h is not None else torch.zeros_like(v)
+                   for (i, _), v, h in zip(pairs, vs, hv)}
+            b = len(x)
+            for j, name in enumerate(weights):
+                e = est.get(j)
+                w = weights[name]
+                per_ch = (e.reshape(w.shape[0], -1).sum(1) / b) if e is not None else torch.zeros(w.shape[0])
+                w_stats[name].add(per_ch.cpu())
+                w_tot[name].add(per_ch.sum().reshape(1).cpu())
+            for j, key in enumerate(keys):
+                e = est.get(len(weights) + j)
+                a_stats[key].add(torch.tensor([float(e.sum()) / b if e is not None else 0.0]))
+            if k < len(batches):  # the first visit of each batch: the activations' quantization error
+                seen += b
+                for key in keys:
+                    v = taps.values[key]
+                    a_numel[key] = v[0].numel()
+                    for bits in cands:
+                        a_norm[key][bits] += float(act_delta(v, scales[key][bits], bits, qm.aq[key].signed)
+                                                   .pow(2).sum())
+            used = k + 1
+            tick()
+            if used >= min_probes and _converged(list(w_tot.values()) + list(a_stats.values()), tol):
+                break
+    raw = RawScores(meta={"probes": used, "traces": {}})
+    for op in layers:
+        st = w_stats[op.name]
+        tr_ch = st.mean.clamp_min(0)
+        w = weights[op.name]
+        n_ch = w[0].numel()
+        tr = max(float(st.mean.sum()), 0.0)
+        raw.meta["traces"][op.name] = float(st.mean.sum())
+        raw.w[op.name], chans = {}, {}
+        for bits in cands:
+            d2 = weight_delta(qm, op.name, bits).pow(2).reshape(w.shape[0], -1).sum(1).double().cpu()
+            raw.w[op.name][bits] = tr / w.numel() * float(d2.sum())
+            chans[bits] = [float(v) for v in tr_ch / n_ch * d2]
+        if ctx.options.granularity == "channel":
+            raw.w_channel[op.name] = chans
+    for g in groups:
+        st = a_stats[g.key]
+        if st.mean is None or g.key not in a_numel:
+            continue
+        tr = max(float(st.mean[0]), 0.0)
+        raw.meta["traces"][g.name] = float(st.mean[0])
+        raw.a[g.key] = {bits: tr / a_numel[g.key] * a_norm[g.key][bits] / max(seen, 1) for bits in cands}
+    return raw
+
+
+def _rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    v = torch.randint(0, 2, like.shape, generator=gen, dtype=torch.int8).to(like.device)
+    return (v.to(like.dtype) * 2 - 1)
+
+
+def _converged(stats: list[_Running], tol: float) -> bool:
+    live = [st for st in stats if st.mean is not None]
+    if not live:
+        return True
+    if any(st.n < 2 for st in live):
+        return False
+    top = max(abs(float(st.mean[0])) for st in live)
+    return all(float(st.stderr()[0]) <= tol * abs(float(st.mean[0])) for st in live
+               if abs(float(st.mean[0])) > 1e-6 * top)
+
+
+__all__ = ["DEFAULTS", "run"]

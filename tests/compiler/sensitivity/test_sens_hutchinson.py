@@ -1,0 +1,79 @@
+"""Hutchinson's trace estimator against a model whose Hessian is known in closed form (a quadratic)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mpqc.compiler.capture import capture
+from mpqc.compiler.quantize import QuantizedModel
+from mpqc.compiler.sensitivity import run_sensitivity
+from mpqc.compiler.sensitivity._common import weight_delta
+from mpqc.errors import UserError
+
+
+def half_squared_error(out, target):
+    return 0.5 * (out - target).pow(2).sum(-1)
+
+
+def _quadratic(seed=0, d=12, o=5, n=64):
+    """y = W x with loss ½‖Wx − t‖²: per sample, Hessian w.r.t. W is I_o ⊗ x xᵀ, w.r.t. x it is WᵀW."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, o, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(o, d, generator=g))
+    mix = torch.randn(d, d, generator=g) / d ** 0.5  # correlated inputs: the Hessian has off-diagonal terms
+    x = torch.randn(n, d, generator=g) @ mix + 0.5
+    t = torch.randn(n, o, generator=g)
+    return model, x, t
+
+
+def test_trace_matches_the_analytic_hessian_within_5_percent():
+    model, x, t = _quadratic()
+    table = run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t),
+                            {"candidates": (8, 4), "samples": len(x), "batch_size": len(x),
+                             "probes": 400, "min_probes": 50, "tol": 0.01},
+                            loss_fn=half_squared_error)
+    traces = table.meta["traces"]
+    w_true = model.weight.shape[0] * float(x.pow(2).sum(1).mean())  # Tr(I_o ⊗ E[x xᵀ]) = o·E‖x‖²
+    a_true = float(model.weight.detach().pow(2).sum())  # Tr(WᵀW) = ‖W‖_F², the same for every sample
+    name = next(iter(table.layers))
+    assert abs(traces[name] - w_true) / w_true < 0.05, (traces[name], w_true)
+    act = next(k for k in traces if k != name)
+    assert abs(traces[act] - a_true) / a_true < 0.05, (traces[act], a_true)
+    assert 50 <= table.meta["probes"] <= 400
+
+
+def test_score_is_trace_per_element_times_squared_error():
+    model, x, t = _quadratic(seed=1)
+    cap = capture(model, (x[:2],))
+    qm = QuantizedModel(cap)
+    table = run_sensitivity("hutchinson", qm, (x, t), {"candidates": (4, 2), "samples": len(x),
+                                                        "batch_size": len(x), "probes": 200, "tol": 0.01},
+                            loss_fn=half_squared_error)
+    name = next(iter(table.layers))
+    for b in (4, 2):
+        d2 = float(weight_delta(qm, name, b).pow(2).sum())
+        expected = table.meta["traces"][name] / model.weight.numel() * d2  # HAWQ-V3: (Tr H / n)·‖Q(W) − W‖²
+        assert table.layers[name].w[b] == pytest.approx(expected, rel=1e-6)
+    assert table.layers[name].w[2] > table.layers[name].w[4] > 0
+    assert table.layers[name].a[2] > table.layers[name].a[4] > 0
+
+
+def test_channel_granularity_gives_one_score_per_output_channel():
+    model, x, t = _quadratic(seed=2)
+    table = run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t),
+                            {"candidates": (4,), "samples": 32, "granularity": "channel", "probes": 20},
+                            loss_fn=half_squared_error)
+    ls = next(iter(table.layers.values()))
+    assert len(ls.w_channel[4]) == model.weight.shape[0]
+    assert all(v >= 0 for v in ls.w_channel[4])
+
+
+def test_bad_options_are_user_errors():
+    model, x, t = _quadratic()
+    with pytest.raises(UserError, match="no option 'probe'"):
+        run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t), {"probe": 3})
+    with pytest.raises(UserError, match="tol"):
+        run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t), {"tol": 0})
