@@ -1,0 +1,217 @@
+"""Parity of an exported ONNX model with the PyTorch fake-quant model it came from, in onnxruntime.
+
+The model runs twice, with graph optimisations off (``ORT_DISABLE_ALL``: DequantizeLinear + float kernels, the
+file's own semantics) and on (``ORT_ENABLE_ALL``: fused integer kernels such as QLinearConv, whose requantization
+rounds once more). Both are compared with the torch reference on held-out samples:
+
+- classification top-1 agreement (outputs of shape [N, C], C > 1), which must reach ``min_top1`` (99.5 %);
+- the max and mean absolute error in units of the output quantization step ("LSB"): the scale of the
+  DequantizeLinear that produces the output when the output is quantized, otherwise the step of an 8-bit
+  symmetric grid over the reference outputs (max|y| / 127), which is stated in the report as such.
+
+Float kernels accumulate in a different order than torch, so a value on a rounding boundary can land one code
+away; such flips propagate, which is why the tolerance is an agreement rate and an error in LSB, not zero
+(formats.md §2.2, style.md §3.4). onnxruntime's weight-only ``MatMulNBits`` would by default quantize activations
+on the fly (accuracy level 4); the check runs it at level 0, exact, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import torch
+
+from mpqc.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MIN_TOP1 = 0.995
+MODES = {"no-opt": "ORT_DISABLE_ALL", "opt": "ORT_ENABLE_ALL"}
+
+
+class ParityError(UserError):
+    """The exported model disagrees with the fake-quant model beyond the tolerance; ``report`` has the numbers."""
+
+    def __init__(self, message: str, report: ParityReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class ModeResult:
+    """Agreement of one onnxruntime optimisation level with the reference."""
+
+    mode: str
+    top1_agreement: float | None
+    err_max_lsb: float
+    err_mean_lsb: float
+    err_max: float
+    exact_fraction: float  # samples whose every output is within 0.01 LSB (float rounding of the last layer)
+
+
+@dataclass
+class ParityReport:
+    """What ``check_parity`` measured; ``passed`` is False when any mode fell below ``min_top1``."""
+
+    samples: int
+    lsb: float
+    lsb_source: str
+    min_top1: float
+    modes: list[ModeResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(m.top1_agreement is None or m.top1_agreement >= self.min_top1 for m in self.modes) and all(
+            np.isfinite(m.err_max) for m in self.modes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, with ``passed``."""
+        return {**asdict(self), "passed": self.passed}
+
+    def summary(self) -> str:
+        """One line per mode."""
+        lines = []
+        for m in self.modes:
+            top1 = f"top-1 agreement {m.top1_agreement:.2%}, " if m.top1_agreement is not None else ""
+            lines.append(f"{m.mode:6s}: {top1}error max {m.err_max_lsb:.2f} / mean {m.err_mean_lsb:.3f} LSB, "
+                         f"{m.exact_fraction:.0%} of samples exact ({self.samples} samples, LSB = {self.lsb:.4g}: "
+                         f"{self.lsb_source})")
+        return "\n".join(lines)
+
+
+def ort_session(model, *, level: str = "ORT_ENABLE_ALL", threads: int | None = None,
+                exact_matmulnbits: bool = True, disabled_optimizers: tuple[str, ...] = ()):
+    """An onnxruntime CPU session for ``model`` (ModelProto, bytes or path) at one optimisation level."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.log_severity_level = 3
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    else:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # checks need no spin-waiting
+    if exact_matmulnbits:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(disabled_optimizers) or None)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise UserError(f"onnxruntime cannot load the exported model at {level}: "
+                        f"{str(e).strip().splitlines()[0][:300]}") from None
+
+
+def _as_inputs(samples) -> tuple[torch.Tensor, ...]:
+    if isinstance(samples, torch.Tensor):
+        return (samples,)
+    if isinstance(samples, np.ndarray):
+        return (torch.from_numpy(samples),)
+    return tuple(torch.as_tensor(s) for s in samples)
+
+
+def _batches(inputs: tuple[torch.Tensor, ...], size: int):
+    n = inputs[0].shape[0]
+    for i in range(0, n, size):
+        yield tuple(x[i:i + size] for x in inputs)
+
+
+def run_onnx(session, inputs: tuple[torch.Tensor, ...], batch_size: int = 32) -> np.ndarray:
+    """First output of ``session`` over ``inputs`` (split along dim 0; a static batch is respected)."""
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise UserError(f"the ONNX model takes {len(names)} inputs, the samples give {len(inputs)}")
+    dim0 = session.get_inputs()[0].shape[0]
+    size = dim0 if isinstance(dim0, int) and dim0 > 0 else batch_size
+    outs = []
+    for b in _batches(inputs, size):
+        if b[0].shape[0] != size and isinstance(dim0, int):
+            break  # a static-batch model cannot take the ragged tail
+        outs.append(session.run(None, {k: v.numpy() for k, v in zip(names, b)})[0])
+    return np.concatenate(outs)
+
+
+@torch.no_grad()
+def run_torch(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], batch_size: int = 32) -> np.ndarray:
+    """The reference's first output over ``inputs`` in batches."""
+    outs = []
+    for b in _batches(inputs, batch_size):
+        y = module(*b)
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        outs.append(y.detach().float().numpy())
+    return np.concatenate(outs)
+
+
+def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *, min_top1: float = MIN_TOP1,
+                 lsb: float | None = None, batch_size: int = 32, modes=tuple(MODES), raise_on_failure: bool = True,
+                 exact_matmulnbits: bool = True) -> ParityReport:
+    """Compare ``model`` in onnxruntime with ``reference`` on ``samples`` (a tensor or a tuple of input tensors).
+
+    Args:
+        model: the exported QDQ model.
+        reference: the fake-quant torch module the export reproduces (``ExportedModel.reference``).
+        samples: held-out inputs, N along dim 0 (not the calibration samples).
+        min_top1: the top-1 agreement each mode must reach on [N, C] outputs.
+        lsb: the output quantization step; default: from the model (see the module docstring).
+        batch_size: samples per run.
+        modes: which of ``no-opt`` / ``opt`` to run.
+        raise_on_failure: raise ``ParityError`` instead of returning a failed report.
+        exact_matmulnbits: run onnxruntime's MatMulNBits at accuracy level 0 (exact).
+
+    Returns:
+        The report (``.passed``, ``.summary()``, ``.to_dict()``).
+    """
+    from .qdq import quantization_step
+
+    inputs = _as_inputs(samples)
+    if inputs[0].shape[0] == 0:
+        raise UserError("the parity check needs at least one held-out sample")
+    ref = run_torch(reference, inputs, batch_size)
+    step = lsb if lsb is not None else quantization_step(model)
+    source = "given" if lsb is not None else "scale of the output DequantizeLinear"
+    if step is None:
+        absmax = float(np.abs(ref).max()) if ref.size else 0.0
+        step, source = (absmax / 127 if absmax > 0 else 1.0), "int8 step of the reference output range"
+    report = ParityReport(samples=0, lsb=float(step), lsb_source=source, min_top1=min_top1)
+    if exact_matmulnbits:
+        report.notes.append("MatMulNBits at accuracy level 0 (exact); the default level 4 quantizes activations")
+    profile = {p.key: p.value for p in model.metadata_props}.get("mpqc.profile")
+    disabled: tuple[str, ...] = ()
+    if profile in ("trt", "qcdq"):
+        # onnxruntime rounds a float conv bias to int32 when it fuses; the file (and TensorRT) adds it in float
+        disabled = ("WeightBiasQuantization",)
+        report.notes.append("opt: onnxruntime's WeightBiasQuantization disabled (this profile keeps float biases)")
+    for mode in modes:
+        sess = ort_session(model, level=MODES[mode], exact_matmulnbits=exact_matmulnbits,
+                           disabled_optimizers=disabled if mode == "opt" else ())
+        got = run_onnx(sess, inputs, batch_size)
+        r = ref[: len(got)]
+        if got.shape != r.shape:
+            raise UserError(f"the ONNX output has shape {got.shape[1:]}, the reference {r.shape[1:]}")
+        err = np.abs(got.astype(np.float64) - r.astype(np.float64))
+        top1 = None
+        if r.ndim == 2 and r.shape[1] > 1:
+            top1 = float((got.argmax(1) == r.argmax(1)).mean())
+        report.samples = len(got)
+        per_sample = err.reshape(len(err), -1).max(axis=1) / step
+        report.modes.append(ModeResult(mode, top1, float(err.max() / step), float(err.mean() / step),
+                                       float(err.max()), float(np.mean(per_sample <= 0.01))))
+    if not report.passed and raise_on_failure:
+        worst = min((m for m in report.modes if m.top1_agreement is not None),
+                    key=lambda m: m.top1_agreement, default=report.modes[0])
+        what = (f"top-1 agreement {worst.top1_agreement:.2%} < {min_top1:.1%}" if worst.top1_agreement is not None
+                else "non-finite outputs")
+        raise ParityError(f"parity check failed in onnxruntime ({worst.mode}): {what} over {report.samples} "
+                          f"samples, max error {worst.err_max_lsb:.1f} LSB; pass --no-check to keep the file "
+                          "anyway", report)
+    log.info("parity:\n%s", report.summary())
+    return report
+
+
+__all__ = ["MIN_TOP1", "ModeResult", "ParityError", "ParityReport", "check_parity", "ort_session", "run_onnx",
+           "run_torch"]

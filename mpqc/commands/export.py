@@ -1,0 +1,178 @@
+"""Export a model at a plan's precision as QDQ ONNX (onnxruntime, TensorRT or QCDQ layout) or a TensorRT engine.
+
+The model is captured with BatchNorm folded, the plan's quantizers are inserted and calibrated on --data's
+calibration split (or a fine-tuned state dict from `mpqc finetune` is loaded with --checkpoint), the QDQ file is
+exported, checked in onnxruntime against the fake-quant model on held-out samples (graph optimisations on and
+off; --no-check skips it), written atomically, and its onnxruntime latency is compared with the fp32 export.
+`--profile trt` files are validated against TensorRT's explicit-quantization rules; `--format tensorrt` builds an
+engine (TensorRT and an NVIDIA GPU needed) and lists layers that silently fell back to another precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from mpqc.errors import UserError
+
+from ._common import add_model_arguments
+
+HELP = "export QDQ ONNX (or a TensorRT engine) at a plan's precision, with parity and speed checks"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--plan", required=True, metavar="PLAN.json", help="the precision plan (from `mpqc search`)")
+    p.add_argument("--checkpoint", metavar="MODEL_Q.pt",
+                   help="fine-tuned QuantizedModel state dict (from `mpqc finetune`); default: calibrate")
+    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="output format (default onnx)")
+    p.add_argument("--profile", choices=("ort", "trt", "qcdq"),
+                   help="QDQ layout: ort (onnxruntime), trt (TensorRT rules) or qcdq (Brevitas-style); "
+                        "default ort, trt with --format tensorrt")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="calibration and held-out samples: digits, cifar10:DIR, imagefolder:DIR or npz:FILE")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .onnx file (or the engine) to write")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
+    p.add_argument("--samples", type=int, default=512, help="held-out samples for the parity check (default 512)")
+    p.add_argument("--no-speed", action="store_true", help="skip the latency comparison with fp32")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads for the latency comparison")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21; default 21)")
+
+
+def _check_args(args) -> str:
+    profile = args.profile or ("trt" if args.format == "tensorrt" else "ort")
+    if args.format == "tensorrt" and profile != "trt":
+        raise UserError(f"--format tensorrt needs --profile trt, not {profile}")
+    if args.samples < 1:
+        raise UserError(f"--samples {args.samples}: give at least 1 held-out sample")
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
+    if args.opset < 21:
+        raise UserError(f"--opset {args.opset}: QDQ export needs opset >= 21 (int4 and blocked Q/DQ)")
+    out = args.output
+    if os.path.isdir(out):
+        raise UserError(f"-o {out} is a directory; give a file name such as model.onnx")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UserError(f"-o {out}: the directory {folder} does not exist")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint}: file not found")
+    return profile
+
+
+def _load_checkpoint(qm, path: str) -> None:
+    """Load a fine-tuned QuantizedModel state dict (raw, or inside a fine-tuning checkpoint)."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"--checkpoint {path}: not a readable state dict ({str(e).strip().splitlines()[0][:200]})") \
+            from None
+    if isinstance(obj, dict):
+        obj = obj.get("model", obj.get("state_dict", obj))
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"--checkpoint {path}: does not hold a state dict of the quantized model")
+    own = dict(qm.named_buffers(remove_duplicate=False))
+    for name, value in obj.items():  # calibration samples vary in size; resize before loading
+        buf = own.get(name)
+        if buf is not None and buf.shape != value.shape:
+            mod_path, _, leaf = name.rpartition(".")
+            setattr(qm.get_submodule(mod_path) if mod_path else qm, leaf, torch.empty_like(value))
+    try:
+        qm.load_state_dict(obj, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"--checkpoint {path} does not fit this model and plan "
+                        f"({str(e).strip().splitlines()[0][:200]}); was it fine-tuned with the same --plan?") \
+            from None
+
+
+def run(args):
+    from mpqc.compiler.capture import capture
+    from mpqc.compiler.data import load_data, make_loader
+    from mpqc.compiler.export import (
+        bits_summary,
+        check_parity,
+        export_qdq,
+        save_model,
+        speed_report,
+    )
+    from mpqc.compiler.export.qdq import apply_plan
+    from mpqc.compiler.loading import load_model
+    from mpqc.compiler.plan import Plan
+    from mpqc.compiler.quantize import QuantizedModel
+
+    profile = _check_args(args)
+    if args.format == "tensorrt":
+        from mpqc.compiler.export.tensorrt_engine import load_tensorrt
+
+        load_tensorrt()  # fail before the slow part when TensorRT is missing
+    plan = Plan.load(args.plan)
+    data = load_data(args.data)
+    loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
+                        input_shape=args.input_shape or tuple(data.input_shape))
+    if tuple(loaded.example_inputs[0].shape[1:]) != tuple(data.input_shape[1:]):
+        raise UserError(f"--data {args.data}: samples of shape {data.input_shape[1:]} do not fit the model's input "
+                        f"{list(loaded.example_inputs[0].shape[1:])}; pass a matching --input-shape")
+    cap = capture(loaded.module, loaded.example_inputs, fold_bn=True)
+    qm = QuantizedModel(cap, act_groups=plan.act_groups_mode)
+    formats = apply_plan(qm, plan)
+    calib = [b[0] for b in make_loader(data.calib, 32)][:8]
+    if args.checkpoint:
+        _load_checkpoint(qm, args.checkpoint)
+    else:
+        qm.calibrate(calib)
+    exported = export_qdq(qm, profile, calib=calib, formats=formats, opset=args.opset)
+
+    parity = None
+    if not args.no_check:
+        held_out = data.val.tensors[0][: args.samples]
+        parity = check_parity(exported.model, exported.reference, held_out)
+    outputs = {"onnx": os.path.abspath(args.output)}
+    engine_report = None
+    if args.format == "tensorrt":
+        from mpqc.compiler.atomic import atomic_write_bytes, atomic_write_json
+        from mpqc.compiler.export.tensorrt_engine import build_engine
+
+        onnx_path = os.path.splitext(args.output)[0] + ".onnx"
+        if os.path.abspath(onnx_path) == os.path.abspath(args.output):
+            onnx_path += ".qdq.onnx"
+        blob, engine_report = build_engine(exported.model)
+        save_model(exported.model, onnx_path)
+        atomic_write_bytes(args.output, blob)
+        atomic_write_json(args.output + ".layers.json", engine_report.to_dict())
+        outputs = {"engine": os.path.abspath(args.output), "onnx": os.path.abspath(onnx_path)}
+    else:
+        save_model(exported.model, args.output)
+    speed = None
+    if not args.no_speed:
+        speed = speed_report(exported.model, exported.float_model, threads=args.threads)
+
+    summary = {"outputs": outputs, "profile": profile, "format": args.format, "opset": args.opset,
+               "weights": bits_summary(exported.layers), "notes": exported.notes, "layers": exported.layers,
+               "parity": parity.to_dict() if parity else None, "speed": speed,
+               "engine": engine_report.to_dict() if engine_report else None}
+    if not args.json:
+        _print(summary, parity, engine_report)
+    return summary
+
+
+def _print(summary: dict, parity, engine_report) -> None:
+    print(f"wrote {', '.join(summary['outputs'].values())} ({summary['profile']} profile, opset {summary['opset']}; "
+          f"weights: {summary['weights']})")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
+    if parity is not None:
+        print("parity vs the fake-quant model in onnxruntime:")
+        for line in parity.summary().splitlines():
+            print(f"  {line}")
+    speed = summary["speed"]
+    if speed:
+        q, f = speed["quantized"], speed["fp32"]
+        print(f"onnxruntime latency ({speed['threads']} threads, batch {speed['batch']}, {speed['machine']}): "
+              f"quantized {q['median_ms']:.2f} ms, fp32 {f['median_ms']:.2f} ms, speed-up {speed['speedup']:.2f}x")
+    if engine_report is not None:
+        print(f"TensorRT {engine_report.trt_version}: {len(engine_report.layers)} engine layers, "
+              f"{len(engine_report.fallbacks)} silent fallbacks")
+        for fb in engine_report.fallbacks:
+            print(f"  fallback: {fb.layer} planned {fb.planned}, runs {fb.got} ({fb.engine_layer})")

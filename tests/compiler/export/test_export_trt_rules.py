@@ -1,0 +1,195 @@
+"""The TensorRT rule validator accepts ``trt`` exports and names the node of every hand-made violation."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+
+from mpqc.compiler.capture import capture
+from mpqc.compiler.export import TrtRuleError, assert_trt_compatible, check_trt, export_qdq
+from mpqc.compiler.export.qdq import apply_plan
+from mpqc.compiler.quantize import LayerQuant, QuantizedModel, RangeMethod
+from mpqc.compiler.zoo import DigitsCNN
+from mpqc.errors import UserError
+
+
+def _export(profile: str) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    cap = capture(model, (torch.randn(1, 1, 8, 8),), fold_bn=True)
+    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
+    plan = {op.name: LayerQuant(4, 6) for op in cap.graph.layers()}
+    plan["conv3"] = LayerQuant(tuple(2 + c % 7 for c in range(32)), 8)
+    apply_plan(qm, plan)
+    calib = [torch.randn(16, 1, 8, 8)]
+    qm.calibrate(calib)
+    return export_qdq(qm, profile, calib=calib, check_trt=False).model
+
+
+@pytest.fixture(scope="module")
+def good() -> onnx.ModelProto:
+    return _export("trt")
+
+
+def _node(model: ir.Model, name: str) -> ir.Node:
+    return next(n for n in model.graph if n.name == name)
+
+
+def _mutate(good: onnx.ModelProto, fn) -> onnx.ModelProto:
+    model = ir.from_proto(good)
+    fn(model)
+    return ir.to_proto(model)
+
+
+def _rules(model) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for v in check_trt(model):
+        out.setdefault(v.rule, set()).add(v.node)
+    return out
+
+
+def _set_init(model: ir.Model, value: ir.Value, array: np.ndarray, dtype=None) -> None:
+    t = ir.Tensor(array, dtype=dtype, name=value.name) if dtype is not None else ir.tensor(array, name=value.name)
+    value.const_value = t
+    value.dtype = t.dtype
+    value.shape = ir.Shape(array.shape)
+
+
+def test_trt_export_is_accepted(good):
+    assert check_trt(good) == []
+    assert_trt_compatible(good)  # no exception
+
+
+def test_asymmetric_zero_point_is_named(good):
+    def fn(m):
+        q = _node(m, "conv2/act_q") if any(n.name == "conv2/act_q" for n in m.graph) else next(
+            n for n in m.graph if n.op_type == "QuantizeLinear")
+        zp = ir.Value(name="bad_zp", type=ir.TensorType(ir.DataType.INT8), shape=ir.Shape([]),
+                      const_value=ir.tensor(np.array(3, np.int8), name="bad_zp"))
+        m.graph.register_initializer(zp)
+        q.replace_input_with(2, zp)
+        fn.node = q.name
+
+    bad = _mutate(good, fn)
+    assert fn.node in _rules(bad)["asymmetric-zero-point"]
+
+
+def test_uint8_activations_are_named():
+    ort_file = _export("ort")  # the onnxruntime layout: uint8 activations
+    rules = _rules(ort_file)
+    q = {n.name for n in ort_file.graph.node if n.op_type == "QuantizeLinear"}
+    assert q and q <= rules["qdq-type"]
+    assert "uint8" in str(next(v for v in check_trt(ort_file) if v.rule == "qdq-type")).lower()
+
+
+def test_per_channel_activation_scale_is_named(good):
+    def fn(m):
+        dq = next(n for n in m.graph if n.op_type == "DequantizeLinear" and n.name.endswith("act_dq")
+                  and n.inputs[0].producer().op_type == "QuantizeLinear")
+        q = dq.inputs[0].producer()
+        channels = 16
+        s = float(q.inputs[1].const_value.numpy())
+        vec = ir.Value(name="vec_scale", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([channels]),
+                       const_value=ir.tensor(np.full(channels, s, np.float32), name="vec_scale"))
+        zp = ir.Value(name="vec_zp", type=ir.TensorType(ir.DataType.INT8), shape=ir.Shape([channels]),
+                      const_value=ir.tensor(np.zeros(channels, np.int8), name="vec_zp"))
+        m.graph.register_initializer(vec)
+        m.graph.register_initializer(zp)
+        for n in (q, dq):
+            n.replace_input_with(1, vec)
+            n.replace_input_with(2, zp)
+            n.attributes["axis"] = ir.AttrInt64("axis", 1)
+        fn.nodes = {q.name, dq.name}
+
+    bad = _mutate(good, fn)
+    assert fn.nodes <= _rules(bad)["per-channel-activation"]
+
+
+def test_int4_weights_on_a_conv_are_named(good):
+    def fn(m):
+        dq = _node(m, "conv1/weight_dq")  # conv1 is 4-bit: its codes fit int4
+        codes = dq.inputs[0].const_value.numpy()
+        _set_init(m, dq.inputs[0], codes.astype(ml_dtypes.int4), ir.DataType.INT4)
+        fn.node = dq.name
+
+    bad = _mutate(good, fn)
+    onnx.checker.check_model(bad, full_check=True)
+    violations = [v for v in check_trt(bad) if v.rule == "int4-gemm-only"]
+    assert violations and violations[0].node == fn.node and "Conv" in violations[0].message
+
+
+def test_missing_qdq_on_a_residual_add_is_named(good):
+    def fn(m):
+        add = next(n for n in m.graph if n.op_type == "Add" and any(
+            i.producer() is not None and i.producer().op_type == "DequantizeLinear" for i in n.inputs))
+        dq_in = next(i for i in add.inputs if i.producer().op_type == "DequantizeLinear")
+        q = dq_in.producer().inputs[0].producer()
+        while q.op_type != "QuantizeLinear":
+            q = q.inputs[0].producer()
+        raw = q.inputs[0]
+        raw = raw.producer().inputs[0] if raw.producer() is not None and raw.producer().op_type == "Clip" else raw
+        add.replace_input_with(list(add.inputs).index(dq_in), raw)
+        fn.node = add.name
+
+    bad = _mutate(good, fn)
+    violations = [v for v in check_trt(bad) if v.rule == "residual-add"]
+    assert [v.node for v in violations] == [fn.node]
+
+
+def test_weight_only_conv_and_float_weights_are_named(good):
+    def fn(m):
+        conv = _node(m, "conv2")
+        dq = conv.inputs[0].producer()
+        q = dq.inputs[0].producer()
+        conv.replace_input_with(0, q.inputs[0].producer().inputs[0] if q.inputs[0].producer().op_type == "Clip"
+                                else q.inputs[0])
+        conv4 = _node(m, "conv4")
+        wdq = conv4.inputs[1].producer()
+        codes, scale = wdq.inputs[0].const_value.numpy(), wdq.inputs[1].const_value.numpy()
+        w = ir.Value(name="float_w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(codes.shape),
+                     const_value=ir.tensor((codes * scale.reshape(-1, 1, 1, 1)).astype(np.float32), name="float_w"))
+        m.graph.register_initializer(w)
+        conv4.replace_input_with(1, w)
+
+    rules = _rules(_mutate(good, fn))
+    assert "conv2" in rules["weight-only-conv"]
+    assert "conv4" in rules["float-weight"]
+
+
+def test_integer_clip_between_q_and_dq_is_named():
+    qcdq = _export("qcdq")
+    clips = {n.name for n in qcdq.graph.node if n.op_type == "Clip" and n.name.endswith("act_qclip")}
+    weight_clips = {n.name for n in qcdq.graph.node if n.op_type == "Clip" and n.name.endswith("weight_clip")}
+    assert clips and weight_clips and clips | weight_clips <= _rules(qcdq)["integer-clip"]
+
+
+def test_nonpositive_scale_is_named(good):
+    def fn(m):
+        q = next(n for n in m.graph if n.op_type == "QuantizeLinear")
+        _set_init(m, q.inputs[1], np.array(-1.0, np.float32))
+        fn.node = q.name
+
+    rules = _rules(_mutate(good, fn))
+    assert fn.node in rules["scale"]
+
+
+def test_assert_raises_a_user_error_listing_violations():
+    qcdq = _export("qcdq")
+    with pytest.raises(TrtRuleError) as info:
+        assert_trt_compatible(qcdq)
+    assert isinstance(info.value, UserError)
+    assert info.value.violations and "integer-clip" in str(info.value)
+    assert "\n" not in str(info.value)  # the CLI prints one line
+
+
+def test_trt_export_raises_on_violations_it_cannot_avoid():
+    torch.manual_seed(0)
+    cap = capture(DigitsCNN().eval(), (torch.randn(1, 1, 8, 8),), fold_bn=True)
+    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
+    apply_plan(qm, {"conv1": LayerQuant(4, None)})  # weight-only convolution: no TensorRT kernel for it
+    with pytest.raises(TrtRuleError, match="weight-only-conv"):
+        export_qdq(qm, "trt", calib=[torch.randn(8, 1, 8, 8)])
