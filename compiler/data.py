@@ -155,8 +155,11 @@ def _load_cifar10(d: str, *, seed: int, calib: int, limit: int | None) -> DataSp
 
     x, y = read(train_files)
     xt, yt = read(test_files)
-    if limit:
-        x, y, xt, yt = x[:limit], y[:limit], xt[: max(1, limit // 5)], yt[: max(1, limit // 5)]
+    if limit:  # a seeded random subset: the stored test split is sorted by label
+        rng = np.random.default_rng(seed)
+        tr = rng.permutation(len(x))[:limit]
+        te = rng.permutation(len(xt))[: max(1, limit // 5)]
+        x, y, xt, yt = x[tr], y[tr], xt[te], yt[te]
     x = _nchw(x).astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
     xt = _nchw(xt).astype(np.float32) / (255.0 if xt.dtype == np.uint8 else 1.0)
     return _to_splits("cifar10", x, y, seed=seed, calib=calib, test=(xt, yt), num_classes=10,

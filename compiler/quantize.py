@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.fx
@@ -276,6 +276,21 @@ class QuantizedModel(nn.Module):
         for layer in self.act_keys:
             lq = assignment.get(layer, LayerQuant())
             self.set_precision(layer, w_bits=lq.w_bits, a_bits=lq.a_bits)
+
+    def apply_plan(self, plan) -> None:
+        """Set every layer from a Plan (per-layer bits, then its shared activation groups in tensor mode) or
+        from a ``{layer: LayerQuant}`` map; the one place plans become quantizer settings."""
+        if isinstance(plan, Mapping):
+            self.apply(dict(plan))
+            return
+        self.apply({name: LayerQuant(tuple(lp.w_bits) if isinstance(lp.w_bits, list) else lp.w_bits, lp.a_bits)
+                    for name, lp in plan.layers.items()})
+        groups = getattr(plan, "act_groups", None) or {}
+        if groups and self.act_groups_mode == "tensor":
+            for op in self.graph_ir.layers():
+                for t, key in zip(op.act_inputs, self.act_keys.get(op.name, [])):
+                    if t in groups:
+                        self.aq[key].set_bits(groups[t])
 
     def disable(self) -> None:
         """Everything in float (the quantizers keep their observed statistics)."""

@@ -118,20 +118,16 @@ def apply_plan(qm: QuantizedModel, plan) -> dict[str, str]:
             raise UserError(f"layer {name}: QDQ export carries 2..8-bit weights and 1..8-bit activations, "
                             f"not w_bits={lq.w_bits} a_bits={lq.a_bits}")
     try:
-        qm.apply(assignment)
+        qm.apply_plan(plan)
     except KeyError as e:
         raise UserError(f"the plan does not fit this model: {e.args[0]}") from None
     except ValueError as e:
         raise UserError(f"the plan does not fit this model: {e}") from None
     if isinstance(plan, Mapping):
         return {}
-    if qm.act_groups_mode == "tensor":
-        keys = _tensor_keys(qm)
-        for tensor, bits in plan.act_groups.items():
-            if not bits_ok(bits, 1):
-                raise UserError(f"activation group {tensor}: QDQ export carries 1..8-bit activations, not {bits}")
-            for key in keys.get(tensor, []):
-                qm.aq[key].set_bits(bits)
+    for tensor, bits in plan.act_groups.items():
+        if not bits_ok(bits, 1):
+            raise UserError(f"activation group {tensor}: QDQ export carries 1..8-bit activations, not {bits}")
     return {name: lp.format for name, lp in plan.layers.items()}
 
 

@@ -282,14 +282,8 @@ def assignment_from_plan(plan) -> tuple[dict[str, LayerQuant], dict[str, float |
 
 def apply_plan(qmodel: QuantizedModel, plan) -> dict[str, float | list[float]]:
     """Set every layer (and shared activation tensor) of ``qmodel`` to the plan's precision; returns the emac map."""
-    assignment, emac = assignment_from_plan(plan)
-    qmodel.apply(assignment)
-    groups = getattr(plan, "act_groups", None) or {}
-    if groups and qmodel.act_groups_mode == "tensor":
-        for op in qmodel.graph_ir.layers():
-            for t, key in zip(op.act_inputs, qmodel.act_keys.get(op.name, [])):
-                if t in groups:
-                    qmodel.aq[key].set_bits(groups[t])
+    _, emac = assignment_from_plan(plan)
+    qmodel.apply_plan(plan)
     return emac
 
 
