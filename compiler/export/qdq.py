@@ -106,9 +106,9 @@ def assignment_from_plan(plan) -> dict[str, LayerQuant]:
 def apply_plan(qm: QuantizedModel, plan) -> dict[str, str]:
     """Set ``qm``'s precision from a ``Plan`` or ``{layer: LayerQuant}``; returns ``{layer: format}``.
 
-    The same semantics as fine-tuning (``compiler.finetune.apply_plan``), so a fine-tuned state dict loads onto
-    the same quantizers: per-layer bits first, then the plan's shared activation groups (tensor mode). Bits
-    outside what QDQ carries (weights 2..8, activations 1..8) are a ``UserError``.
+    ``QuantizedModel.apply_plan`` does the setting (the one place plans become quantizer settings, shared with
+    fine-tuning, so a fine-tuned state dict loads onto the quantizers the exporter sees); this checks first that
+    every width is one QDQ carries (weights 2..8, activations 1..8) and turns mismatches into a ``UserError``.
     """
     assignment = assignment_from_plan(plan)
     bits_ok = lambda b, low: b is None or low <= b <= 8  # noqa: E731
@@ -117,18 +117,16 @@ def apply_plan(qm: QuantizedModel, plan) -> dict[str, str]:
         if not all(bits_ok(b, 2) for b in ws) or not bits_ok(lq.a_bits, 1):
             raise UserError(f"layer {name}: QDQ export carries 2..8-bit weights and 1..8-bit activations, "
                             f"not w_bits={lq.w_bits} a_bits={lq.a_bits}")
+    for tensor, bits in ({} if isinstance(plan, Mapping) else plan.act_groups).items():
+        if not bits_ok(bits, 1):
+            raise UserError(f"activation group {tensor}: QDQ export carries 1..8-bit activations, not {bits}")
     try:
         qm.apply_plan(plan)
     except KeyError as e:
         raise UserError(f"the plan does not fit this model: {e.args[0]}") from None
     except ValueError as e:
         raise UserError(f"the plan does not fit this model: {e}") from None
-    if isinstance(plan, Mapping):
-        return {}
-    for tensor, bits in plan.act_groups.items():
-        if not bits_ok(bits, 1):
-            raise UserError(f"activation group {tensor}: QDQ export carries 1..8-bit activations, not {bits}")
-    return {name: lp.format for name, lp in plan.layers.items()}
+    return {} if isinstance(plan, Mapping) else {name: lp.format for name, lp in plan.layers.items()}
 
 
 def _tensor_keys(qm: QuantizedModel) -> dict[str, list[str]]:

@@ -37,7 +37,7 @@ from mpqc.errors import UserError
 from mpqc.kernels import fake_quant
 from tests.models import TinyBert
 
-HW = 32
+HW = 24
 HELD_OUT = 64
 CYCLE_W = [8, 6, 4, 7, 5, 3, 8]
 CYCLE_A = [8, 6, 7, 5, 8]
