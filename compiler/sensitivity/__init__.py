@@ -95,6 +95,40 @@ def _options(options: SensitivityOptions | dict | None) -> SensitivityOptions:
     return SensitivityOptions(**common, extra=extra)
 
 
+class _QuantizerState:
+    """The quantizer state and gradient flags of a QuantizedModel, to put back after working on it in place.
+
+    The weights themselves are only read by the methods that run in place (the training ones copy the model);
+    the weight quantizers' step-size caches are kept on purpose (the MSE step search is the most expensive part
+    of a CPU run on a large model, and a second method on the same model reuses it).
+    """
+
+    def __init__(self, qm: QuantizedModel):
+        self.qm = qm
+        self.wq = {k: (q.enabled, q.bits.clone(), q.scale.detach().clone(), q.training) for k, q in qm.wq.items()}
+        self.aq = {k: (q.bits, q.observing, q.scale.detach().clone(), q.absmax.clone(), q.sample, q.training)
+                   for k, q in qm.aq.items()}
+        self.grad = [(p, p.requires_grad) for p in qm.gm.parameters()]
+        self.training = qm.training
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for k, (enabled, bits, scale, training) in self.wq.items():
+                q = self.qm.wq[k]
+                q.enabled, q.training = enabled, training
+                q.bits.copy_(bits)
+                q.scale.copy_(scale)
+            for k, (bits, observing, scale, absmax, sample, training) in self.aq.items():
+                q = self.qm.aq[k]
+                q.bits, q.observing, q.training = bits, observing, training
+                q.scale.copy_(scale)
+                q.absmax = absmax
+                q.sample = sample
+        for p, flag in self.grad:
+            p.requires_grad_(flag)
+        self.qm.training = self.training
+
+
 def _quantized_copy(model: QuantizedModel | Captured, act_groups_mode: str) -> QuantizedModel:
     """A private quantized model: the caller's model is never changed (methods move, re-quantize or train it)."""
     if isinstance(model, QuantizedModel):
@@ -178,7 +212,19 @@ def run_sensitivity(method: str, model: QuantizedModel | Captured, data: Any,
             raise UserError(f"--target {opts.target}: {e}") from None
         if getattr(target, "analog", None) is None:
             raise UserError(f"--target {opts.target} has no [analog] section; method {method} needs an analog target")
+    in_place = isinstance(model, QuantizedModel) and _device(model, opts.device) == _device(model, None)
+    if in_place:  # restored below; only reads the weights (the training methods copy it themselves)
+        qm, saved = model, _QuantizerState(model)
+        try:
+            return _run(m, method, qm, data, opts, params, target, loss_fn, progress, cache)
+        finally:
+            saved.restore()
     qm = _quantized_copy(model, opts.act_groups)
+    return _run(m, method, qm, data, opts, params, target, loss_fn, progress, cache)
+
+
+def _run(m: Method, method: str, qm: QuantizedModel, data: Any, opts: SensitivityOptions, params: dict, target,
+         loss_fn: LossFn | None, progress: ProgressFn | None, cache) -> SensitivityTable:
     qm.disable()
     device = _device(qm, opts.device)
     calib = as_dataset(data, "calib")
@@ -187,7 +233,7 @@ def run_sensitivity(method: str, model: QuantizedModel | Captured, data: Any,
     heldout = take(as_dataset(data, "val"), int(opts.samples))
     train_s = take(train, int(opts.samples))
 
-    key_opts = opts.key(params)
+    key_opts = {**opts.key(params), "act_groups": qm.act_groups_mode}
     mhash, dhash = weights_hash(qm), data_hash(data)
     if cache is not None and not isinstance(cache, SensitivityCache):
         cache = SensitivityCache(cache)

@@ -77,3 +77,18 @@ def test_bad_options_are_user_errors():
         run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t), {"probe": 3})
     with pytest.raises(UserError, match="tol"):
         run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t), {"tol": 0})
+
+
+def test_quadratic_form_matches_the_exact_second_order_term():
+    model, x, t = _quadratic(seed=3)
+    cap = capture(model, (x[:2],))
+    qm = QuantizedModel(cap)
+    table = run_sensitivity("hutchinson", qm, (x, t), {"candidates": (4, 2), "samples": len(x),
+                                                        "batch_size": len(x), "form": "quadratic", "probes": 300,
+                                                        "min_probes": 30, "tol": 0.01},
+                            loss_fn=half_squared_error)
+    name = next(iter(table.layers))
+    for b in (4, 2):
+        d = weight_delta(qm, name, b)
+        exact = float((x @ d.T).pow(2).sum(1).mean())  # ΔᵀHΔ = E‖Δx‖² for H = I ⊗ E[x xᵀ]
+        assert abs(table.layers[name].w[b] - exact) / exact < 0.05, (b, table.layers[name].w[b], exact)

@@ -143,10 +143,19 @@ def test_unknown_method_and_options(digits):
     assert set(METHODS) == {"fisher", "hutchinson", "impq", "eval", "limpq", "dual", "analog"}
 
 
-def test_the_callers_model_is_not_changed(digits):
+@pytest.mark.parametrize("method, options", [
+    ("limpq", {"min_steps": 2}), ("dual", {"epochs": 1, "bits": [2]}), ("fisher", {}), ("hutchinson", {"probes": 2}),
+    ("eval", {}), ("impq", {}),
+])
+def test_the_callers_model_is_not_changed(digits, method, options):
     qm, data, _ = digits
+    qm.set_precision("conv2", w_bits=4, a_bits=6)
     before = {k: v.clone() for k, v in qm.state_dict().items()}
-    run_sensitivity("limpq", qm, data, {"candidates": (4, 2), "samples": 64, "min_steps": 2})
+    flags = [p.requires_grad for p in qm.parameters()]
+    run_sensitivity(method, qm, data, {"candidates": (4, 2), "samples": 32, **options})
     after = qm.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(not q.enabled for q in qm.wq.values())
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in qm.parameters()] == flags
+    assert qm.weight_quantizer("conv2").enabled and qm.act_quantizers("conv2")[0].bits == 6
+    assert not qm.weight_quantizer("conv1").enabled
+    qm.disable()
