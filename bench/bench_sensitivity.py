@@ -156,7 +156,14 @@ def section(res: dict, label: str) -> str:
         what = ", ".join(f"{k}={v}" for k, v in {**r["meta"], **r["options"]}.items())
         peak = f", peak {r['peak_gib']} GiB" if r.get("peak_gib") is not None else ""
         lines.append(f"| {r['method']} | {r['wall_s']} | {r['method_s']} | {what}{peak} |")
-    lines += ["", "GPU run (pending; target for fisher: <= 30 s on an H100):", "```",
+    lines += ["", "Cost structure (what scales with what): fisher = one batch backward + per-sample weight gradients "
+              "(torch.func.vmap, chunks of 32) per batch, all candidates in one einsum; hutchinson = one double "
+              "backward per probe (probe k reads batch k mod n_batches; stops at `probes` or when every group's "
+              "relative standard error < `tol`); impq = per-sample Jacobians of the 4 competitor margins; eval = "
+              "one downstream-cone re-run per (group, candidate, batch); limpq = (candidates + 1) forward/backward "
+              "passes per step; dual = per candidate bit-width and epoch, one HP step + one LP interpreter pass "
+              "per batch; analog = one backward.", "",
+              "GPU run (pending; target for fisher: <= 30 s on an H100):", "```",
               "python bench/bench_sensitivity.py --device cuda --resolution 224 --samples 512 --batch-size 64 --write",
               "```", END]
     return "\n".join(lines)
