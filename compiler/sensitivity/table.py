@@ -24,7 +24,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -238,18 +237,9 @@ class SensitivityTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON file atomically (a temporary file in the same folder, then a rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".sens-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from mpqc.compiler.atomic import atomic_write_text
+
+        atomic_write_text(os.fspath(path), self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SensitivityTable:
