@@ -176,6 +176,26 @@ def round_half_even(v):
 
 
 @triton.jit
+def channel_chunk(pid, C, inner, M, PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
+    """The (channel, chunk) program layout of the backward kernels: program ``pid`` covers one chunk of
+    channel ``c``'s M = outer * inner elements of an [outer, C, inner] view; returns (c, offsets, mask).
+
+    Channel is the fastest-varying program index, so neighbouring programs read neighbouring memory and
+    each program's partial sum belongs to a single channel (a deterministic reduction, no atomics).
+    """
+    c = pid % C
+    chunk = pid // C
+    j = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = j < M
+    if PER_CHANNEL:
+        o = j // inner
+        offs = o * (C * inner) + c * inner + (j - o * inner)
+    else:
+        offs = j
+    return c, offs, mask
+
+
+@triton.jit
 def cast_to_output(v, ptr):
     """Cast fp32 ``v`` to ``ptr``'s element type with round-to-nearest-even, as torch does.
 

@@ -23,6 +23,7 @@ from ._launch import (
     block_size,
     canonical_axis,
     cast_to_output,
+    channel_chunk,
     check_launchable,
     needs_int64,
     num_warps,
@@ -101,15 +102,7 @@ def _analog_noise_bwd_reduce_kernel(
     pid = tl.program_id(0)
     if INDEX_64:  # int32 index math is cheaper (division by inner/C) when it cannot overflow
         pid = pid.to(tl.int64)
-    c = pid % C
-    chunk = pid // C
-    j = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = j < M
-    if PER_CHANNEL:
-        o = j // inner
-        offs = o * (C * inner) + c * inner + (j - o * inner)
-    else:
-        offs = j
+    c, offs, mask = channel_chunk(pid, C, inner, M, PER_CHANNEL, BLOCK)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     n = tl.randn(seed, offs.to(tl.int64) + offset)
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, gy * n, 0.0), axis=0))

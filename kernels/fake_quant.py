@@ -22,6 +22,7 @@ from ._launch import (
     block_size,
     canonical_axis,
     cast_to_output,
+    channel_chunk,
     check_launchable,
     needs_int64,
     num_warps,
@@ -106,15 +107,7 @@ def _fake_quant_bwd_kernel(
     pid = tl.program_id(0)
     if INDEX_64:  # int32 index math is cheaper (division by inner/C) when it cannot overflow
         pid = pid.to(tl.int64)
-    c = pid % C
-    chunk = pid // C
-    j = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = j < M
-    if PER_CHANNEL:
-        o = j // inner
-        offs = o * (C * inner) + c * inner + (j - o * inner)
-    else:
-        offs = j
+    c, offs, mask = channel_chunk(pid, C, inner, M, PER_CHANNEL, BLOCK)
     s = tl.load(scale_ptr + c)
     lo = tl.load(qmin_ptr + c)
     hi = tl.load(qmax_ptr + c)
