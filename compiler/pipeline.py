@@ -72,6 +72,7 @@ class CompileOptions:
     stop_after: str | None = None
     samples: int = 256  # data samples for the sensitivity pass
     progress: bool = True
+    device: str = "auto"  # sensitivity, fine-tuning and PyTorch evaluation: "auto" = CUDA when available
 
     def __post_init__(self):
         if self.stop_after is not None and self.stop_after not in STAGES:
@@ -123,6 +124,7 @@ class _Run:
         if list(self.loaded.input_shape[1:]) != in_shape and o.input_shape is None:
             self.loaded.example_inputs = (torch.zeros(1, *in_shape),)
         self.teacher = self.loaded.module
+        self.device = _resolve_device(o.device)
         self._check_data()
         self.captured = capture(copy.deepcopy(self.loaded.module), self.loaded.example_inputs, fold_bn=True)
         self.manifest = Manifest.load(o.out)
@@ -183,13 +185,36 @@ class _Run:
         return "energy" if self.target.kind == "analog" else "lsq"
 
 
+def _resolve_device(requested: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; a named device must exist."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r} is not a torch device (auto, cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: no CUDA device is available; use --device cpu")
+    return dev
+
+
+@torch.no_grad()
+def _evaluate_on(r: _Run, model, ds) -> float:
+    """Top-1 accuracy of ``model`` on ``r.device`` (moved there for the call and back)."""
+    from .train import evaluate
+
+    home = next(iter(model.parameters())).device
+    try:
+        return evaluate(model.to(r.device), ds, device=r.device)
+    finally:
+        model.to(home)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # stages
 def _stage_capture(r: _Run) -> dict:
-    from .train import evaluate
-
     atomic_write_text(r.path("ir.json"), r.captured.graph.to_json())
-    return {"fp_accuracy": evaluate(r.teacher, r.data.val), "layers": len(r.captured.graph.layers()),
+    return {"fp_accuracy": _evaluate_on(r, r.teacher, r.data.val), "layers": len(r.captured.graph.layers()),
             "total_macs": r.captured.graph.total_macs(), "capture": r.captured.method}
 
 
@@ -202,7 +227,7 @@ def _stage_sensitivity(r: _Run) -> dict:
     cands = parse_candidates(o.candidates) or tuple(sorted({b for b in r.target.weight_bits + r.target.act_bits
                                                             if b <= 8}, reverse=True))
     options = {"candidates": cands, "granularity": o.granularity, "samples": o.samples, "seed": o.seed,
-               "act_groups": o.act_groups}
+               "act_groups": o.act_groups, "device": str(r.device)}
     if method == "analog":
         options["target"] = o.target
     table = run_sensitivity(method, r.captured, r.data, options,
@@ -275,6 +300,7 @@ def _stage_finetune(r: _Run) -> dict:
         return {"epochs": 0}
     method = r.finetune_method()
     cfg = {"epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size, "seed": o.seed, "method": method,
+           "device": r.device.type,
            "checkpoint_dir": r.path("finetune_ckpt"), "resume": True}
     if method == "energy":
         from .finetune.config import EnergyConfig
@@ -305,7 +331,9 @@ def _ort_accuracy(path: str, ds) -> float:
     import numpy as np
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch was given, not every core
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     x, y = ds.tensors
     correct = 0
@@ -316,16 +344,14 @@ def _ort_accuracy(path: str, ds) -> float:
 
 
 def _stage_evaluate(r: _Run) -> dict:
-    from .train import evaluate
-
     q, emac = r.quantized(state=True)
     plan = r.plan()
-    acc = {"full precision": evaluate(r.teacher, r.data.val)}
+    acc = {"full precision": _evaluate_on(r, r.teacher, r.data.val)}
     metrics: dict = {"accuracy": acc, "target": r.target.name}
     if r.target.kind == "analog":
         metrics["analog"] = _analog_comparison(r, q, plan, acc)
     else:
-        acc["fake-quant (PyTorch)"] = evaluate(q, r.data.val)
+        acc["fake-quant (PyTorch)"] = _evaluate_on(r, q, r.data.val)
     if os.path.exists(r.path("model.onnx")):
         acc["exported ONNX (onnxruntime)"] = _ort_accuracy(r.path("model.onnx"), r.data.val)
     metrics["costs"] = {k: v for k, v in plan.costs.items()}

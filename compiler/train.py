@@ -36,10 +36,13 @@ def train_float(model: torch.nn.Module, data: DataSplits, *, epochs: int = 20, l
 
 
 @torch.no_grad()
-def evaluate(model: Callable[[torch.Tensor], torch.Tensor], ds, *, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent."""
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor], ds, *, batch_size: int = 256,
+             device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy in percent; batches are moved to ``device`` when given (the model must live there)."""
     correct = n = 0
     for x, y in make_loader(ds, batch_size):
+        if device is not None:
+            x, y = x.to(device), y.to(device)
         correct += int((model(x).argmax(-1) == y).sum())
         n += len(y)
     return 100.0 * correct / max(1, n)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,22 @@ def local_batch_size(batch_size: int, ctx: DistContext) -> int:
     return batch_size // ctx.world_size
 
 
-def train_loader(ds: Dataset, batch_size: int, ctx: DistContext, seed: int) -> tuple[DataLoader, DistributedSampler]:
+def train_loader(ds: Dataset, batch_size: int, ctx: DistContext, seed: int):
     """A shuffled loader over this rank's shard; call ``sampler.set_epoch(e)`` before each epoch.
 
     The sampler is used in one process too (``num_replicas=1``): the order of epoch e is a function of
-    (seed, e) only, which makes a resumed run replay exactly the epochs it lost.
+    (seed, e) only, which makes a resumed run replay exactly the epochs it lost. A tensor data set is batched
+    by :class:`~mpqc.compiler.data.TensorBatches`, copied once to a CUDA device when training runs there.
     """
+    from mpqc.compiler.data import TensorBatches
+
     sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
                                  drop_last=True)
-    loader = DataLoader(ds, batch_size=local_batch_size(batch_size, ctx), sampler=sampler, drop_last=True)
-    return loader, sampler
+    local = local_batch_size(batch_size, ctx)
+    if isinstance(ds, TensorDataset):
+        device = ctx.device if torch.device(ctx.device).type == "cuda" else None
+        return TensorBatches(ds, local, sampler=sampler, drop_last=True, device=device), sampler
+    return DataLoader(ds, batch_size=local, sampler=sampler, drop_last=True), sampler
 
 
 def shard_loader(ds: Dataset, batch_size: int, ctx: DistContext) -> DataLoader:

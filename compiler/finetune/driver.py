@@ -525,8 +525,8 @@ def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sample
     sums: dict[str, float] = {}
     n = 0
     for step, (x, y) in enumerate(loader):
-        x = augment_batch(x, data.augment, gen).to(ctx.device)
-        y = y.to(ctx.device)
+        x = augment_batch(x.to(ctx.device, non_blocking=True), data.augment, gen)
+        y = y.to(ctx.device, non_blocking=True)
         logits, aux = student(x)
         t_logits = None
         if teacher is not None and objective.uses_teacher:

@@ -34,6 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--stop-after", choices=("capture", "sensitivity", "search", "finetune", "export", "evaluate",
                                              "report"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto",
+                   help="where sensitivity, fine-tuning and evaluation run: auto (CUDA when available), cpu, cuda")
 
 
 def run(args):
@@ -53,7 +55,8 @@ def run(args):
         weight_alpha=args.weight_alpha, monotone=args.monotone, act_groups=args.act_groups, solver=args.solver,
         time_limit=args.time_limit, search=args.search, pareto=args.pareto, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, finetune_method=args.finetune_method, profile=args.profile, seed=args.seed,
-        stop_after=args.stop_after, samples=args.samples, progress=not args.json)
+        stop_after=args.stop_after, samples=args.samples, progress=not args.json,
+        device=args.device)
     if not args.json:
         from mpqc.compiler.summary import print_summary
 

@@ -1,0 +1,66 @@
+"""TensorBatches: the vectorised batcher must hand out exactly what a DataLoader would."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from mpqc.compiler.data import TensorBatches, augment_batch, make_loader
+
+
+def _ds(n=37):
+    return TensorDataset(torch.randn(n, 3, 4, 4), torch.arange(n))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_stored_order_batches_match_dataloader(drop_last):
+    ds = _ds()
+    ref = DataLoader(ds, batch_size=8, drop_last=drop_last)
+    ours = make_loader(ds, 8, drop_last=drop_last)
+    assert isinstance(ours, TensorBatches)
+    a, b = list(ref), list(ours)
+    assert len(a) == len(b) == len(ours) == (4 if drop_last else 5)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_shuffled_batches_are_seeded_permutations_new_each_pass():
+    ds = _ds()
+    tb = TensorBatches(ds, 8, shuffle=True, seed=3)
+    first, second = torch.cat([y for _, y in tb]), torch.cat([y for _, y in tb])
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(37))
+    assert not torch.equal(first, second)
+    again = torch.cat([y for _, y in TensorBatches(ds, 8, shuffle=True, seed=3)])
+    assert torch.equal(first, again)
+    x, y = next(iter(tb))
+    assert torch.equal(x, ds.tensors[0][y])  # images travel with their labels
+
+
+def test_batches_follow_a_distributed_sampler_per_epoch():
+    ds = _ds(40)
+    sampler = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=5, drop_last=True)
+    tb = TensorBatches(ds, 6, sampler=sampler, drop_last=True)
+    seen = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        order = list(iter(sampler))
+        ys = torch.cat([y for _, y in tb])
+        assert ys.tolist() == order[: len(tb) * 6]
+        seen.append(ys.tolist())
+    assert seen[0] != seen[1]
+
+
+def test_batches_reject_a_bad_batch_size():
+    with pytest.raises(ValueError, match="batch_size"):
+        TensorBatches(_ds(), 0)
+
+
+def test_augment_is_a_crop_of_the_padded_image_or_its_mirror():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = augment_batch(x, "crop_flip", torch.Generator().manual_seed(0))
+    pad = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(2):
+        crops = [pad[i, :, dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
+    again = augment_batch(x, "crop_flip", torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert augment_batch(x, "none") is x
