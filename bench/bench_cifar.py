@@ -1,38 +1,44 @@
 """CIFAR-10 ResNet-20 end to end (issue 9): full-precision training, uniform LSQ QAT baselines and mpqc mixed
-precision at the same BitOPs, with each compile stage's time from its manifest.
+precision at the same BitOPs and at Uhlich et al.'s memory target, with each compile stage's time.
 
 Steps: (1) train ResNet-20 (option-A shortcuts, ``mpqc.compiler.zoo:resnet20``) in full precision with the fast
-recipe (SGD nesterov, lr 0.2 cosine, batch 256, wd 5e-4, per-sample random crops and flips; bf16 autocast and
-channels-last on CUDA only) and save its state dict; (2) for each uniform baseline WxAy (first conv and fc fixed at
-8 bits) run ``mpqc.compile`` forced to uniform precision (every ``layer*`` fixed at WxAy, candidates {x, y}) and
-``mpqc.compile`` with mixed precision at the same BitOPs (``avg_bits=WxAy``, the target's default candidates);
-(3) read accuracy, BitOPs, weight size and the time of each stage from OUT/*/manifest.json; (4) print a markdown
-table (also written to OUT/table.md, and the raw rows to OUT/results.json).
+recipe (SGD nesterov, lr 0.2 cosine, batch 256, wd 5e-4, per-sample random crops and flips done on the device,
+the training set resident there; bf16 autocast and channels-last on CUDA) and save its state dict, or reuse
+``--fp-model``; (2) an lr sweep of the uniform W2A4 QAT (``--qat-lrs``; skipped with one lr): every later
+compile uses the lr with the best W2A4 accuracy, uniform and mixed alike; (3) the compiles, ``--jobs`` of them at
+once in separate processes (a ResNet-20 step is launch-bound, one process leaves most of an H100 idle), in
+priority order, none started after ``--deadline`` seconds: per uniform baseline WxAy (first conv and fc fixed at
+8 bits) ``mpqc.compile`` forced to uniform precision (every ``layer*`` fixed at WxAy, candidates {x, y}) and
+``mpqc.compile`` mixed at the same BitOPs (``avg_bits=WxAy``, candidates 2..8), fisher layer-wise; kernel-wise
+(per-channel weight bits) and the other sensitivity methods at the W2A4 BitOPs; Uhlich et al.'s weight-memory
+target (70.1 KB = 70.1·1024 bytes, largest activation 8.1 KB) layer- and kernel-wise; (4) a markdown table
+(OUT/table.md), the raw rows (OUT/results.json, rewritten after every job) and plots of accuracy against BitOPs
+and against weight size (OUT/cifar_bitops.png, OUT/cifar_size.png).
 
-    # the GPU run (full recipe of issue 9)
-    python bench/bench_cifar.py --device cuda --fp-epochs 100 --qat-epochs 15 \
-        --plans w8a8,w4a4,w3a3,w2a4 --out bench_out/cifar
+    # the GPU run (issue 9)
+    python bench/bench_cifar.py --device cuda --fp-epochs 100 --qat-epochs 15 --jobs 8 --out bench_out/cifar
     # reduced CPU pipeline check (numbers not comparable to the papers)
-    python bench/bench_cifar.py --device cpu --train-limit 5000 --fp-epochs 3 --qat-epochs 1 \
-        --plans w4a4,w2a4 --out /tmp/cifar_cpu
+    python bench/bench_cifar.py --device cpu --train-limit 2000 --fp-epochs 2 --qat-epochs 1 --jobs 2 \
+        --rows w2a4_uniform,w2a4_mixed --qat-lrs 0.01 --out /tmp/cifar_cpu
 
 ``--train-limit N`` writes a reduced copy of the data to OUT/data (the first N training images of the shuffled
 shards and a random, seed-0 subset of N // 5 test images; the stored test split is sorted by label, so a
 "first N" test subset would hold one class only) and hands that directory to mpqc.compile, which reads the
 whole ``cifar10:DIR`` it is given. Without it the shards in ``--data`` are used as they are (50,000 / 10,000).
-Note: mpqc.compile picks CUDA for fine-tuning when available (FinetuneConfig.device="auto"); capture, sensitivity,
-export and evaluation run where mpqc puts them.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import glob
 import json
+import multiprocessing as mp
 import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -70,27 +76,31 @@ def reduced_data(src: str, out: str, train_limit: int, test_limit: int, seed: in
     return out
 
 
-def train_fp(data, *, epochs: int, lr: float, batch_size: int, wd: float, device: torch.device, seed: int = 0):
-    """The documented fast recipe; bf16 autocast and channels-last only on CUDA."""
-    from mpqc.compiler.data import augment_batch, make_loader
+def train_fp(data, *, epochs: int, lr: float, batch_size: int, wd: float, device: torch.device, seed: int = 0,
+             model: torch.nn.Module | None = None, log_every: int = 10):
+    """The documented fast recipe: data and augmentation on the device, bf16 autocast and channels-last on CUDA.
+
+    Trains ``model`` (default a fresh ResNet-20); returns it in eval mode on the CPU, and the training seconds.
+    """
+    from mpqc.compiler.data import TensorBatches, augment_batch
+    from mpqc.compiler.train import evaluate
     from mpqc.compiler.zoo import resnet20
 
     torch.manual_seed(seed)
     cuda = device.type == "cuda"
-    model = resnet20().to(device)
+    model = (model if model is not None else resnet20()).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    loader = make_loader(data.train, batch_size, shuffle=True, seed=seed, drop_last=True)
+    batches = TensorBatches(data.train, batch_size, shuffle=True, seed=seed, drop_last=True, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(batches)))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        total = 0.0
-        for x, y in loader:
+        total = torch.zeros((), device=device)
+        for x, y in batches:
             x = augment_batch(x, data.augment, gen)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -99,9 +109,12 @@ def train_fp(data, *, epochs: int, lr: float, batch_size: int, wd: float, device
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach())
-        print(f"  fp epoch {epoch + 1}/{epochs}: loss {total / max(1, len(loader)):.4f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            total += loss.detach()
+        if (epoch + 1) % log_every == 0 or epoch + 1 == epochs:
+            model.eval()
+            acc = evaluate(model, data.val, batch_size=1000, device=device)
+            print(f"  fp epoch {epoch + 1}/{epochs}: loss {float(total) / max(1, len(batches)):.4f}, "
+                  f"test {acc:.2f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
     if cuda:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
@@ -109,58 +122,186 @@ def train_fp(data, *, epochs: int, lr: float, batch_size: int, wd: float, device
     return model, train_s
 
 
-@torch.no_grad()
-def accuracy(model, ds) -> float:
-    from mpqc.compiler.train import evaluate
-
-    return evaluate(model, ds)
-
-
 def _cost(costs: dict, key: str):
     v = costs.get(key)
     return v.get("value") if isinstance(v, dict) else v
 
 
-def run_compile(model_path: str, data_spec: str, out: str, *, w: int, a: int, uniform: bool, args) -> dict:
+# --------------------------------------------------------------------------------------------------------
+# the compiles
+UHLICH_WEIGHT_KB = 70.1  # Uhlich et al.'s CIFAR-10 ResNet-20 targets (seeds.md 4.3), KB = 1024 bytes
+UHLICH_ACT_MAX_KB = 8.1
+
+
+def make_jobs(plans, lr: float, methods, extra: bool) -> list[dict]:
+    """Every compile of the bench, most important first (a deadline cuts the tail)."""
+    jobs = []
+
+    def add(key, label, uniform=False, w=None, a=None, **kw):
+        jobs.append({"key": key, "label": label, "uniform": uniform, "w": w, "a": a, "lr": lr,
+                     "sensitivity": kw.pop("sensitivity", "fisher"), "granularity": kw.pop("granularity", "layer"),
+                     "budget": kw.pop("budget", {"avg_bits": f"W{w}A{a}"} if w else {}), "group": kw.pop("group")})
+
+    order = sorted(plans, key=lambda p: {(2, 4): 0, (3, 3): 1, (2, 2): 2, (4, 4): 3}.get(p, 9))
+    for w, a in order:
+        add(f"w{w}a{a}_mixed", f"W{w}A{a} BitOPs, mpqc mixed (fisher, layer)", w=w, a=a, group="mixed")
+        add(f"w{w}a{a}_uniform", f"W{w}A{a} uniform (LSQ QAT)", uniform=True, w=w, a=a, group="uniform")
+    if not extra:
+        return jobs
+    if (2, 4) in plans:
+        add("w2a4_mixed_channel", "W2A4 BitOPs, mpqc mixed (fisher, kernel-wise)", w=2, a=4, granularity="channel",
+            group="kernel")
+    mem = {"size": f"{UHLICH_WEIGHT_KB / 1024:.8f}", "act_mem_max": f"{UHLICH_ACT_MAX_KB}"}
+    add("mem_layer", f"weights <= {UHLICH_WEIGHT_KB} KB, act max <= {UHLICH_ACT_MAX_KB} KB, mpqc (fisher, layer)",
+        budget=mem, group="memory")
+    add("mem_channel", f"weights <= {UHLICH_WEIGHT_KB} KB, act max <= {UHLICH_ACT_MAX_KB} KB, mpqc (fisher, "
+        "kernel-wise)", budget=mem, granularity="channel", group="memory")
+    if (2, 4) in plans:
+        for m in methods:
+            add(f"w2a4_mixed_{m}", f"W2A4 BitOPs, mpqc mixed ({m}, layer)", w=2, a=4, sensitivity=m, group="methods")
+    if (2, 2) in plans:
+        add("w2a2_mixed_channel", "W2A2 BitOPs, mpqc mixed (fisher, kernel-wise)", w=2, a=2, granularity="channel",
+            group="kernel")
+    return jobs
+
+
+def run_job(job: dict, common: dict) -> dict:
+    """One ``mpqc.compile`` (in a worker process); a row for the table, or the error it raised."""
     import mpqc
 
-    fix = ["conv1=8", "fc=8"]
-    kw = dict(avg_bits=f"W{w}A{a}", fix=tuple(fix), epochs=args.qat_epochs, lr=args.qat_lr,
-              batch_size=args.batch_size, sensitivity=args.sensitivity, granularity=args.granularity,
-              samples=args.samples, progress=False)
-    if uniform:  # every searchable layer fixed at WxAy: the search has nothing to choose
+    torch.set_num_threads(common["threads"])
+    out = os.path.join(common["out"], job["key"])
+    fix = ("conv1=8", "fc=8")
+    kw = dict(fix=fix, epochs=common["qat_epochs"], lr=job["lr"], batch_size=common["batch_size"],
+              sensitivity=job["sensitivity"], granularity=job["granularity"], samples=common["samples"],
+              progress=False, device=common["device"], **job["budget"])
+    if job["uniform"]:  # every searchable layer fixed at WxAy: the search has nothing to choose
+        w, a = job["w"], job["a"]
         kw["fix"] = (f"layer*=W{w}A{a}", *fix)
         kw["candidates"] = ",".join(str(b) for b in sorted({w, a}, reverse=True))
+    row = {**job, "out": out, "acc_fq": None, "acc_onnx": None, "bitops": None, "size": None, "costs": {},
+           "times": dict.fromkeys(STAGES), "wall_s": None, "error": None}
     t0 = time.perf_counter()
-    res = mpqc.compile(model_path, arch=ARCH, target=args.target, data=data_spec, out=out, **kw)
-    wall = time.perf_counter() - t0
+    try:
+        res = mpqc.compile(common["model"], arch=common["arch"], target=common["target"], data=common["spec"],
+                           out=out, **kw)
+    except Exception as e:  # noqa: BLE001 - report it in the table and go on with the other rows
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        row["traceback"] = traceback.format_exc()
+        row["wall_s"] = time.perf_counter() - t0
+        return row
+    row["wall_s"] = time.perf_counter() - t0
     with open(os.path.join(out, "manifest.json")) as f:
         stages = json.load(f)["stages"]
     acc = res.metrics.get("accuracy", {})
     costs = res.metrics.get("costs", {})
-    return {"name": f"W{w}A{a} {'uniform (LSQ QAT)' if uniform else 'mpqc mixed'}", "out": out,
-            "acc_fq": acc.get("fake-quant (PyTorch)"), "acc_onnx": acc.get("exported ONNX (onnxruntime)"),
-            "acc_fp": acc.get("full precision"), "bitops": _cost(costs, "bitops"), "size": _cost(costs, "size"),
-            "times": {s: stages.get(s, {}).get("time_s") for s in STAGES}, "wall_s": wall}
+    row.update(acc_fq=acc.get("fake-quant (PyTorch)"), acc_onnx=acc.get("exported ONNX (onnxruntime)"),
+               acc_fp=acc.get("full precision"), bitops=_cost(costs, "bitops"), size=_cost(costs, "size"),
+               costs={k: _cost(costs, k) for k in costs},
+               times={st: stages.get(st, {}).get("time_s") for st in STAGES})
+    try:
+        with open(os.path.join(out, "plan.json")) as f:
+            plan = json.load(f)
+        row["bits"] = {n: [lp.get("w_bits"), lp.get("a_bits")] for n, lp in plan.get("layers", {}).items()}
+    except (OSError, ValueError):
+        pass
+    return row
+
+
+def run_jobs(jobs: list[dict], common: dict, n_jobs: int, deadline: float, on_row) -> list[dict]:
+    """Run ``jobs`` on ``n_jobs`` spawned processes in order; those not started by ``deadline`` are skipped."""
+    rows: list[dict] = []
+    if n_jobs <= 1:
+        for job in jobs:
+            if time.time() > deadline:
+                rows.append({**job, "error": "not run: deadline"})
+                continue
+            rows.append(run_job(job, common))
+            on_row(rows[-1])
+        return rows
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx) as pool:
+        pending = list(jobs)
+        running: dict = {}
+        while pending or running:
+            while pending and len(running) < n_jobs:
+                job = pending.pop(0)
+                if time.time() > deadline:
+                    rows.append({**job, "error": "not run: deadline"})
+                    print(f"  skipped {job['key']} (deadline)", flush=True)
+                    continue
+                running[pool.submit(run_job, job, common)] = job
+                print(f"  started {job['key']}", flush=True)
+            if not running:
+                break
+            done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                job = running.pop(fut)
+                try:
+                    row = fut.result()
+                except Exception as e:  # noqa: BLE001 - a dead worker: record it and go on
+                    row = {**job, "error": f"worker failed: {type(e).__name__}: {e}"}
+                rows.append(row)
+                on_row(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# reporting
+def _f(v, spec):
+    return "-" if v is None else format(v, spec)
 
 
 def fmt_table(fp_row: dict, rows: list[dict]) -> str:
-    head = ("| model | top-1 fake-quant (%) | top-1 ONNX (%) | GBitOPs | weights (KB) | capture s | sensitivity s "
-            "| search s | finetune s | export s |")
-    lines = [head, "|" + "---|" * 10]
-    lines.append(f"| FP32 ResNet-20 | {fp_row['acc']:.2f} | - | {fp_row['gbitops']:.3f} | {fp_row['kb']:.1f} "
-                 f"| train {fp_row['train_s']:.0f} s | | | | |")
-
-    def f(v, spec):
-        return "-" if v is None else format(v, spec)
-
+    head = ("| model | top-1 fake-quant (%) | top-1 ONNX (%) | GBitOPs | weights (KB) | QAT lr | capture s "
+            "| sensitivity s | search s | finetune s | export s | compile s |")
+    lines = [head, "|" + "---|" * 12]
+    lines.append(f"| FP32 ResNet-20 ({fp_row['params'] / 1e6:.2f} M params) | {fp_row['acc']:.2f} | - | "
+                 f"{fp_row['gbitops']:.3f} | {fp_row['kb']:.1f} | - | train {fp_row['train_s']:.0f} s | | | | | |")
     for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['label']} | {r['error']} |" + " |" * 10)
+            continue
         t = r["times"]
-        lines.append(f"| {r['name']} | {f(r['acc_fq'], '.2f')} | {f(r['acc_onnx'], '.2f')} | "
-                     f"{f(None if r['bitops'] is None else r['bitops'] / 1e9, '.4f')} | "
-                     f"{f(None if r['size'] is None else r['size'] / 1e3, '.1f')} | "
-                     + " | ".join(f(t[s], '.1f') for s in STAGES) + " |")
+        compile_s = sum(t[s] or 0 for s in ("capture", "sensitivity", "search", "finetune"))
+        lines.append(f"| {r['label']} | {_f(r['acc_fq'], '.2f')} | {_f(r['acc_onnx'], '.2f')} | "
+                     f"{_f(None if r['bitops'] is None else r['bitops'] / 1e9, '.4f')} | "
+                     f"{_f(None if r['size'] is None else r['size'] / 1024, '.1f')} | {r['lr']:g} | "
+                     + " | ".join(_f(t[s], '.1f') for s in STAGES) + f" | {compile_s:.0f} |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], fp_row: dict, out: str) -> list[str]:
+    """Accuracy against BitOPs and against weight size: uniform vs mpqc (PNG files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r.get("error") and r.get("acc_fq") is not None]
+    paths = []
+    for xkey, xlabel, fname, scale in (("bitops", "GBitOPs", "cifar_bitops.png", 1e9),
+                                       ("size", "weight size (KB, 1 KB = 1024 bytes)", "cifar_size.png", 1024)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        groups = (("uniform", "o-", "uniform (LSQ QAT)"), ("mixed", "s-", "mpqc mixed (fisher, layer)"),
+                  ("kernel", "D", "mpqc kernel-wise"), ("memory", "^", "mpqc at Uhlich memory target"),
+                  ("methods", "x", "mpqc, other sensitivity methods"))
+        for group, style, name in groups:
+            pts = sorted((r[xkey] / scale, r["acc_fq"], r["label"]) for r in ok if r["group"] == group and r[xkey])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+        ax.axhline(fp_row["acc"], color="gray", ls="--", lw=1, label=f"FP32 {fp_row['acc']:.2f} %")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("CIFAR-10 top-1 (%), fake-quant")
+        ax.set_title("ResNet-20: mixed precision vs uniform")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out, fname)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def main(argv=None) -> int:
@@ -168,26 +309,32 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--train-limit", type=int, default=None, help="reduced run: first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="with --train-limit: test images (default N // 5)")
+    p.add_argument("--fp-model", default=None, help="reuse this trained ResNet-20 state dict (skips training)")
     p.add_argument("--fp-epochs", type=int, default=100)
     p.add_argument("--fp-lr", type=float, default=0.2)
     p.add_argument("--qat-epochs", type=int, default=15)
-    p.add_argument("--qat-lr", type=float, default=0.02)
+    p.add_argument("--qat-lrs", default="0.02,0.01,0.005", help="QAT lrs tried on uniform W2A4; the best is used")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
+    p.add_argument("--jobs", type=int, default=1, help="compiles run at once (separate processes)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per compile (default cores / jobs)")
+    p.add_argument("--deadline", type=float, default=None, help="start no compile after this many seconds")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "cifar"))
-    p.add_argument("--plans", default="w8a8,w4a4,w3a3,w2a4")
+    p.add_argument("--plans", default="w2a4,w3a3,w2a2,w4a4,w8a8")
+    p.add_argument("--methods", default="hutchinson,impq,eval,limpq",
+                   help="other sensitivity methods compared at the W2A4 BitOPs")
+    p.add_argument("--rows", default=None, help="only these job keys (e.g. w2a4_uniform,w2a4_mixed)")
+    p.add_argument("--no-extra", action="store_true", help="uniform and fisher layer-wise mixed rows only")
     p.add_argument("--target", default="generic")
-    p.add_argument("--sensitivity", default="fisher")
-    p.add_argument("--granularity", default="layer")
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--no-mixed", action="store_true", help="uniform baselines only")
+    p.add_argument("--samples", type=int, default=512)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    t_start = time.time()
+    deadline = t_start + args.deadline if args.deadline else float("inf")
     plans = [parse_plan(t) for t in args.plans.split(",") if t.strip()]
     os.makedirs(args.out, exist_ok=True)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // max(1, args.jobs))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the workers inherit it
 
     from mpqc.compiler.data import load_data
 
@@ -199,49 +346,85 @@ def main(argv=None) -> int:
     data = load_data(spec, seed=0)  # the same spec and seed mpqc.compile uses: same split and normalisation
     print(f"data {spec}: train {len(data.train)}, test {len(data.val)}", flush=True)
 
+    from mpqc.compiler.train import evaluate
+    from mpqc.compiler.zoo import resnet20
+
     device = torch.device(args.device)
     model_path = os.path.join(args.out, "resnet20_fp.pt")
-    model, train_s = train_fp(data, epochs=args.fp_epochs, lr=args.fp_lr, batch_size=args.batch_size,
-                              wd=args.wd, device=device)
-    torch.save(model.state_dict(), model_path)
-    fp_acc = accuracy(model, data.val)
+    if args.fp_model:
+        model = resnet20()
+        model.load_state_dict(torch.load(args.fp_model, map_location="cpu", weights_only=True))
+        model.eval()
+        train_s = float("nan")
+        if os.path.abspath(args.fp_model) != os.path.abspath(model_path):
+            torch.save(model.state_dict(), model_path)
+    else:
+        model, train_s = train_fp(data, epochs=args.fp_epochs, lr=args.fp_lr, batch_size=args.batch_size,
+                                  wd=args.wd, device=device)
+        torch.save(model.state_dict(), model_path)
+    fp_acc = evaluate(model, data.val)
+    with open(os.path.join(args.out, "fp.done"), "w") as f:  # other benches wait for the trained model
+        f.write(f"{fp_acc:.2f}\n")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"FP ResNet-20: {fp_acc:.2f} % ({n_params} parameters, {train_s:.0f} s)", flush=True)
+    from mpqc.compiler.capture import capture
 
-    rows = []
-    for w, a in plans:
-        for uniform in (True, False) if not args.no_mixed else (True,):
-            out = os.path.join(args.out, f"w{w}a{a}_{'uniform' if uniform else 'mpqc'}")
-            print(f"compile W{w}A{a} {'uniform' if uniform else 'mixed'} -> {out}", flush=True)
-            try:
-                r = run_compile(model_path, spec, out, w=w, a=a, uniform=uniform, args=args)
-            except Exception as e:  # noqa: BLE001 - report and go on with the other rows
-                import traceback
+    macs = capture(resnet20().eval(), (torch.zeros(1, 3, 32, 32),), fold_bn=True).graph.total_macs()
+    fp_row = {"acc": fp_acc, "train_s": train_s, "gbitops": macs * 32 * 32 / 1e9, "kb": n_params * 4 / 1024,
+              "params": n_params, "macs": macs}
 
-                traceback.print_exc()
-                r = {"name": f"W{w}A{a} {'uniform' if uniform else 'mpqc mixed'} FAILED: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:120] if str(e) else ''}",
-                     "acc_fq": None, "acc_onnx": None, "bitops": None, "size": None,
-                     "times": dict.fromkeys(STAGES), "wall_s": None}
-            print("  ", {k: r[k] for k in ("acc_fq", "acc_onnx", "bitops", "size", "times")}, flush=True)
-            rows.append(r)
+    common = {"model": model_path, "arch": ARCH, "target": args.target, "spec": spec, "out": args.out,
+              "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "samples": args.samples,
+              "device": args.device, "threads": threads}
+    meta = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+            "torch": torch.__version__, "python": platform.python_version(), "threads_per_job": threads,
+            "args": vars(args), "train": len(data.train), "test": len(data.val),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    rows: list[dict] = []
 
-    macs = None
-    for r in rows:
-        if r.get("out") and os.path.exists(os.path.join(r["out"], "manifest.json")):
-            with open(os.path.join(r["out"], "manifest.json")) as f:
-                macs = json.load(f)["stages"]["capture"]["info"].get("total_macs")
-            break
-    fp_row = {"acc": fp_acc, "train_s": train_s, "gbitops": (macs or 0) * 32 * 32 / 1e9,
-              "kb": n_params * 4 / 1e3}
-    table = fmt_table(fp_row, rows)
-    meta = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "args": vars(args), "train": len(data.train), "test": len(data.val)}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "fp": fp_row, "rows": rows}, f, indent=1, default=str)
+    def save(_row=None):
+        if _row is not None:
+            print(f"  done {_row['key']}: fake-quant {_row.get('acc_fq')}, ONNX {_row.get('acc_onnx')}, "
+                  f"bitops {_row.get('bitops')}, size {_row.get('size')}, wall {_row.get('wall_s')}, "
+                  f"error {_row.get('error')}", flush=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"meta": meta, "fp": fp_row, "rows": rows}, f, indent=1, default=str)
+
+    lrs = [float(v) for v in args.qat_lrs.split(",") if v.strip()]
+    keep = set(args.rows.split(",")) if args.rows else None
+    lr = lrs[0]
+    if len(lrs) > 1 and (2, 4) in plans:  # the lr sweep on uniform W2A4
+        sweep = [{**make_jobs([(2, 4)], v, [], False)[1], "key": f"w2a4_uniform_lr{v:g}",
+                  "label": f"W2A4 uniform (LSQ QAT), lr {v:g}", "group": "lr-sweep"} for v in lrs]
+        swept = run_jobs(sweep, common, args.jobs, deadline, lambda r: (rows.append(r), save(r)))
+        good = [r for r in swept if r.get("acc_fq") is not None]
+        if good:
+            best = max(good, key=lambda r: r["acc_fq"])
+            lr = best["lr"]
+            meta["lr_selected"] = {"lr": lr, "by": "uniform W2A4 fake-quant test accuracy", "sweep": {
+                f"{r['lr']:g}": r.get("acc_fq") for r in swept}}
+            print(f"QAT lr {lr:g} (uniform W2A4 {best['acc_fq']:.2f} %)", flush=True)
+    methods = [m for m in args.methods.split(",") if m.strip()]
+    jobs = make_jobs(plans, lr, methods, not args.no_extra)
+    for r in list(rows):  # the sweep's run at the chosen lr is the uniform W2A4 row
+        if r.get("group") == "lr-sweep" and r["lr"] == lr and not r.get("error"):
+            rows.append({**r, "key": "w2a4_uniform", "label": "W2A4 uniform (LSQ QAT)", "group": "uniform"})
+            jobs = [j for j in jobs if j["key"] != "w2a4_uniform"]
+    if keep is not None:
+        jobs = [j for j in jobs if j["key"] in keep]
+    run_jobs(jobs, common, args.jobs, deadline, lambda r: (rows.append(r), save(r)))
+    save()
+    final = [r for r in rows if r.get("group") != "lr-sweep"]
+    sweep_rows = [r for r in rows if r.get("group") == "lr-sweep"]
+    table = fmt_table(fp_row, final + sweep_rows)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
+    try:
+        plot(final, fp_row, args.out)
+    except Exception:  # noqa: BLE001 - the table matters more than the plot
+        traceback.print_exc()
     print(table)
+    print(f"total {time.time() - t_start:.0f} s", flush=True)
     return 0
 
 
