@@ -131,12 +131,12 @@ class LayerStats:
         if w.dim() == 4:
             cols = F.unfold(x, w.shape[2:], dilation=dilation, padding=padding, stride=stride)  # (B, C·kh·kw, L)
             per_group = cols.reshape(cols.shape[0], groups, -1, cols.shape[-1]).pow(2).sum(2).mean((0, 2))
-            x_sq = per_group.repeat_interleave(w.shape[0] // groups).numpy()
+            x_sq = per_group.repeat_interleave(w.shape[0] // groups).cpu().numpy()
         elif w.dim() == 2:
             x_sq = float(x.reshape(-1, x.shape[-1]).pow(2).sum(-1).mean())
         else:
             raise ValueError(f"LayerStats.from_tensors handles conv2d and linear weights, not {w.dim()}-D ones")
-        return cls(r_w.numpy(), r_x, rows.norm(dim=1).numpy(), x_sq, r_out)
+        return cls(r_w.cpu().numpy(), r_x, rows.norm(dim=1).cpu().numpy(), x_sq, r_out)
 
 
 def output_noise_variance(layer: LayerLike, e, target: Any, stats: LayerStats) -> np.ndarray:

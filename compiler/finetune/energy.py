@@ -302,8 +302,10 @@ class EnergyObjective(Objective):
         if self.learn:  # "without retraining network weights": only log E learns
             for p in self.q.parameters():
                 p.requires_grad_(False)
+        # an emac map (the plan's) names the analog layers: the others (digital on the target) get no noise
+        layers = list(self.emac) if self.emac else None
         self.injector = NoiseInjector(self.q, dict(self.emac or {}), default=ecfg.e_init, per_channel=ecfg.per_channel,
-                                      seed=ecfg.noise_seed, trainable=self.learn)
+                                      seed=ecfg.noise_seed, trainable=self.learn, layers=layers)
         for m in self.injector.modules.values():
             m.stream = self.ctx.rank
 
