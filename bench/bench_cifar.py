@@ -127,20 +127,52 @@ def _cost(costs: dict, key: str):
     return v.get("value") if isinstance(v, dict) else v
 
 
+def uniform_bitops(arch_fn, w: int, a: int, *, ends: tuple[str, ...] = ("conv1", "fc"), end_bits: int = 8,
+                   input_shape=(1, 3, 32, 32), target: str = "generic") -> float:
+    """BitOPs of the uniform WxAy plan with the ``ends`` at ``end_bits`` (what a uniform baseline costs).
+
+    Mixed plans are given this as their ``bitops`` budget with every layer free, the ends included: matching the
+    uniform plan's cost, not its choice of which layers stay at 8 bits.
+    """
+    from mpqc.compiler.capture import capture
+    from mpqc.compiler.plan import LayerPlan, plan_costs, uniform_plan
+    from mpqc.targets import load_target
+
+    graph = capture(arch_fn().eval(), (torch.zeros(*input_shape),), fold_bn=True).graph
+    plan = uniform_plan(graph, w, a, target)
+    for name in ends:
+        if name in plan.layers:
+            plan.layers[name] = LayerPlan(end_bits, end_bits)
+    for g in graph.act_groups():  # a tensor read by an end layer (the image) is at the end bits too
+        if any(c in ends for c in g.consumers):
+            plan.act_groups[g.name] = end_bits
+    return float(plan_costs(plan, graph, load_target(target))["bitops"]["value"])
+
+
 # --------------------------------------------------------------------------------------------------------
 # the compiles
 UHLICH_WEIGHT_KB = 70.1  # Uhlich et al.'s CIFAR-10 ResNet-20 targets (seeds.md 4.3), KB = 1024 bytes
 UHLICH_ACT_MAX_KB = 8.1
 
 
-def make_jobs(plans, lr: float, methods, extra: bool) -> list[dict]:
-    """Every compile of the bench, most important first (a deadline cuts the tail)."""
+def make_jobs(plans, lr: float, methods, extra: bool, bitops_of) -> list[dict]:
+    """Every compile of the bench, most important first (a deadline cuts the tail).
+
+    Uniform rows fix conv1 and fc at 8 bits (the usual baseline); mixed rows get the uniform row's BitOPs
+    (``bitops_of(w, a)``) as their budget and choose every layer, the ends included, unless ``fix_ends``.
+    """
     jobs = []
 
-    def add(key, label, uniform=False, w=None, a=None, **kw):
+    def add(key, label, uniform=False, w=None, a=None, fix_ends=False, **kw):
+        if "budget" in kw:
+            budget = kw.pop("budget")
+        elif uniform or fix_ends:
+            budget = {"avg_bits": f"W{w}A{a}"}
+        else:
+            budget = {"bitops": f"{bitops_of(w, a) / 1e9:.9f}"}
         jobs.append({"key": key, "label": label, "uniform": uniform, "w": w, "a": a, "lr": lr,
-                     "sensitivity": kw.pop("sensitivity", "fisher"), "granularity": kw.pop("granularity", "layer"),
-                     "budget": kw.pop("budget", {"avg_bits": f"W{w}A{a}"} if w else {}), "group": kw.pop("group")})
+                     "fix_ends": uniform or fix_ends, "sensitivity": kw.pop("sensitivity", "fisher"),
+                     "granularity": kw.pop("granularity", "layer"), "budget": budget, "group": kw.pop("group")})
 
     order = sorted(plans, key=lambda p: {(2, 4): 0, (3, 3): 1, (2, 2): 2, (4, 4): 3}.get(p, 9))
     for w, a in order:
@@ -151,6 +183,8 @@ def make_jobs(plans, lr: float, methods, extra: bool) -> list[dict]:
     if (2, 4) in plans:
         add("w2a4_mixed_channel", "W2A4 BitOPs, mpqc mixed (fisher, kernel-wise)", w=2, a=4, granularity="channel",
             group="kernel")
+        add("w2a4_mixed_ends8", "W2A4 BitOPs, mpqc mixed (fisher, layer), conv1 and fc fixed at 8", w=2, a=4,
+            fix_ends=True, group="ablation")
     mem = {"size": f"{UHLICH_WEIGHT_KB / 1024:.8f}", "act_mem_max": f"{UHLICH_ACT_MAX_KB}"}
     add("mem_layer", f"weights <= {UHLICH_WEIGHT_KB} KB, act max <= {UHLICH_ACT_MAX_KB} KB, mpqc (fisher, layer)",
         budget=mem, group="memory")
@@ -171,7 +205,7 @@ def run_job(job: dict, common: dict) -> dict:
 
     torch.set_num_threads(common["threads"])
     out = os.path.join(common["out"], job["key"])
-    fix = ("conv1=8", "fc=8")
+    fix = ("conv1=8", "fc=8") if job["fix_ends"] else ()
     kw = dict(fix=fix, epochs=common["qat_epochs"], lr=job["lr"], batch_size=common["batch_size"],
               sensitivity=job["sensitivity"], granularity=job["granularity"], samples=common["samples"],
               progress=False, device=common["device"], **job["budget"])
@@ -285,7 +319,7 @@ def plot(rows: list[dict], fp_row: dict, out: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         groups = (("uniform", "o-", "uniform (LSQ QAT)"), ("mixed", "s-", "mpqc mixed (fisher, layer)"),
                   ("kernel", "D", "mpqc kernel-wise"), ("memory", "^", "mpqc at Uhlich memory target"),
-                  ("methods", "x", "mpqc, other sensitivity methods"))
+                  ("methods", "x", "mpqc, other sensitivity methods"), ("ablation", "v", "mpqc, ends fixed at 8"))
         for group, style, name in groups:
             pts = sorted((r[xkey] / scale, r["acc_fq"], r["label"]) for r in ok if r["group"] == group and r[xkey])
             if pts:
@@ -313,7 +347,8 @@ def main(argv=None) -> int:
     p.add_argument("--fp-epochs", type=int, default=100)
     p.add_argument("--fp-lr", type=float, default=0.2)
     p.add_argument("--qat-epochs", type=int, default=15)
-    p.add_argument("--qat-lrs", default="0.02,0.01,0.005", help="QAT lrs tried on uniform W2A4; the best is used")
+    p.add_argument("--qat-lrs", default="0.01,0.005,0.002,0.001",
+                   help="QAT lrs tried on uniform W2A4; the best is used")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -394,7 +429,7 @@ def main(argv=None) -> int:
     keep = set(args.rows.split(",")) if args.rows else None
     lr = lrs[0]
     if len(lrs) > 1 and (2, 4) in plans:  # the lr sweep on uniform W2A4
-        sweep = [{**make_jobs([(2, 4)], v, [], False)[1], "key": f"w2a4_uniform_lr{v:g}",
+        sweep = [{**make_jobs([(2, 4)], v, [], False, lambda w, a: 0.0)[1], "key": f"w2a4_uniform_lr{v:g}",
                   "label": f"W2A4 uniform (LSQ QAT), lr {v:g}", "group": "lr-sweep"} for v in lrs]
         swept = run_jobs(sweep, common, args.jobs, deadline, lambda r: (rows.append(r), save(r)))
         good = [r for r in swept if r.get("acc_fq") is not None]
@@ -405,7 +440,16 @@ def main(argv=None) -> int:
                 f"{r['lr']:g}": r.get("acc_fq") for r in swept}}
             print(f"QAT lr {lr:g} (uniform W2A4 {best['acc_fq']:.2f} %)", flush=True)
     methods = [m for m in args.methods.split(",") if m.strip()]
-    jobs = make_jobs(plans, lr, methods, not args.no_extra)
+    from mpqc.compiler.zoo import resnet20 as arch_fn
+
+    bitops_cache: dict = {}
+
+    def bitops_of(w, a):
+        if (w, a) not in bitops_cache:
+            bitops_cache[(w, a)] = uniform_bitops(arch_fn, w, a, target=args.target)
+        return bitops_cache[(w, a)]
+
+    jobs = make_jobs(plans, lr, methods, not args.no_extra, bitops_of)
     for r in list(rows):  # the sweep's run at the chosen lr is the uniform W2A4 row
         if r.get("group") == "lr-sweep" and r["lr"] == lr and not r.get("error"):
             rows.append({**r, "key": "w2a4_uniform", "label": "W2A4 uniform (LSQ QAT)", "group": "uniform"})
