@@ -13,7 +13,7 @@ RUN=$2
 mkdir -p "$RUN"
 rm -rf "$RUN/src" && mkdir -p "$RUN/src" && tar cf - --exclude=./.cifar --exclude=./.whl . | tar xf - -C "$RUN/src"
 cd "$RUN/src" || exit 1
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 OMP_NUM_THREADS=2  # 13 GPU processes share 16 cores
 # a plain (non-editable) install of this tree; PuLP and highspy came as wheels into a folder on PYTHONPATH
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$RUN/site" . || exit 1
 export PYTHONPATH="$RUN/site:${PYTHONPATH:-}"
@@ -31,10 +31,14 @@ wait_fp() { while [ ! -f "$RUN/cifar/fp.done" ]; do
 
 ( wait_fp && echo "fp done $(date -u +%T)" >> "$RUN/progress.log" \
   && python3 bench/bench_analog.py --model "$RUN/cifar/resnet20_fp.pt" --arch mpqc.compiler.zoo:resnet20 \
-       --data "cifar10:$DATA" --device cuda --seeds 3 --out "$RUN/analog" > "$RUN/analog.log" 2>&1
+       --data "cifar10:$DATA" --device cuda --seeds 3 --all-analog --out "$RUN/analog_all" > "$RUN/analog_all.log" 2>&1
+  echo "analog_all exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
+
+( wait_fp && python3 bench/bench_analog.py --model "$RUN/cifar/resnet20_fp.pt" --arch mpqc.compiler.zoo:resnet20 \
+       --data "cifar10:$DATA" --device cuda --seeds 3 --train-ebars 0 --out "$RUN/analog" > "$RUN/analog.log" 2>&1
   echo "analog exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
 
-( wait_fp && python3 bench/bench_pdqat.py --device cuda --data "$DATA" --fp-epochs "${PDQAT_FP_EPOCHS:-30}" \
+( python3 bench/bench_pdqat.py --device cuda --data "$DATA" --fp-epochs "${PDQAT_FP_EPOCHS:-30}" \
        --qat-epochs "${PDQAT_QAT_EPOCHS:-8}" --jobs 3 --out "$RUN/pdqat" > "$RUN/pdqat.log" 2>&1
   echo "pdqat exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
 
@@ -42,3 +46,7 @@ wait "$CIFAR"
 echo "cifar exit $? $(date -u +%T)" >> "$RUN/progress.log"
 wait
 echo "all done $(date -u +%T)" >> "$RUN/progress.log"
+
+# what comes back (run from the device call that collects):
+#   cd $RUN && tar czf $OUT/run.tgz --exclude=src --exclude=site --exclude=finetune_ckpt --exclude=.cache \
+#       --exclude='*.pt' --exclude=data .
