@@ -107,8 +107,15 @@ class WeightQuantizer(nn.Module):
 
     @property
     def uniform_bits(self) -> int | None:
-        b = self.bits.unique()
-        return int(b[0]) if b.numel() == 1 else None
+        """The one bit-width of every channel, or None; cached on the host (reading a CUDA buffer syncs, and
+        every forward asks) until the buffer changes (``set_bits``, ``load_state_dict``)."""
+        key = (self.bits.data_ptr(), self.bits._version)
+        cached = self.__dict__.get("_uniform")
+        if cached is None or cached[0] != key:
+            b = self.bits.unique()
+            cached = (key, int(b[0]) if b.numel() == 1 else None)
+            self.__dict__["_uniform"] = cached
+        return cached[1]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

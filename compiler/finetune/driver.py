@@ -47,6 +47,7 @@ CHECKPOINT_FORMAT = "mpqc-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 
 Callback = Callable[[str, dict], None]
+SYNC_EVERY = 25  # steps between host syncs (loss check, progress): each sync drains the GPU queue
 
 
 @dataclass
@@ -87,14 +88,17 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
-              distill: DistillConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cross-entropy, mixed with distillation from the float teacher when enabled: (1 - w) CE + w T^2 KL."""
+              distill: DistillConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy, mixed with distillation from the float teacher when enabled: (1 - w) CE + w T^2 KL.
+
+    The parts come back as detached tensors: turning them into floats here would stall the GPU every step.
+    """
     ce = F.cross_entropy(logits, y)
     if not distill.enabled or teacher_logits is None or distill.weight == 0:
-        return ce, {"ce": float(ce.detach())}
+        return ce, {"ce": ce.detach()}
     kd = distill_loss(logits, teacher_logits, distill.temperature)
     w = distill.weight
-    return (1 - w) * ce + w * kd, {"ce": float(ce.detach()), "kd": float(kd.detach())}
+    return (1 - w) * ce + w * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -522,8 +526,8 @@ def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sample
     objective.start_epoch(epoch)
     qmodel.train(True)
     task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(loader), info="")
-    sums: dict[str, float] = {}
-    n = 0
+    sums: dict = {}
+    n = done = 0
     for step, (x, y) in enumerate(loader):
         x = augment_batch(x.to(ctx.device, non_blocking=True), data.augment, gen)
         y = y.to(ctx.device, non_blocking=True)
@@ -540,19 +544,22 @@ def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sample
         objective.after_step()
         scheduler.step()
         n += 1
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"the loss became {lv} at epoch {epoch + 1}, step {step + 1}; lower the "
-                                     "learning rate")
-        for k, v in {"loss": lv, **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.update(task, advance=1, info=f"loss {lv:.4f}")
+        for k, v in {"loss": loss.detach(), **parts}.items():  # summed where they live: no host sync per step
+            sums[k] = sums[k] + v if k in sums else v
+        if callback is None and (step + 1) % SYNC_EVERY and step + 1 != len(loader):
+            continue
+        lv, total = float(loss.detach()), float(sums["loss"])  # a NaN at any step so far poisons the sum
+        if not (math.isfinite(lv) and math.isfinite(total)):
+            raise FloatingPointError(f"the loss became {lv if not math.isfinite(lv) else total} by epoch "
+                                     f"{epoch + 1}, step {step + 1}; lower the learning rate")
+        bar.update(task, advance=step + 1 - done, info=f"loss {lv:.4f}")
+        done = step + 1
         if callback:
             callback("step", {"epoch": epoch, "step": step, "loss": lv})
     bar.remove_task(task)
     qmodel.train(False)
     extra = objective.end_epoch(epoch)
-    row = {"epoch": epoch + 1, **{k: v / max(1, n) for k, v in sums.items()},
+    row = {"epoch": epoch + 1, **{k: float(v) / max(1, n) for k, v in sums.items()},
            "lr": float(optimizer.param_groups[0]["lr"]), "val_acc": float(objective.evaluate(data.val)),
            "seconds": time.perf_counter() - t0}
     row.update(extra)

@@ -195,7 +195,7 @@ class DxmaxObjective(Objective):
     def loss(self, logits, aux, y, teacher_logits):  # noqa: D102
         base, parts = task_loss(logits, y, teacher_logits, self.config.distill)
         pen = self.penalty()
-        parts["memory_penalty"] = float(pen.detach())
+        parts["memory_penalty"] = pen.detach()
         return base + pen, parts
 
     def after_backward(self):  # noqa: D102

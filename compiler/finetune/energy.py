@@ -330,7 +330,7 @@ class EnergyObjective(Objective):
         if not self.learn:
             return base, parts
         pen = self.energy_penalty()
-        parts["energy_penalty"] = float(pen.detach())
+        parts["energy_penalty"] = pen.detach()
         return base + pen, parts
 
     def after_step(self):  # noqa: D102

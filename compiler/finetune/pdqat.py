@@ -137,7 +137,7 @@ class PDQATObjective(Objective):
         c = aux["layer"]
         lam = self.lam.to(c.dtype)
         lagr = base + (lam * (c - cfg.eps_layer)).sum() + self.lam_out.to(c.dtype) * (c_out - cfg.eps_out)
-        parts.update({"c_out": float(c_out.detach()), "c_layer_mean": float(c.detach().mean()) if c.numel() else 0.0})
+        parts.update({"c_out": c_out.detach(), "c_layer_mean": c.detach().mean() if c.numel() else 0.0})
         return lagr, parts
 
     # -- the dual step ---------------------------------------------------------------------------------
