@@ -19,6 +19,7 @@ import torch
 from mpqc.errors import UserError
 
 from .atomic import atomic_write_json, atomic_write_text, atomic_write_with, ensure_dir
+from .devices import resolve_device
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class _Run:
         if list(self.loaded.input_shape[1:]) != in_shape and o.input_shape is None:
             self.loaded.example_inputs = (torch.zeros(1, *in_shape),)
         self.teacher = self.loaded.module
-        self.device = _resolve_device(o.device)
+        self.device = resolve_device(o.device)
         self._check_data()
         self.captured = capture(copy.deepcopy(self.loaded.module), self.loaded.example_inputs, fold_bn=True)
         self.manifest = Manifest.load(o.out)
@@ -183,19 +184,6 @@ class _Run:
         if self.o.finetune_method:
             return self.o.finetune_method
         return "energy" if self.target.kind == "analog" else "lsq"
-
-
-def _resolve_device(requested: str) -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU; a named device must exist."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"--device {requested!r} is not a torch device (auto, cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {requested}: no CUDA device is available; use --device cpu")
-    return dev
 
 
 @torch.no_grad()

@@ -145,13 +145,9 @@ def _quantized_copy(model: QuantizedModel | Captured, act_groups_mode: str) -> Q
 
 def _device(qm: QuantizedModel, requested: str | None) -> torch.device:
     if requested:
-        try:
-            dev = torch.device(requested)
-        except RuntimeError:
-            raise UserError(f"--device {requested!r} is not a torch device (cpu, cuda, cuda:1)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {requested}: no CUDA device is available")
-        return dev
+        from mpqc.compiler.devices import resolve_device
+
+        return resolve_device(requested)
     p = next(qm.gm.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 

@@ -76,7 +76,10 @@ CASES = [
     ({"avg_bits": None}, "budget"),
     ({"avg_bits": "W3"}, "avg-bits"),
     ({"avg_bits": None, "compression": "0.5"}, "compression"),
+    ({"device": "gpu0"}, "not a torch device"),
 ]
+if not torch.cuda.is_available():
+    CASES.append(({"device": "cuda"}, "no CUDA device"))
 
 
 @pytest.mark.parametrize("change,words", CASES, ids=[c[1][:20] for c in CASES])
