@@ -2,18 +2,18 @@
 precision at the same BitOPs and at Uhlich et al.'s memory target, with each compile stage's time.
 
 Steps: (1) train ResNet-20 (option-A shortcuts, ``mpqc.compiler.zoo:resnet20``) in full precision with the fast
-recipe (SGD nesterov, lr 0.2 cosine, batch 256, wd 5e-4, per-sample random crops and flips done on the device,
-the training set resident there; bf16 autocast and channels-last on CUDA) and save its state dict, or reuse
-``--fp-model``; (2) an lr sweep of the uniform W2A4 QAT (``--qat-lrs``; skipped with one lr): every later
-compile uses the lr with the best W2A4 accuracy, uniform and mixed alike; (3) the compiles, ``--jobs`` of them at
-once in separate processes (a ResNet-20 step is launch-bound, one process leaves most of an H100 idle), in
-priority order, none started after ``--deadline`` seconds: per uniform baseline WxAy (first conv and fc fixed at
-8 bits) ``mpqc.compile`` forced to uniform precision (every ``layer*`` fixed at WxAy, candidates {x, y}) and
-``mpqc.compile`` mixed at the same BitOPs (``avg_bits=WxAy``, candidates 2..8), fisher layer-wise; kernel-wise
-(per-channel weight bits) and the other sensitivity methods at the W2A4 BitOPs; Uhlich et al.'s weight-memory
-target (70.1 KB = 70.1·1024 bytes, largest activation 8.1 KB) layer- and kernel-wise; (4) a markdown table
-(OUT/table.md), the raw rows (OUT/results.json, rewritten after every job) and plots of accuracy against BitOPs
-and against weight size (OUT/cifar_bitops.png, OUT/cifar_size.png).
+recipe (SGD nesterov, lr 0.2 cosine, batch 256, wd 5e-4, per-sample random crops and flips done on the device, the
+training set resident there; bf16 autocast and channels-last on CUDA) and save its state dict, or reuse ``--fp-
+model``; (2) a sweep of the uniform W2A4 QAT's optimizer and lr (``--qat-lrs``; skipped with one setting): every
+later compile uses the setting with the best W2A4 accuracy, uniform and mixed alike; (3) the compiles, ``--jobs`` of
+them at once in separate processes (a ResNet-20 step is launch-bound, one process leaves most of an H100 idle), in
+priority order, none started after ``--deadline`` seconds: per uniform baseline WxAy (first conv and fc fixed at 8
+bits) ``mpqc.compile`` forced to uniform precision (every ``layer*`` fixed at WxAy, candidates {x, y}) and
+``mpqc.compile`` mixed with the uniform row's BitOPs as budget (every layer free, candidates 2..8), fisher layer-
+wise; kernel-wise (per-channel weight bits) and the other sensitivity methods at the W2A4 BitOPs; Uhlich et al.'s
+weight-memory target (70.1 KB = 70.1·1024 bytes, largest activation 8.1 KB) layer- and kernel-wise; (4) a markdown
+table (OUT/table.md), the raw rows (OUT/results.json, rewritten after every job) and plots of accuracy against
+BitOPs and against weight size (OUT/cifar_bitops.png, OUT/cifar_size.png).
 
     # the GPU run (issue 9)
     python bench/bench_cifar.py --device cuda --fp-epochs 100 --qat-epochs 15 --jobs 8 --out bench_out/cifar
@@ -149,13 +149,25 @@ def uniform_bitops(arch_fn, w: int, a: int, *, ends: tuple[str, ...] = ("conv1",
     return float(plan_costs(plan, graph, load_target(target))["bitops"]["value"])
 
 
+def parse_setting(text: str) -> tuple[str, float]:
+    """``0.001`` (SGD) or ``adam:1e-4``: the fine-tuning optimizer and its lr."""
+    opt, _, lr = text.strip().rpartition(":")
+    opt = opt.lower() or "sgd"
+    if opt not in ("sgd", "adam", "adamw"):
+        raise SystemExit(f"--qat-lrs: {text!r}: the optimizer must be sgd, adam or adamw")
+    try:
+        return opt, float(lr)
+    except ValueError:
+        raise SystemExit(f"--qat-lrs: {text!r} is not LR or OPTIMIZER:LR") from None
+
+
 # --------------------------------------------------------------------------------------------------------
 # the compiles
 UHLICH_WEIGHT_KB = 70.1  # Uhlich et al.'s CIFAR-10 ResNet-20 targets (seeds.md 4.3), KB = 1024 bytes
 UHLICH_ACT_MAX_KB = 8.1
 
 
-def make_jobs(plans, lr: float, methods, extra: bool, bitops_of) -> list[dict]:
+def make_jobs(plans, lr: float, methods, extra: bool, bitops_of, opt: str = "sgd") -> list[dict]:
     """Every compile of the bench, most important first (a deadline cuts the tail).
 
     Uniform rows fix conv1 and fc at 8 bits (the usual baseline); mixed rows get the uniform row's BitOPs
@@ -170,7 +182,7 @@ def make_jobs(plans, lr: float, methods, extra: bool, bitops_of) -> list[dict]:
             budget = {"avg_bits": f"W{w}A{a}"}
         else:
             budget = {"bitops": f"{bitops_of(w, a) / 1e9:.9f}"}
-        jobs.append({"key": key, "label": label, "uniform": uniform, "w": w, "a": a, "lr": lr,
+        jobs.append({"key": key, "label": label, "uniform": uniform, "w": w, "a": a, "lr": lr, "opt": opt,
                      "fix_ends": uniform or fix_ends, "sensitivity": kw.pop("sensitivity", "fisher"),
                      "granularity": kw.pop("granularity", "layer"), "budget": budget, "group": kw.pop("group")})
 
@@ -206,7 +218,8 @@ def run_job(job: dict, common: dict) -> dict:
     torch.set_num_threads(common["threads"])
     out = os.path.join(common["out"], job["key"])
     fix = ("conv1=8", "fc=8") if job["fix_ends"] else ()
-    kw = dict(fix=fix, epochs=common["qat_epochs"], lr=job["lr"], batch_size=common["batch_size"],
+    kw = dict(fix=fix, epochs=common["qat_epochs"], lr=job["lr"], optimizer=job.get("opt", "sgd"),
+              batch_size=common["batch_size"],
               sensitivity=job["sensitivity"], granularity=job["granularity"], samples=common["samples"],
               progress=False, device=common["device"], **job["budget"])
     if job["uniform"]:  # every searchable layer fixed at WxAy: the search has nothing to choose
@@ -300,7 +313,8 @@ def fmt_table(fp_row: dict, rows: list[dict]) -> str:
         compile_s = sum(t[s] or 0 for s in ("capture", "sensitivity", "search", "finetune"))
         lines.append(f"| {r['label']} | {_f(r['acc_fq'], '.2f')} | {_f(r['acc_onnx'], '.2f')} | "
                      f"{_f(None if r['bitops'] is None else r['bitops'] / 1e9, '.4f')} | "
-                     f"{_f(None if r['size'] is None else r['size'] / 1024, '.1f')} | {r['lr']:g} | "
+                     f"{_f(None if r['size'] is None else r['size'] / 1024, '.1f')} | "
+                     f"{r.get('opt', 'sgd')} {r['lr']:g} | "
                      + " | ".join(_f(t[s], '.1f') for s in STAGES) + f" | {compile_s:.0f} |")
     return "\n".join(lines)
 
@@ -347,8 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--fp-epochs", type=int, default=100)
     p.add_argument("--fp-lr", type=float, default=0.2)
     p.add_argument("--qat-epochs", type=int, default=15)
-    p.add_argument("--qat-lrs", default="0.01,0.005,0.002,0.001",
-                   help="QAT lrs tried on uniform W2A4; the best is used")
+    p.add_argument("--qat-lrs", default="0.002,0.001,adam:1e-4,adam:3e-5",
+                   help="QAT settings tried on uniform W2A4, LR or OPTIMIZER:LR (sgd, adam, adamw); the best is used")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -425,20 +439,20 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump({"meta": meta, "fp": fp_row, "rows": rows}, f, indent=1, default=str)
 
-    lrs = [float(v) for v in args.qat_lrs.split(",") if v.strip()]
+    settings = [parse_setting(v) for v in args.qat_lrs.split(",") if v.strip()]
     keep = set(args.rows.split(",")) if args.rows else None
-    lr = lrs[0]
-    if len(lrs) > 1 and (2, 4) in plans:  # the lr sweep on uniform W2A4
-        sweep = [{**make_jobs([(2, 4)], v, [], False, lambda w, a: 0.0)[1], "key": f"w2a4_uniform_lr{v:g}",
-                  "label": f"W2A4 uniform (LSQ QAT), lr {v:g}", "group": "lr-sweep"} for v in lrs]
+    opt, lr = settings[0]
+    if len(settings) > 1 and (2, 4) in plans:  # the optimizer / lr sweep on uniform W2A4
+        sweep = [{**make_jobs([(2, 4)], v, [], False, lambda w, a: 0.0, o)[1], "key": f"w2a4_uniform_{o}{v:g}",
+                  "label": f"W2A4 uniform (LSQ QAT), {o} lr {v:g}", "group": "lr-sweep"} for o, v in settings]
         swept = run_jobs(sweep, common, args.jobs, deadline, lambda r: (rows.append(r), save(r)))
         good = [r for r in swept if r.get("acc_fq") is not None]
         if good:
             best = max(good, key=lambda r: r["acc_fq"])
-            lr = best["lr"]
-            meta["lr_selected"] = {"lr": lr, "by": "uniform W2A4 fake-quant test accuracy", "sweep": {
-                f"{r['lr']:g}": r.get("acc_fq") for r in swept}}
-            print(f"QAT lr {lr:g} (uniform W2A4 {best['acc_fq']:.2f} %)", flush=True)
+            opt, lr = best["opt"], best["lr"]
+            meta["lr_selected"] = {"optimizer": opt, "lr": lr, "by": "uniform W2A4 fake-quant test accuracy",
+                                   "sweep": {f"{r['opt']}:{r['lr']:g}": r.get("acc_fq") for r in swept}}
+            print(f"QAT {opt} lr {lr:g} (uniform W2A4 {best['acc_fq']:.2f} %)", flush=True)
     methods = [m for m in args.methods.split(",") if m.strip()]
     from mpqc.compiler.zoo import resnet20 as arch_fn
 
@@ -449,9 +463,9 @@ def main(argv=None) -> int:
             bitops_cache[(w, a)] = uniform_bitops(arch_fn, w, a, target=args.target)
         return bitops_cache[(w, a)]
 
-    jobs = make_jobs(plans, lr, methods, not args.no_extra, bitops_of)
-    for r in list(rows):  # the sweep's run at the chosen lr is the uniform W2A4 row
-        if r.get("group") == "lr-sweep" and r["lr"] == lr and not r.get("error"):
+    jobs = make_jobs(plans, lr, methods, not args.no_extra, bitops_of, opt)
+    for r in list(rows):  # the sweep's run at the chosen setting is the uniform W2A4 row
+        if r.get("group") == "lr-sweep" and (r["opt"], r["lr"]) == (opt, lr) and not r.get("error"):
             rows.append({**r, "key": "w2a4_uniform", "label": "W2A4 uniform (LSQ QAT)", "group": "uniform"})
             jobs = [j for j in jobs if j["key"] != "w2a4_uniform"]
     if keep is not None:

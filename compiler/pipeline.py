@@ -66,6 +66,7 @@ class CompileOptions:
     # fine-tuning and export
     epochs: int = 3
     lr: float = 0.01
+    optimizer: str = "sgd"  # sgd (Nesterov momentum), adam, adamw
     batch_size: int = 64
     finetune_method: str | None = None  # default: lsq (digital), energy with a fixed allocation (analog)
     profile: str = "ort"
@@ -82,6 +83,10 @@ class CompileOptions:
             raise UserError(f"--epochs {self.epochs} must be >= 0")
         if self.granularity not in ("layer", "channel"):
             raise UserError(f"--granularity {self.granularity!r}: use layer or channel")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise UserError(f"--optimizer {self.optimizer!r}: use sgd, adam or adamw")
+        if not (self.lr > 0):
+            raise UserError(f"--lr {self.lr} must be > 0")
         self.fix = tuple(self.fix)
 
 
@@ -287,7 +292,8 @@ def _stage_finetune(r: _Run) -> dict:
         atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save({"model": q.state_dict()}, tmp))
         return {"epochs": 0}
     method = r.finetune_method()
-    cfg = {"epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size, "seed": o.seed, "method": method,
+    cfg = {"epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer, "batch_size": o.batch_size, "seed": o.seed,
+           "method": method,
            "device": r.device.type,
            "checkpoint_dir": r.path("finetune_ckpt"), "resume": True}
     if method == "energy":
@@ -417,9 +423,11 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
                          "candidates": o.candidates, "samples": o.samples, "act_groups": o.act_groups},
          ["sensitivity.json"], _stage_sensitivity),
         ("search", {**common, **{k: v for k, v in opts.items() if k not in ("epochs", "lr", "batch_size", "profile",
-                                                                              "finetune_method")},
+                                                                              "finetune_method", "optimizer",
+                                                                              "device")},
                     "_files": plan_in}, ["plan.json"] + (["pareto.csv"] if o.pareto else []), _stage_search),
-        ("finetune", {**common, "epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size,
+        ("finetune", {**common, "epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer,
+                      "batch_size": o.batch_size,
                       "method": o.finetune_method, "_files": {"plan": "plan.json"}}, ["model_q.pt"],
          _stage_finetune),
         ("export", {**common, "profile": o.profile, "_files": {"plan": "plan.json", "state": "model_q.pt"}},

@@ -481,8 +481,11 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
 
         path = checkpoint_path(config)
         start, metrics, resumed = 0, [], None
+        state = None
         if path and config.resume and os.path.isfile(path):
-            start, metrics = _resume(path, qmodel, optimizer, scheduler, objective, config, signature)
+            state = _resume(path, qmodel, optimizer, scheduler, objective, config, signature)
+        if state is not None:
+            start, metrics = state
             resumed = start
             log.info("resuming from %s after epoch %d", path, start)
         elif path and not config.resume and ctx.is_main and os.path.isfile(path):
@@ -575,7 +578,7 @@ def _payload(epoch, qmodel, optimizer, scheduler, objective, config, metrics, si
             "metrics": metrics}
 
 
-def _resume(path, qmodel, optimizer, scheduler, objective, config, signature) -> tuple[int, list[dict]]:
+def _resume(path, qmodel, optimizer, scheduler, objective, config, signature) -> tuple[int, list[dict]] | None:
     try:
         payload = load_checkpoint(path)
     except (OSError, RuntimeError, EOFError) as e:
@@ -587,6 +590,10 @@ def _resume(path, qmodel, optimizer, scheduler, objective, config, signature) ->
         raise ValueError(f"the checkpoint {path} was written for a different plan; delete it or run without resume")
     old = payload.get("config", {})
     changed = sorted(k for k, v in config.to_dict().items() if k not in ("resume", "epochs") and old.get(k) != v)
+    if "optimizer" in changed:  # its state cannot carry over: start afresh (the checkpoint is replaced)
+        log.warning("the checkpoint %s was written with optimizer %r, not %r: starting afresh", path,
+                    old.get("optimizer"), config.to_dict().get("optimizer"))
+        return None
     if changed:
         log.warning("resuming with changed settings: %s", ", ".join(changed))
     device = next(iter(qmodel.parameters())).device

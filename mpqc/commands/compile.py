@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
     t = p.add_argument_group("fine-tuning and export")
     t.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3; 0 = calibrate only)")
     t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd",
+                   help="fine-tuning optimizer (sgd: Nesterov momentum)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--finetune-method", choices=("lsq", "pdqat", "energy", "dxmax"),
                    help="default: lsq; analog targets: noise-aware training at the planned energies")
@@ -54,6 +56,7 @@ def run(args):
         granularity=args.granularity, clusters=args.clusters, candidates=args.candidates, fix=tuple(args.fix),
         weight_alpha=args.weight_alpha, monotone=args.monotone, act_groups=args.act_groups, solver=args.solver,
         time_limit=args.time_limit, search=args.search, pareto=args.pareto, epochs=args.epochs, lr=args.lr,
+        optimizer=args.optimizer,
         batch_size=args.batch_size, finetune_method=args.finetune_method, profile=args.profile, seed=args.seed,
         stop_after=args.stop_after, samples=args.samples, progress=not args.json,
         device=args.device)

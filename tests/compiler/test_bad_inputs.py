@@ -77,6 +77,8 @@ CASES = [
     ({"avg_bits": "W3"}, "avg-bits"),
     ({"avg_bits": None, "compression": "0.5"}, "compression"),
     ({"device": "gpu0"}, "not a torch device"),
+    ({"optimizer": "lion"}, "--optimizer"),
+    ({"lr": 0.0}, "--lr"),
 ]
 if not torch.cuda.is_available():
     CASES.append(({"device": "cuda"}, "no CUDA device"))

@@ -80,6 +80,24 @@ def test_rerun_reuses_finished_stages_and_stop_after(demo, tmp_path):
     assert (tmp_path / "s" / "plan.json").exists() and not (tmp_path / "s" / "model_q.pt").exists()
 
 
+def test_optimizer_change_reruns_only_finetuning_with_that_optimizer(demo, tmp_path):
+    import shutil
+
+    import torch
+
+    out, summary = demo
+    work = tmp_path / "bitserial"
+    shutil.copytree(out / "bitserial", work)
+    args = [sys.executable, "-m", "mpqc", "compile", summary["model"], "--arch", "mpqc.compiler.zoo:digits_cnn",
+            "--target", "bitserial", "--avg-bits", "W3A4", "--data", "digits", "--epochs", "3", "--json",
+            "--optimizer", "adam", "--lr", "0.001", "--stop-after", "finetune", "-o", str(work)]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert set(json.loads(run.stdout)["reused"]) == {"capture", "sensitivity", "search"}
+    ckpt = torch.load(work / "finetune_ckpt" / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["optimizer"] == "adam" and ckpt["config"]["lr"] == 0.001
+
+
 def test_report_command_regenerates(demo):
     out, _ = demo
     os.remove(out / "analog" / "report.html")
