@@ -361,7 +361,7 @@ def main(argv=None) -> int:
     p.add_argument("--fp-epochs", type=int, default=100)
     p.add_argument("--fp-lr", type=float, default=0.2)
     p.add_argument("--qat-epochs", type=int, default=15)
-    p.add_argument("--qat-lrs", default="0.002,0.001,adam:1e-4,adam:3e-5",
+    p.add_argument("--qat-lrs", default="0.02,0.01,0.005,adam:1e-4",
                    help="QAT settings tried on uniform W2A4, LR or OPTIMIZER:LR (sgd, adam, adamw); the best is used")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--wd", type=float, default=5e-4)

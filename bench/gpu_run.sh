@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-9 GPU run as it was launched on the device machine (one H100), in the background, after the CIFAR-10
+# The issue-9 GPU run of 2026-11-23 as it was launched on the device machine (one H100), in the background, after the CIFAR-10
 # shards were copied to DATA one per call (the transfer limit). Everything runs from a copy of the repo in RUN/src
 # (the working tree is laid anew on each call) and writes to RUN; RUN/progress.log says what is running.
 #

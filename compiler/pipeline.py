@@ -67,6 +67,7 @@ class CompileOptions:
     epochs: int = 3
     lr: float = 0.01
     optimizer: str = "sgd"  # sgd (Nesterov momentum), adam, adamw
+    batch_stats: bool = True  # LSQ: batch statistics on the folded convs while fine-tuning (finetune/renorm.py)
     batch_size: int = 64
     finetune_method: str | None = None  # default: lsq (digital), energy with a fixed allocation (analog)
     profile: str = "ort"
@@ -293,7 +294,7 @@ def _stage_finetune(r: _Run) -> dict:
         return {"epochs": 0}
     method = r.finetune_method()
     cfg = {"epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer, "batch_size": o.batch_size, "seed": o.seed,
-           "method": method,
+           "method": method, "batch_stats": o.batch_stats,
            "device": r.device.type,
            "checkpoint_dir": r.path("finetune_ckpt"), "resume": True}
     if method == "energy":
@@ -424,10 +425,10 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
          ["sensitivity.json"], _stage_sensitivity),
         ("search", {**common, **{k: v for k, v in opts.items() if k not in ("epochs", "lr", "batch_size", "profile",
                                                                               "finetune_method", "optimizer",
-                                                                              "device")},
+                                                                              "device", "batch_stats")},
                     "_files": plan_in}, ["plan.json"] + (["pareto.csv"] if o.pareto else []), _stage_search),
         ("finetune", {**common, "epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer,
-                      "batch_size": o.batch_size,
+                      "batch_size": o.batch_size, "batch_stats": o.batch_stats,
                       "method": o.finetune_method, "_files": {"plan": "plan.json"}}, ["model_q.pt"],
          _stage_finetune),
         ("export", {**common, "profile": o.profile, "_files": {"plan": "plan.json", "state": "model_q.pt"}},

@@ -331,10 +331,14 @@ class QuantizedModel(nn.Module):
             self.train(was_training)
 
     def train(self, mode: bool = True) -> QuantizedModel:
-        """Switch the quantizers only: the captured graph is an inference graph (BN statistics frozen)."""
+        """Switch the quantizers (and modules that ask to follow, ``follows_train_mode``) only: the captured graph
+        is an inference graph (BN statistics frozen)."""
         self.training = mode
         for m in list(self.wq.modules()) + list(self.aq.modules()):
             m.training = mode
+        for m in self.gm.modules():
+            if getattr(m, "follows_train_mode", False):
+                m.training = mode
         return self
 
     def forward(self, *args):

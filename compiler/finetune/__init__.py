@@ -37,8 +37,10 @@ from .driver import (
 from .dxmax import DxmaxObjective, DxmaxQuantizer, quantized_memory_kb
 from .energy import EnergyObjective, LayerNoise, NoiseInjector, evaluate_at_energy
 from .pdqat import PDQATObjective, rank_layers
+from .renorm import BatchRenorm, Renormalizer
 
 __all__ = [
+    "BatchRenorm",
     "DistContext",
     "DistillConfig",
     "DxmaxConfig",
@@ -57,6 +59,7 @@ __all__ = [
     "PDQATConfig",
     "PDQATObjective",
     "RangeInit",
+    "Renormalizer",
     "Scheduler",
     "accuracy",
     "apply_plan",

@@ -209,7 +209,9 @@ class FinetuneConfig:
     ``quant_lr`` is the step-size learning rate (None: ``lr``). ``weight_decay`` applies to weights only.
     ``checkpoint_dir``: where ``last.pt`` is written after every epoch (None: no checkpoints); with
     ``resume`` an existing one is continued. ``ddp``: use torch.distributed when launched by torchrun
-    (one process otherwise). ``device``: "auto" (CUDA when available), "cpu" or "cuda".
+    (one process otherwise). ``device``: "auto" (CUDA when available), "cpu" or "cuda". ``batch_stats`` (LSQ):
+    normalise each folded conv's output with batch statistics while training, folded back at the end
+    (:mod:`.renorm`): what training-mode BN gives a network that was captured with BN folded.
     """
 
     epochs: int = 5
@@ -223,6 +225,7 @@ class FinetuneConfig:
     method: Method = Method.LSQ
     range_init: RangeInit = RangeInit.MSE
     freeze_bn_last_epochs: int = 0
+    batch_stats: bool = True
     seed: int = 0
     checkpoint_dir: str | None = None
     resume: bool = True
@@ -263,7 +266,7 @@ class FinetuneConfig:
         _int("seed", self.seed, 0)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
-        for k in ("resume", "ddp"):
+        for k in ("resume", "ddp", "batch_stats"):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"{k} must be true or false, not {getattr(self, k)!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -21,6 +21,7 @@ resumed run ends with the weights an uninterrupted run would have.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import os
@@ -460,6 +461,13 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
     torch.manual_seed(config.seed)
     teacher = _frozen_teacher(teacher, qmodel, device)  # before the move: shared storage is detected on home
     qmodel.to(device)
+    renorm = None
+    if config.batch_stats and config.method == Method.LSQ:
+        from .renorm import Renormalizer
+
+        renorm = Renormalizer(qmodel)
+        renorm.calibrate(itertools.islice(make_loader(data.calib, config.eval_batch_size), config.calib_batches),
+                         device)
     objective = objective_for(config.method)(qmodel, teacher, data, config, ctx, emac)
     if config.method == Method.PDQAT and teacher is None:
         raise ValueError("PD-QAT needs the float teacher for its output constraint; pass teacher=")
@@ -505,8 +513,13 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
                 if callback:
                     callback("epoch", dict(metrics[-1]))
         qmodel.train(False)
+        if renorm is not None:
+            renorm.fold()
         summary = objective.finish()
     except BaseException:
+        if renorm is not None:
+            qmodel.train(False)
+            renorm.fold()  # the eval-mode model, on the captured graph (the checkpoint keeps the progress)
         objective.abort()
         qmodel.train(False)
         qmodel.to(home)
@@ -590,7 +603,7 @@ def _resume(path, qmodel, optimizer, scheduler, objective, config, signature) ->
         raise ValueError(f"the checkpoint {path} was written for a different plan; delete it or run without resume")
     old = payload.get("config", {})
     changed = sorted(k for k, v in config.to_dict().items() if k not in ("resume", "epochs") and old.get(k) != v)
-    if "optimizer" in changed:  # its state cannot carry over: start afresh (the checkpoint is replaced)
+    if "optimizer" in changed or "batch_stats" in changed:  # state that cannot carry over: start afresh
         log.warning("the checkpoint %s was written with optimizer %r, not %r: starting afresh", path,
                     old.get("optimizer"), config.to_dict().get("optimizer"))
         return None

@@ -6,6 +6,8 @@ a re-run reuses the stages whose inputs did not change, so an interrupted run re
 
 from __future__ import annotations
 
+import argparse
+
 from ._common import add_model_arguments
 
 HELP = "the whole pipeline, with a report"
@@ -29,6 +31,9 @@ def add_arguments(p) -> None:
     t.add_argument("--lr", type=float, default=0.01)
     t.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd",
                    help="fine-tuning optimizer (sgd: Nesterov momentum)")
+    t.add_argument("--batch-stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="LSQ: normalise the BN-folded convs with batch statistics while fine-tuning, folded back "
+                        "afterwards (default on)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--finetune-method", choices=("lsq", "pdqat", "energy", "dxmax"),
                    help="default: lsq; analog targets: noise-aware training at the planned energies")
@@ -56,7 +61,7 @@ def run(args):
         granularity=args.granularity, clusters=args.clusters, candidates=args.candidates, fix=tuple(args.fix),
         weight_alpha=args.weight_alpha, monotone=args.monotone, act_groups=args.act_groups, solver=args.solver,
         time_limit=args.time_limit, search=args.search, pareto=args.pareto, epochs=args.epochs, lr=args.lr,
-        optimizer=args.optimizer,
+        optimizer=args.optimizer, batch_stats=args.batch_stats,
         batch_size=args.batch_size, finetune_method=args.finetune_method, profile=args.profile, seed=args.seed,
         stop_after=args.stop_after, samples=args.samples, progress=not args.json,
         device=args.device)

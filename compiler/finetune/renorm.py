@@ -1,0 +1,172 @@
+"""Batch statistics while fine-tuning a BN-folded graph, folded back into the convolutions afterwards.
+
+The compiler captures inference graphs with BatchNorm folded into the convolutions, so plain QAT on them trains a
+network without normalisation, which only tolerates a small lr (on the H100 run, CIFAR-10 ResNet-20 at W2A4 kept
+89.7 % at lr 0.001 and collapsed to 47 % at 0.01; bench/RESULTS.md). :class:`BatchRenorm` after each convolution
+brings back what training-mode BN does. In training, the conv output z is normalised with the batch's per-channel
+mean and variance and mapped to a learned mean ``bias`` and scale ``|gain|``, and running statistics are kept. In
+eval mode it is the per-channel affine map y = a·z + b, a = |gain|/sqrt(running_var + eps) > 0.
+
+It starts as the identity: running statistics from calibration data, gain = sqrt(var + eps), bias = mean. So the
+model begins exactly where the folded one was. :meth:`Renormalizer.fold` ends it: each conv's weight rows and its
+weight quantizer's step sizes are multiplied by a, and its bias becomes a·bias + b. Per-channel fake quantization
+commutes with a positive per-channel scale (q(a·w; a·s) = a·q(w; s)), so the folded model computes what the
+eval-mode model did, on the graph that was captured.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mpqc.compiler.ir import OpKind
+from mpqc.compiler.quantize import QuantizedModel
+
+
+class BatchRenorm(nn.Module):
+    """Training-mode BatchNorm over an already-normalised (folded) conv output; identity-initialised."""
+
+    follows_train_mode = True  # QuantizedModel.train() switches it with the quantizers
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.gain = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+        self.observing = False
+        self._stats: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def _dims(z: torch.Tensor) -> list[int]:
+        return [0, *range(2, z.dim())]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        dims = self._dims(z)
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        if self.observing:  # calibration: sums for the initial statistics, output unchanged
+            zd = z.detach().double()
+            n = zd.numel() // zd.shape[1]
+            s = [torch.tensor(float(n), dtype=torch.float64, device=z.device), zd.sum(dims), (zd * zd).sum(dims)]
+            self._stats = s if self._stats is None else [a + b for a, b in zip(self._stats, s)]
+            return z
+        if self.training:
+            mean = z.mean(dims)
+            var = z.var(dims, unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().float(), self.momentum)
+                self.running_var.lerp_(var.detach().float(), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        zn = (z - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        return zn * self.gain.abs().reshape(shape) + self.bias.reshape(shape)
+
+    def start_from_observed(self) -> None:
+        """Running statistics from the observed sums; gain and bias so that eval mode is the identity."""
+        if self._stats is None:
+            raise RuntimeError("BatchRenorm saw no calibration batch")
+        n, s, ss = self._stats
+        mean = s / n
+        var = (ss / n - mean * mean).clamp_min(0.0)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.float())
+            self.running_var.copy_(var.float())
+            self.gain.copy_(torch.sqrt(var + self.eps).float())
+            self.bias.copy_(mean.float())
+        self._stats = None
+        self.observing = False
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) of the eval-mode map y = a·z + b, a > 0 per channel."""
+        a = self.gain.detach().abs() * torch.rsqrt(self.running_var + self.eps)
+        return a, self.bias.detach() - a * self.running_mean
+
+
+class Renormalizer:
+    """Attach a :class:`BatchRenorm` after every conv of ``qmodel`` that has a bias (the folded ones).
+
+    ``Renormalizer(q).calibrate(batches)`` sets the identity start; :meth:`fold` merges the maps into the convs
+    and takes the modules out of the graph again.
+    """
+
+    def __init__(self, qmodel: QuantizedModel):
+        self.q = qmodel
+        gm = qmodel.gm
+        self.modules: dict[str, BatchRenorm] = {}
+        self._nodes: dict[str, torch.fx.Node] = {}
+        self._dict = nn.ModuleDict()
+        gm.add_submodule("renorm", self._dict)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for op in qmodel.graph_ir.layers():
+            if op.kind != OpKind.CONV or not op.weight_fqn or not op.bias_fqn:
+                continue
+            node = nodes[op.attrs["node"]]
+            weight = qmodel.weight(op.name)
+            mod = BatchRenorm(weight.shape[0]).to(weight.device)
+            mod.training = qmodel.training
+            key = f"r{len(self._dict)}"
+            self._dict[key] = mod
+            self.modules[op.name] = mod
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(f"renorm.{key}", (node,))
+            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+            self._nodes[op.name] = new
+        gm.graph.lint()
+        gm.recompile()
+        self._attached = True
+
+    @torch.no_grad()
+    def calibrate(self, batches, device) -> None:
+        """Observe conv outputs on ``batches`` (x or (x, y)) in eval mode: the identity start."""
+        was = self.q.training
+        self.q.train(False)
+        for m in self.modules.values():
+            m.observing, m._stats = True, None
+        try:
+            for b in batches:
+                x = b[0] if isinstance(b, (tuple, list)) else b
+                self.q(x.to(device))
+            for m in self.modules.values():
+                m.start_from_observed()
+        finally:
+            for m in self.modules.values():
+                m.observing = False
+            self.q.train(was)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Merge each eval-mode map into its conv (weight rows, bias, weight step sizes) and detach (idempotent)."""
+        if not self._attached:
+            return
+        q = self.q
+        for name, mod in self.modules.items():
+            op = q.graph_ir.ops[name]
+            a, b = mod.affine()
+            w = q.weight(name)
+            bias = q._param(op.bias_fqn)
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            w.mul_(a.to(w.dtype).reshape(shape))
+            bias.copy_(a.to(bias.dtype) * bias + b.to(bias.dtype))
+            wq = q.weight_quantizer(name)
+            if wq is not None:
+                wq.scale.mul_(a.to(wq.scale.dtype))
+        self.remove()
+
+    def remove(self) -> None:
+        """Take the modules out of the graph without folding (the model is the folded one again only if
+        :meth:`fold` ran or nothing was trained)."""
+        if not self._attached:
+            return
+        gm = self.q.gm
+        for node in self._nodes.values():
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        delattr(gm, "renorm")
+        gm.graph.lint()
+        gm.recompile()
+        self._attached = False
+
+
+__all__ = ["BatchRenorm", "Renormalizer"]

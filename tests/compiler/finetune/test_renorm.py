@@ -1,0 +1,97 @@
+"""Batch statistics on a BN-folded graph (compiler/finetune/renorm.py): identity at the start, exact fold at the end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mpqc.compiler.capture import capture
+from mpqc.compiler.data import load_data, make_loader
+from mpqc.compiler.finetune import FinetuneConfig, finetune, prepare
+from mpqc.compiler.finetune.renorm import BatchRenorm, Renormalizer
+from mpqc.compiler.quantize import LayerQuant
+from mpqc.compiler.train import evaluate, train_float
+from mpqc.compiler.zoo import DigitsCNN
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+@pytest.fixture(scope="module")
+def float_model(digits):
+    torch.manual_seed(0)
+    m = DigitsCNN()
+    train_float(m, digits, epochs=6, seed=0)
+    return m.eval()
+
+
+def _quantized(model, digits, w=3, a=4):
+    cap = capture(copy.deepcopy(model), (torch.randn(1, 1, 8, 8),), fold_bn=True)
+    return prepare(cap, {op.name: LayerQuant(w, a) for op in cap.graph.layers()}, digits, FinetuneConfig())
+
+
+def test_batch_renorm_trains_like_bn_and_its_eval_map_is_affine():
+    torch.manual_seed(0)
+    z = torch.randn(16, 3, 5, 5) * torch.tensor([1.0, 4.0, 0.1]).reshape(1, 3, 1, 1) + 2.0
+    m = BatchRenorm(3)
+    m.observing = True
+    m(z)
+    m.start_from_observed()
+    m.eval()
+    assert torch.allclose(m(z), z, atol=1e-5)  # identity start
+    m.train()
+    y = m(z)  # batch statistics: each channel comes out at mean = bias, std = |gain|
+    assert torch.allclose(y.mean((0, 2, 3)), m.bias.detach(), atol=1e-4)
+    assert torch.allclose(y.std((0, 2, 3), unbiased=False), m.gain.detach().abs(), rtol=1e-3)
+    with torch.no_grad():
+        m.gain.mul_(torch.tensor([0.5, -2.0, 3.0]))
+        m.running_var.mul_(1.7)
+    m.eval()
+    a, b = m.affine()
+    assert (a > 0).all()
+    assert torch.allclose(m(z), a.reshape(1, 3, 1, 1) * z + b.reshape(1, 3, 1, 1), atol=1e-5)
+
+
+def test_start_is_the_folded_model_and_fold_is_exact(float_model, digits):
+    q = _quantized(float_model, digits)
+    x = digits.val.tensors[0][:128]
+    before = q(x).detach()
+    r = Renormalizer(q)
+    assert len(r.modules) == 4  # the four folded convs (the linear head keeps no BN)
+    r.calibrate(make_loader(digits.calib, 128), "cpu")
+    q.eval()
+    assert torch.allclose(q(x), before, atol=1e-4)
+    # move every part of the renorm away from the identity, as training would
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in r.modules.values():
+            c = m.gain.numel()
+            m.gain.mul_(torch.rand(c, generator=g) + 0.5)
+            m.bias.add_(torch.randn(c, generator=g) * 0.1)
+            m.running_mean.add_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.mul_(torch.rand(c, generator=g) + 0.5)
+    codes_before = {n: torch.round(q.weight(n) / q.weight_quantizer(n).scale.reshape(-1, 1, 1, 1))
+                    for n in r.modules}
+    moved = q(x).detach()
+    assert not torch.allclose(moved, before, atol=1e-3)
+    r.fold()
+    assert not hasattr(q.gm, "renorm") and "renorm" not in q.gm.code
+    assert torch.allclose(q(x), moved, atol=1e-4, rtol=1e-4)  # the eval-mode model, now in the convs
+    for n, c in codes_before.items():  # same integer codes: only the per-channel scale moved
+        assert torch.equal(torch.round(q.weight(n) / q.weight_quantizer(n).scale.reshape(-1, 1, 1, 1)), c)
+    r.fold()  # idempotent
+
+
+def test_finetune_with_batch_stats_ends_on_the_captured_graph(float_model, digits):
+    torch.set_num_threads(1)
+    q = _quantized(float_model, digits, w=2, a=4)
+    keys = set(q.state_dict())
+    cfg = FinetuneConfig(epochs=2, lr=0.05, batch_stats=True)
+    res = finetune(q, float_model, digits, cfg, progress=False)
+    assert set(q.state_dict()) == keys  # folded and detached: what export and model_q.pt expect
+    assert res.final_accuracy == pytest.approx(evaluate(q, digits.val))
+    assert res.final_accuracy > 80.0, res.final_accuracy
