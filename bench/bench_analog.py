@@ -12,6 +12,8 @@ Curves (all at the same MAC-weighted Ē = Σ MAC_l E_l / Σ MAC_l over the analo
   ilp-layer      mpqc's MCKP search with an ``--emac Ē`` budget (layer-wise; the repo's table on a wide E grid)
   closed-channel E_c ∝ sqrt(s_c / MAC_c), s_c the per-output-channel Fisher-weighted noise variance measured with
                  the evaluation's own NoiseInjector sigma (so prediction and evaluation share one noise model)
+  closed-channel-measured  the same with each layer's s_c scaled by its measured / predicted loss increase (that
+                 layer's noise alone, on training images)
   learned-E*     Garg et al.'s energy training (``EnergyObjective`` mode=learn, weights frozen), profile rescaled
 
 GPU (H100: ~2.5 minutes measured on a weaker ResNet-20 without highspy, i.e. without the ILP curve)::
@@ -136,6 +138,9 @@ class Bench:
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(x), generator=g)[: self.n_eval]
         self.xe, self.ye = x[idx].to(self.dev), y[idx].to(self.dev)
+        xt, yt = self.data.train.tensors  # training images for the measured correction (never the test images)
+        idx = torch.randperm(len(xt), generator=g)[: min(len(xt), self.n_eval // 2)]
+        self.xm, self.ym = xt[idx].to(self.dev), yt[idx].to(self.dev)
         self.res["eval_images"] = len(idx)
         an = self.target.analog
         self.res["noise_model"] = {"noise": an.noise, "sigma_t": an.sigma_t, "digital_layers": list(an.digital_layers),
@@ -155,12 +160,13 @@ class Bench:
         return 100.0 * correct / len(self.xe)
 
     @torch.no_grad()
-    def mean_loss(self, model) -> float:
+    def mean_loss(self, model, x=None, y=None) -> float:
+        x, y = (self.xe, self.ye) if x is None else (x, y)
         tot = 0.0
-        for i in range(0, len(self.xe), self.a.batch):
-            out = model(self.xe[i:i + self.a.batch])
-            tot += float(F.cross_entropy(out.float(), self.ye[i:i + self.a.batch], reduction="sum"))
-        return tot / len(self.xe)
+        for i in range(0, len(x), self.a.batch):
+            out = model(x[i:i + self.a.batch])
+            tot += float(F.cross_entropy(out.float(), y[i:i + self.a.batch], reduction="sum"))
+        return tot / len(x)
 
     # -- sensitivity (the repo's analog method) --------------------------------------------------------
     def sensitivity(self) -> None:
@@ -312,6 +318,25 @@ class Bench:
                 f"{out[n]['predicted_empirical']:.4f} (emp. Fisher), {out[n]['predicted_repo']:.4f} (repo table); "
                 f"measured {m:.4f} (ratio measured/GGN {out[n]['ratio_measured_over_ggn']:.2f})")
         self.res["checks"]["single_layer_loss_increase"] = out
+
+    def measure_layers(self, target: float = 0.05) -> None:
+        """Each analog layer's noise alone, at the E where the Gauss-Newton model predicts ``target`` nats, on
+        training images: the measured / predicted ratio corrects that layer's channel sensitivities (the
+        quadratic model misses by a factor that differs per layer)."""
+        base = self.mean_loss(self.q_clean, self.xm, self.ym)
+        self.ratio, out = {}, {}
+        for n in self.analog:
+            e = float(self.s_ch[n].sum()) / target
+            self.inj.set_energy({m: (e if m == n else 1e12) for m in self.analog})
+            meas = []
+            for s in range(self.a.seeds):
+                with self.inj.fixed_noise(200 + s):
+                    meas.append(self.mean_loss(self.qn, self.xm, self.ym) - base)
+            self.ratio[n] = max(float(np.mean(meas)), 0.05 * target) / target
+            out[n] = {"E": e, "measured": float(np.mean(meas)), "ratio": self.ratio[n]}
+        self.res["measured_correction"] = out
+        log("measured / predicted loss increase per layer: "
+            + " ".join(f"{n}:{v:.2f}" for n, v in self.ratio.items()))
 
     # -- allocations ------------------------------------------------------------------------------------
     def profile_layer(self, s: dict) -> dict:
@@ -539,6 +564,10 @@ def main(argv=None) -> int:
     b.part("uniform", lambda: b.curve("uniform", lambda eb: {n: eb for n in b.analog}))
     b.part("closed-channel", lambda: (lambda p: b.curve("closed-channel", lambda eb: b.scaled(p, eb)))(
         b.profile_channel(b.s_ch)))
+    b.part("measure", b.measure_layers)
+    b.part("closed-channel-measured", lambda: (lambda p: b.curve(
+        "closed-channel-measured", lambda eb: b.scaled(p, eb)))(
+        b.profile_channel({n: b.s_ch[n] * b.ratio[n] for n in b.analog})))
     b.part("closed-layer", lambda: (lambda p: b.curve("closed-layer", lambda eb: b.scaled(p, eb)))(
         b.profile_layer(b.s_repo)))
 
