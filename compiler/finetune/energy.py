@@ -34,6 +34,7 @@ from mpqc.kernels import analog_noise_log_e, thermal_sigma
 
 from .config import EnergyMode, Method
 from .driver import Objective, accuracy, register_objective, task_loss
+from .graph_taps import insert_after, remove_inserted
 
 EmacSpec = float | dict[str, float | list[float]]
 _SEED_MOD = 2**62
@@ -157,10 +158,7 @@ class NoiseInjector:
             key = _safe_key(op.name, self._dict)
             self._dict[key] = mod
             self.modules[op.name] = mod
-            with gm.graph.inserting_after(node):
-                new = gm.graph.call_module(f"noise.{key}", (node,))
-            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-            self._nodes[op.name] = new
+            self._nodes[op.name] = insert_after(gm, node, f"noise.{key}")
         gm.graph.lint()
         gm.recompile()
         self._attached = True
@@ -240,13 +238,7 @@ class NoiseInjector:
         """Take the noise nodes out of the graph and drop the ``noise`` submodule (idempotent)."""
         if not self._attached:
             return
-        gm = self.q.gm
-        for node in self._nodes.values():
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-        delattr(gm, "noise")
-        gm.graph.lint()
-        gm.recompile()
+        remove_inserted(self.q.gm, self._nodes.values(), "noise")
         self._attached = False
 
     def __enter__(self) -> NoiseInjector:

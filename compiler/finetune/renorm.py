@@ -22,6 +22,8 @@ from torch import nn
 from mpqc.compiler.ir import OpKind
 from mpqc.compiler.quantize import QuantizedModel
 
+from .graph_taps import insert_after, remove_inserted
+
 
 class BatchRenorm(nn.Module):
     """Training-mode BatchNorm over an already-normalised (folded) conv output; identity-initialised."""
@@ -109,10 +111,7 @@ class Renormalizer:
             key = f"r{len(self._dict)}"
             self._dict[key] = mod
             self.modules[op.name] = mod
-            with gm.graph.inserting_after(node):
-                new = gm.graph.call_module(f"renorm.{key}", (node,))
-            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-            self._nodes[op.name] = new
+            self._nodes[op.name] = insert_after(gm, node, f"renorm.{key}")
         gm.graph.lint()
         gm.recompile()
         self._attached = True
@@ -159,13 +158,7 @@ class Renormalizer:
         :meth:`fold` ran or nothing was trained)."""
         if not self._attached:
             return
-        gm = self.q.gm
-        for node in self._nodes.values():
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-        delattr(gm, "renorm")
-        gm.graph.lint()
-        gm.recompile()
+        remove_inserted(self.q.gm, self._nodes.values(), "renorm")
         self._attached = False
 
 
