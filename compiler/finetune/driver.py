@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpqc.compiler.data import DataSplits, augment_batch, make_loader
+from mpqc.compiler.progress import progress_bar
 from mpqc.compiler.quantize import LayerQuant, QuantizedModel, RangeMethod
 
 from . import ddp
@@ -408,23 +409,6 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**62)
 
 
-def _progress_bar(show: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    # stderr: stdout stays free for the CLI's --json summary
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not show)
-
-
 def finetune(qmodel: QuantizedModel, teacher: nn.Module | None, data: DataSplits, config: FinetuneConfig,
              progress: bool = True, *, emac: dict | None = None, callback: Callback | None = None) -> FinetuneResult:
     """Fine-tune ``qmodel`` in place with ``config.method``; returns metrics and the final accuracy.
@@ -499,7 +483,7 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
         elif path and not config.resume and ctx.is_main and os.path.isfile(path):
             os.unlink(path)
 
-        with _progress_bar(show) as bar:
+        with progress_bar(show, info=True) as bar:
             ep_task = bar.add_task("epochs", total=config.epochs, completed=start, info="")
             for epoch in range(start, config.epochs):
                 metrics.append(_train_epoch(epoch, student, objective, optimizer, scheduler, loader, sampler,

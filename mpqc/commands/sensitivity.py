@@ -67,20 +67,11 @@ class _Progress:
     """Rich progress bars on stderr, one per stage, with elapsed time and an ETA."""
 
     def __init__(self):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        import sys
 
-        console = Console(stderr=True)
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                            transient=False, disable=not console.is_terminal)
+        from mpqc.compiler.progress import progress_bar
+
+        self.bar = progress_bar(sys.stderr.isatty())
         self.tasks: dict[str, int] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
