@@ -23,6 +23,7 @@ increase at Spearman 0.7-1.0 over four training seeds where the trace form gives
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -58,6 +59,19 @@ class _Running:
         return (self.m2 / (self.n - 1) / self.n).sqrt()
 
 
+@contextlib.contextmanager
+def _gradients(ctx: Context, groups, weights: dict, x, y):
+    """The loss gradient w.r.t. the weights and the tapped activations, with its graph kept for Hessian-vector
+    products: yields (taps, activation keys, inputs, grads, indices of the inputs whose gradient has a graph)."""
+    with Taps(groups, mode="perturb") as taps, torch.enable_grad():
+        loss = ctx.loss_fn(ctx.qmodel.gm(x), y).sum()
+        keys = [g.key for g in groups if g.key in taps.perturb]
+        inputs = list(weights.values()) + [taps.perturb[key] for key in keys]
+        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        yield taps, keys, inputs, grads, live
+
+
 def run(ctx: Context) -> RawScores:
     probes, min_probes, tol = int(ctx.params["probes"]), int(ctx.params["min_probes"]), float(ctx.params["tol"])
     if probes < 1 or min_probes < 1 or not tol > 0:
@@ -85,12 +99,8 @@ def run(ctx: Context) -> RawScores:
     with ctx.stage("hutchinson: probes", probes) as tick:
         for k in range(probes):
             x, y = batches[k % len(batches)]
-            with Taps(groups, mode="perturb") as taps, torch.enable_grad():
-                loss = ctx.loss_fn(qm.gm(x), y).sum()
-                keys = [g.key for g in groups if g.key in taps.perturb]
-                inputs = list(weights.values()) + [taps.perturb[key] for key in keys]
-                grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
-                pairs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            with _gradients(ctx, groups, weights, x, y) as (taps, keys, inputs, grads, live):
+                pairs = [(i, grads[i]) for i in live]
                 vs = [_rademacher(inputs[i], gen) for i, _ in pairs]
                 hv = torch.autograd.grad([g for _, g in pairs], [inputs[i] for i, _ in pairs], grad_outputs=vs,
                                          allow_unused=True)
@@ -165,12 +175,7 @@ def _quadratic(ctx: Context) -> RawScores:
     with ctx.stage("hutchinson: probes", probes) as tick:
         for k in range(probes):
             x, y = batches[k % len(batches)]
-            with Taps(groups, mode="perturb") as taps, torch.enable_grad():
-                loss = ctx.loss_fn(qm.gm(x), y).sum()
-                keys = [g.key for g in groups if g.key in taps.perturb]
-                inputs = list(weights.values()) + [taps.perturb[key] for key in keys]
-                grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
-                live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            with _gradients(ctx, groups, weights, x, y) as (taps, keys, inputs, grads, live):
                 signs = {i: float(torch.randint(0, 2, (1,), generator=gen)) * 2 - 1 for i in live}
                 names = [("w", n) for n in weights] + [("a", key) for key in keys]
                 for b in cands:
