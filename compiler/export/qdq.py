@@ -645,16 +645,7 @@ class _Inserter:
                     metadata_props=meta)
         y.name = f"{name}.weight_dq"
         y.dtype, y.shape = ir.DataType.FLOAT, ir.Shape(codes.shape)
-        if transpose is not None:
-            self._replace(marker, marker.inputs[0], [])  # marker out; the transpose is folded into the codes
-            self.graph.insert_before(transpose, list(tape.nodes))
-            out = transpose.outputs[0]
-            out.replace_all_uses_with(y, replace_graph_outputs=out.is_graph_output())
-            self.graph.remove(transpose, safe=True)
-        else:
-            self._replace(marker, y, list(tape.nodes))
-        if user is not None:
-            self.compute[user] = p.layer
+        self._splice_weight(marker, y, tape, transpose, user, p.layer)
         self.layers.setdefault(p.layer, {}).update(
             {"w_bits": meta["mpqc.bits"], "w_container": container, "w_scale": "per-block" if block else
              f"per-channel (axis {axis})", "weight_op": op_type})
@@ -683,6 +674,21 @@ class _Inserter:
             self.notes.append(f"weight of {op_type} with K={k}: no INT4 block size divides K; kept in int8")
         return "int8", 0
 
+    def _splice_weight(self, marker: ir.Node, y: ir.Value, tape, transpose: ir.Node | None, user: ir.Node | None,
+                       layer: str) -> None:
+        """Put the dequantized weight ``y`` (built on ``tape``) where the weight marker was; a transpose between
+        the weight and its user is folded into the stored codes, so ``y`` replaces the transpose's output."""
+        if transpose is not None:
+            self._replace(marker, marker.inputs[0], [])  # marker out; the transpose is folded into the codes
+            self.graph.insert_before(transpose, list(tape.nodes))
+            out = transpose.outputs[0]
+            out.replace_all_uses_with(y, replace_graph_outputs=out.is_graph_output())
+            self.graph.remove(transpose, safe=True)
+        else:
+            self._replace(marker, y, list(tape.nodes))
+        if user is not None:
+            self.compute[user] = layer
+
     def _fp8(self, marker: ir.Node, p: _Fp8Point) -> None:
         f8 = ir.DataType.FLOAT8E4M3FN
         tape = ir.tape.Tape()
@@ -699,16 +705,7 @@ class _Inserter:
             y = tape.op("DequantizeLinear", [w, s], attributes={"axis": axis},
                         name=self._name(f"{p.name}/weight_dq"), metadata_props=meta)
             y.dtype, y.shape = ir.DataType.FLOAT, ir.Shape(codes.shape)
-            if transpose is not None:
-                self._replace(marker, marker.inputs[0], [])
-                self.graph.insert_before(transpose, list(tape.nodes))
-                out = transpose.outputs[0]
-                out.replace_all_uses_with(y, replace_graph_outputs=out.is_graph_output())
-                self.graph.remove(transpose, safe=True)
-            else:
-                self._replace(marker, y, list(tape.nodes))
-            if user is not None:
-                self.compute[user] = p.name
+            self._splice_weight(marker, y, tape, transpose, user, p.name)
             self.layers.setdefault(p.name, {}).update({"w_format": "fp8", "w_container": "float8e4m3fn",
                                                        "w_scale": f"per-channel (axis {axis})"})
             return
