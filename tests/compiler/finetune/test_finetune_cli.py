@@ -18,16 +18,6 @@ from mpqc.compiler.plan import LayerPlan, uniform_plan
 from mpqc.compiler.zoo import DigitsCNN
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only add overhead, and on a shared 2-core machine they oversubscribe
-    # (measured: 12 ms vs 1.3 s per QAT step with 2 threads while other test processes ran)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("finetune_cli")

@@ -87,7 +87,6 @@ def test_start_is_the_folded_model_and_fold_is_exact(float_model, digits):
 
 
 def test_finetune_with_batch_stats_ends_on_the_captured_graph(float_model, digits):
-    torch.set_num_threads(1)
     q = _quantized(float_model, digits, w=2, a=4)
     keys = set(q.state_dict())
     cfg = FinetuneConfig(epochs=2, lr=0.05, batch_stats=True)
