@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "mpqc.compiler.zoo:resnet20"
@@ -78,44 +77,24 @@ def reduced_data(src: str, out: str, train_limit: int, test_limit: int, seed: in
 
 def train_fp(data, *, epochs: int, lr: float, batch_size: int, wd: float, device: torch.device, seed: int = 0,
              model: torch.nn.Module | None = None, log_every: int = 10):
-    """The documented fast recipe: data and augmentation on the device, bf16 autocast and channels-last on CUDA.
-
-    Trains ``model`` (default a fresh ResNet-20); returns it in eval mode on the CPU, and the training seconds.
-    """
-    from mpqc.compiler.data import TensorBatches, augment_batch
-    from mpqc.compiler.train import evaluate
+    """The documented fast recipe (``mpqc.compiler.train.train_float`` on ``device``), with the test accuracy
+    every ``log_every`` epochs. Trains ``model`` (default a fresh ResNet-20); returns it in eval mode on the
+    CPU, and the training seconds."""
+    from mpqc.compiler.train import evaluate, train_float
     from mpqc.compiler.zoo import resnet20
 
-    torch.manual_seed(seed)
-    cuda = device.type == "cuda"
-    model = (model if model is not None else resnet20()).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    batches = TensorBatches(data.train, batch_size, shuffle=True, seed=seed, drop_last=True, device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(batches)))
-    gen = torch.Generator().manual_seed(seed)
+    model = model if model is not None else resnet20()
     t0 = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        total = torch.zeros((), device=device)
-        for x, y in batches:
-            x = augment_batch(x, data.augment, gen)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach()
+
+    def progress(epoch: int, loss: float) -> None:
         if (epoch + 1) % log_every == 0 or epoch + 1 == epochs:
-            model.eval()
-            acc = evaluate(model, data.val, batch_size=1000, device=device)
-            print(f"  fp epoch {epoch + 1}/{epochs}: loss {float(total) / max(1, len(batches)):.4f}, "
-                  f"test {acc:.2f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if cuda:
+            acc = evaluate(model.eval(), data.val, batch_size=1000, device=device)
+            print(f"  fp epoch {epoch + 1}/{epochs}: loss {loss:.4f}, test {acc:.2f} % "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    train_float(model, data, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=wd, seed=seed,
+                progress=progress, device=device)
+    if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
