@@ -49,11 +49,17 @@ ARCH = "mpqc.compiler.zoo:resnet20"
 STAGES = ("capture", "sensitivity", "search", "finetune", "export")
 
 
+def _bad(msg: str):
+    """A bad option: one line on stderr, exit code 2 (what argparse does)."""
+    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_plan(text: str) -> tuple[int, int]:
     t = text.strip().lower()
-    if not (t.startswith("w") and "a" in t):
-        raise SystemExit(f"--plans: {text!r} is not of the form wXaY (e.g. w2a4)")
-    w, a = t[1:].split("a", 1)
+    w, _, a = t[1:].partition("a")
+    if not (t.startswith("w") and w.isdigit() and a.isdigit() and 2 <= int(w) <= 8 and 2 <= int(a) <= 8):
+        _bad(f"--plans: {text!r} is not of the form wXaY with X, Y in 2..8 (e.g. w2a4)")
     return int(w), int(a)
 
 
@@ -133,11 +139,14 @@ def parse_setting(text: str) -> tuple[str, float]:
     opt, _, lr = text.strip().rpartition(":")
     opt = opt.lower() or "sgd"
     if opt not in ("sgd", "adam", "adamw"):
-        raise SystemExit(f"--qat-lrs: {text!r}: the optimizer must be sgd, adam or adamw")
+        _bad(f"--qat-lrs: {text!r}: the optimizer must be sgd, adam or adamw")
     try:
-        return opt, float(lr)
+        value = float(lr)
     except ValueError:
-        raise SystemExit(f"--qat-lrs: {text!r} is not LR or OPTIMIZER:LR") from None
+        value = float("nan")
+    if not value > 0:
+        _bad(f"--qat-lrs: {text!r} is not LR or OPTIMIZER:LR with LR > 0 (e.g. 0.01 or adam:1e-4)")
+    return opt, value
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -360,6 +369,11 @@ def main(argv=None) -> int:
     t_start = time.time()
     deadline = t_start + args.deadline if args.deadline else float("inf")
     plans = [parse_plan(t) for t in args.plans.split(",") if t.strip()]
+    settings = [parse_setting(v) for v in args.qat_lrs.split(",") if v.strip()]  # checked before any work
+    if not plans or not settings:
+        _bad("--plans and --qat-lrs need at least one entry each")
+    if args.fp_model and not os.path.isfile(args.fp_model):
+        _bad(f"--fp-model {args.fp_model}: file not found")
     os.makedirs(args.out, exist_ok=True)
     threads = args.threads or max(1, (os.cpu_count() or 2) // max(1, args.jobs))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the workers inherit it
@@ -418,7 +432,6 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump({"meta": meta, "fp": fp_row, "rows": rows}, f, indent=1, default=str)
 
-    settings = [parse_setting(v) for v in args.qat_lrs.split(",") if v.strip()]
     keep = set(args.rows.split(",")) if args.rows else None
     opt, lr = settings[0]
     if len(settings) > 1 and (2, 4) in plans:  # the optimizer / lr sweep on uniform W2A4
