@@ -10,6 +10,9 @@ Curves (all at the same MAC-weighted Ē = Σ MAC_l E_l / Σ MAC_l over the analo
   uniform        every analog layer at E = Ē
   closed-layer   E_l ∝ sqrt(s_l / MAC_l), s_l the repo's analog sensitivity (``run_sensitivity("analog")``) at E=1
   ilp-layer      mpqc's MCKP search with an ``--emac Ē`` budget (layer-wise; the repo's table on a wide E grid)
+  ilp-channel    the same search at ``--granularity channel``: one E per output channel (array column), from the
+                 repo's per-channel analog sensitivity (``e_channel``): what ``mpqc compile --granularity channel``
+                 plans
   closed-channel E_c ∝ sqrt(s_c / MAC_c), s_c the per-output-channel Fisher-weighted noise variance measured with
                  the evaluation's own NoiseInjector sigma (so prediction and evaluation share one noise model)
   closed-channel-measured  the same with each layer's s_c scaled by its measured / predicted loss increase (that
@@ -76,6 +79,9 @@ def parse_args(argv=None):
                    help="comma-separated Ē of the noise-aware fine-tuning runs (uniform and closed-channel; 0: none)")
     p.add_argument("--train-epochs", type=int, default=None, help="epochs of each noise-aware fine-tuning run")
     p.add_argument("--train-lr", type=float, default=0.002)
+    p.add_argument("--only", default=None,
+                   help="comma-separated parts to run besides setup/sensitivity/search/summary (e.g. uniform,"
+                        "closed-channel,ilp-channel,check,measure,learned,trained-uniform@4); default: all")
     return p.parse_args(argv)
 
 
@@ -105,7 +111,12 @@ class Bench:
             json.dump(self.res, f, indent=1, default=float)
         os.replace(path + ".tmp", path)
 
+    ALWAYS = ("setup", "sensitivity", "search", "sensitivity_channel", "summary", "plot")
+
     def part(self, name: str, fn) -> None:
+        only = self.a.only.split(",") if self.a.only else None
+        if only is not None and name not in self.ALWAYS and name not in only:
+            return
         t = time.perf_counter()
         log(f"== {name}")
         try:
@@ -174,26 +185,32 @@ class Bench:
 
         t = time.perf_counter()
         table = run_sensitivity("analog", self.captured, self.data,
-                                {"target": "analog", "samples": self.samples, "device": str(self.dev)})
+                                {"target": "analog", "samples": self.samples, "device": str(self.dev),
+                                 "granularity": "channel"})
         self.s_repo = {n: float(ls.e[min(ls.e, key=lambda e: abs(e - 1.0))]) for n, ls in table.layers.items()
                        if ls.e}
+        self.s_repo_ch = {n: np.asarray(ls.e_channel[min(ls.e_channel, key=lambda e: abs(e - 1.0))])
+                          for n, ls in table.layers.items() if ls.e_channel}
         self.res["timings_s"]["sensitivity_repo"] = time.perf_counter() - t
         self.res["s_repo_at_E1"] = self.s_repo
         log(f"repo analog sensitivity: {len(self.s_repo)} layers, {self.samples} samples")
 
     # -- search + the pipeline's quantized model -------------------------------------------------------
     def _wide(self):
+        """The analog target on a wide grid (1e-3..1e5, 65 points: the curves reach Ē = 0.25) and the repo's
+        table extended to it (thermal scores are exactly s(1)/E)."""
         from dataclasses import replace
 
         from mpqc.compiler.search.problem import read_sensitivity
 
         target = replace(self.target, analog=replace(self.target.analog, e_min=1e-3, e_max=1e5, points=65))
         grid = [float(e) for e in target.analog.e_grid()]
-        d = {"version": 1, "method": "analog",
-             "layers": {n: {"e": {repr(e): s / e for e in grid}} for n, s in self.s_repo.items()}}
-        return target, read_sensitivity(d)
+        layers = {n: {"e": {repr(e): s / e for e in grid}} for n, s in self.s_repo.items()}
+        for n, sc in self.s_repo_ch.items():
+            layers[n]["e_channel"] = {repr(e): (sc / e).tolist() for e in grid}
+        return target, read_sensitivity({"version": 1, "method": "analog", "layers": layers})
 
-    def ilp(self, ebar: float, target=None, table=None):
+    def ilp(self, ebar: float, target=None, table=None, granularity: str = "layer"):
         from mpqc.compiler.search.budgets import parse_budgets
         from mpqc.compiler.search.problem import SearchOptions
         from mpqc.compiler.search.solve import search
@@ -201,7 +218,7 @@ class Bench:
         if target is None:
             target, table = self._wide()
         sp, sol = search(self.captured.graph, target, parse_budgets(emac=repr(float(ebar))), table,
-                         SearchOptions(granularity="layer"))
+                         SearchOptions(granularity=granularity))
         return sp.to_plan(sol)
 
     def build_model(self) -> None:
@@ -571,19 +588,21 @@ def main(argv=None) -> int:
     b.part("closed-layer", lambda: (lambda p: b.curve("closed-layer", lambda eb: b.scaled(p, eb)))(
         b.profile_layer(b.s_repo)))
 
-    def ilp_curve():
+    def ilp_curve(granularity: str):
         t = time.perf_counter()
         target, table = b._wide()
         plans = {}
         for eb in b.grid:
-            plan = b.ilp(float(eb), target, table)
-            plans[float(eb)] = {n: float(plan.emac(n)) for n in b.analog}
-        b.res["timings_s"]["search"] = b.res["timings_s"].get("search", 0.0) + time.perf_counter() - t
-        b.res["ilp_plans"] = {repr(k): v for k, v in plans.items()}
-        log(f"   {len(plans)} ILP solves in {time.perf_counter() - t:.1f}s")
-        b.curve("ilp-layer", lambda eb: plans[eb])
+            plan = b.ilp(float(eb), target, table, granularity)
+            plans[float(eb)] = {n: plan.emac(n) for n in b.analog}
+        key = f"search_{granularity}"
+        b.res["timings_s"][key] = b.res["timings_s"].get(key, 0.0) + time.perf_counter() - t
+        b.res[f"ilp_plans_{granularity}"] = {repr(k): v for k, v in plans.items()}
+        log(f"   {len(plans)} ILP solves ({granularity}) in {time.perf_counter() - t:.1f}s")
+        b.curve(f"ilp-{granularity}", lambda eb: plans[eb])
 
-    b.part("ilp-layer", ilp_curve)
+    b.part("ilp-channel", lambda: ilp_curve("channel"))
+    b.part("ilp-layer", lambda: ilp_curve("layer"))
     b.part("closed-layer-ggn", lambda: (lambda p: b.curve("closed-layer-ggn", lambda eb: b.scaled(p, eb)))(
         b.profile_layer(b.res["s_channel_sum_ggn"])))
     b.part("learned", b.run_learned)

@@ -16,7 +16,7 @@ from .train import train_float
 from .zoo import DigitsCNN
 
 TARGETS = (
-    ("analog", {"target": "analog", "emac": "100"}),
+    ("analog", {"target": "analog", "emac": "100", "granularity": "channel"}),  # one E per array column
     ("bitserial", {"target": "bitserial", "avg_bits": "W3A4"}),
 )
 

@@ -363,13 +363,13 @@ def _analog_comparison(r: _Run, q, plan, acc: dict) -> dict:
 
     layers = [op for op in r.captured.graph.layers() if op.name in plan.layers and plan.emac(op.name) is not None]
     macs = {op.name: op.macs for op in layers}
-    emac = {n: float(np.mean(plan.emac(n))) for n in macs}
+    emac = {n: np.asarray(plan.emac(n), dtype=float) for n in macs}  # per channel at channel granularity
     total = sum(macs.values()) or 1
-    e_avg = sum(macs[n] * emac[n] for n in macs) / total
+    e_avg = sum(macs[n] * float(emac[n].mean()) for n in macs) / total
     shape = {n: emac[n] / e_avg for n in macs}  # the allocation's profile, MAC-weighted mean 1
 
     def at(scale: float, profile: dict) -> float:
-        return evaluate_at_energy(q, r.data.val, {n: profile[n] * scale for n in macs})
+        return evaluate_at_energy(q, r.data.val, {n: (np.asarray(profile[n]) * scale).tolist() for n in macs})
 
     planned, uniform = at(e_avg, shape), at(e_avg, {n: 1.0 for n in macs})
     acc["fake-quant + analog noise (planned E)"] = planned

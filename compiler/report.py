@@ -92,10 +92,16 @@ def plot_bits(inp: ReportInputs, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
     emac = [_mean_bits(layers[n].get("emac")) for n in names]
     if any(e is not None for e in emac):
-        ax.bar(x, [e or 0 for e in emac], color="#4c72b0")
+        ax.bar(x, [e or 0 for e in emac], color="#4c72b0", label="mean over output channels")
+        per = [(i, layers[n]["emac"]) for i, n in enumerate(names) if isinstance(layers[n].get("emac"), list)]
+        if per:  # channel granularity: every channel's E as a dot over its layer's bar
+            xs = np.concatenate([np.full(len(e), i, dtype=float) for i, e in per])
+            ax.scatter(xs, np.concatenate([e for _, e in per]), s=6, color="#dd8452", alpha=0.6, zorder=3,
+                       label="one output channel")
+            ax.legend(loc="upper right", fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("energy per MAC E (target unit)")
-        ax.set_title("Energy allocation per layer")
+        ax.set_title("Energy allocation per layer" + (" and output channel" if per else ""))
     else:
         w = [_mean_bits(layers[n].get("w_bits")) or 0 for n in names]
         a = [_mean_bits(layers[n].get("a_bits")) or 0 for n in names]

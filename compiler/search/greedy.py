@@ -130,6 +130,10 @@ def greedy_search(sp: SearchProblem, table, *, step: float = 0.05, metric: str =
         raise ValueError(f"metric must be 'impq' or 'ratio', not {metric!r}")
     if not 0 < step <= 1:
         raise ValueError(f"step must be in (0, 1], not {step}")
+    if sp.target.kind == "analog":
+        from mpqc.errors import UserError
+
+        raise UserError("--search greedy reduces bit-widths; on an analog target (energies per MAC) use --search ilp")
     t0 = time.perf_counter()
     V = _Vars(sp)
     P = sp.problem

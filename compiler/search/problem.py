@@ -262,7 +262,7 @@ class SensitivityTable:
     """Scores per layer and candidate (non-negative; larger = the model suffers more at that precision).
 
     ``w``/``a``: layer -> {bits: score}; ``w_channel``: layer -> {bits: per-output-channel scores};
-    ``e``: layer -> {energy per MAC: score} (analog).
+    ``e``: layer -> {energy per MAC: score} (analog); ``e_channel``: layer -> {energy: per-channel scores}.
     """
 
     layers: dict[str, dict]
@@ -281,6 +281,9 @@ class SensitivityTable:
 
     def e(self, layer: str) -> dict[float, float]:
         return self.layers.get(layer, {}).get("e", {})
+
+    def e_channel(self, layer: str) -> dict[float, np.ndarray]:
+        return self.layers.get(layer, {}).get("e_channel", {})
 
     def to_dict(self) -> dict:
         def enc(d):
@@ -305,7 +308,7 @@ def read_sensitivity(source, *, monotone: bool = False) -> SensitivityTable:
     """Read a sensitivity table: a dict, a JSON file (mpqc format), or LIMPQ's indicator pickle.
 
     mpqc's format: ``{"version": 1, "method", "model_hash", "layers": {name: {"w": {"8": s, ...}, "a": {...},
-    "w_channel": {"4": [s_c0, ...]}, "e": {"100.0": s}}}}``. LIMPQ's pickle (``{"weight": {layer: {bits: s}},
+    "w_channel": {"4": [s_c0, ...]}, "e": {"100.0": s}, "e_channel": {"100.0": [s_c0, ...]}}}}``. LIMPQ's pickle (``{"weight": {layer: {bits: s}},
     "act": {...}, "layer_name": [...]}``, names prefixed ``module.``) is read with an unpickler that admits
     builtin containers only. With ``monotone`` the scores are repaired (:func:`monotone_repair`).
     """
@@ -345,9 +348,10 @@ def read_sensitivity(source, *, monotone: bool = False) -> SensitivityTable:
         key = name.removeprefix("module.")
         if not isinstance(entry, dict):
             raise UserError(f"{where}: layers[{name!r}] must be an object with 'w' and/or 'a' scores")
-        unknown = sorted(set(entry) - {"w", "a", "w_channel", "e"})
+        unknown = sorted(set(entry) - {"w", "a", "w_channel", "e", "e_channel"})
         if unknown:
-            raise UserError(f"{where}: layers[{name!r}]: unknown key {unknown[0]!r} (expected w, a, w_channel, e)")
+            raise UserError(f"{where}: layers[{name!r}]: unknown key {unknown[0]!r} "
+                            "(expected w, a, w_channel, e, e_channel)")
         d: dict = {}
         entry = {k: v for k, v in entry.items() if v is not None}  # null = not scored
         for part in ("w", "a"):
@@ -380,6 +384,23 @@ def read_sensitivity(source, *, monotone: bool = False) -> SensitivityTable:
                 if not np.isfinite(ek) or ek <= 0:
                     raise UserError(f"{where}: layers[{name!r}].e key {k!r} must be a positive energy")
                 d["e"][ek] = _score(v, f"{where}: layers[{name!r}].e[{k}]")
+        if "e_channel" in entry:
+            ec = entry["e_channel"]
+            if not isinstance(ec, dict) or not ec:
+                raise UserError(f"{where}: layers[{name!r}].e_channel must map energies per MAC to lists of scores")
+            d["e_channel"] = {}
+            for k, arr in ec.items():
+                try:
+                    ek = float(k)
+                except ValueError:
+                    raise UserError(f"{where}: layers[{name!r}].e_channel key {k!r} is not an energy") from None
+                if not np.isfinite(ek) or ek <= 0:
+                    raise UserError(f"{where}: layers[{name!r}].e_channel key {k!r} must be a positive energy")
+                if not isinstance(arr, list) or not arr:
+                    raise UserError(f"{where}: layers[{name!r}].e_channel[{k}] must be a non-empty list")
+                d["e_channel"][ek] = np.array([_score(v, f"{where}: layers[{name!r}].e_channel[{k}]") for v in arr])
+            if len({v.size for v in d["e_channel"].values()}) > 1:
+                raise UserError(f"{where}: layers[{name!r}].e_channel lists have different lengths")
         out[key] = d
     model_hash = source.get("model_hash")
     table = SensitivityTable(out, str(source.get("method", "unknown")),
@@ -449,13 +470,14 @@ def monotone_repair(table: SensitivityTable) -> SensitivityTable:
                     run = max(run, d[part][b])
                     rep[b] = float(run)
                 nd[part] = rep
-        if "w_channel" in d:
-            run, rep = None, {}
-            for b in sorted(d["w_channel"], reverse=True):
-                v = d["w_channel"][b]
-                run = v.copy() if run is None else np.maximum(run, v)
-                rep[b] = run.copy()
-            nd["w_channel"] = rep
+        for part in ("w_channel", "e_channel"):
+            if part in d:
+                run, rep = None, {}
+                for b in sorted(d[part], reverse=True):
+                    v = d[part][b]
+                    run = v.copy() if run is None else np.maximum(run, v)
+                    rep[b] = run.copy()
+                nd[part] = rep
         if "e" in d:
             run, rep = -np.inf, {}
             for e in sorted(d["e"], reverse=True):
@@ -560,10 +582,11 @@ class Unit:
     ``layers``: one or more layers chosen jointly; each option is a tuple with one ``(w, a, format, e)`` per
     member (the consumers of one shared activation tensor take one option with a common ``a``);
     ``channel``: a channel (or cluster of channels) of a layer, options are weight widths;
+    ``energy``: a channel (or cluster) of an analog layer, options are ``(w, a, format, e)`` over its energies;
     ``act``: an activation unit's one-hot over widths (when its consumers are not merged into one group).
     """
 
-    kind: str  # "layers" | "channel" | "act"
+    kind: str  # "layers" | "channel" | "energy" | "act"
     name: str  # unit name (a layer, or an activation unit)
     options: list
     members: tuple[str, ...] = ()
@@ -587,6 +610,7 @@ class SearchProblem:
     boundary_edges: int = 0
     # channel granularity with searched activation widths: what couples the groups (see mckp.solve_coupled)
     coupling: dict = field(default_factory=dict)
+    energy_groups: dict = field(default_factory=dict)  # analog layer -> group indices of its channel E units
 
     def describe(self, i: int, value: float | None) -> str:
         """Infeasibility message part for budget row ``i``."""
@@ -615,6 +639,14 @@ class SearchProblem:
                     bits[int(c)] = int(u.options[int(choice[g])])
             unit = self.layer_unit.get(layer)
             layers[layer] = {"w": bits, "a": acts.get(unit), "format": "int", "e": None}
+        for layer, groups in self.energy_groups.items():
+            es = [0.0] * self.graph.ops[layer].out_channels
+            for g in groups:
+                u = self.units[g]
+                w, a, fmt, e = u.options[int(choice[g])]
+                for c in u.channels:
+                    es[int(c)] = float(e)
+            layers[layer] = {"w": w, "a": a, "format": fmt, "e": es}
         for name, info in self.act_units.items():
             if name not in acts:
                 cons = [layers[c]["a"] for c in info["consumers"] if c in layers]
@@ -634,7 +666,8 @@ class SearchProblem:
                 continue
             w = None if op.kind == OpKind.MATMUL else d["w"]
             e = d["e"]
-            layers[op.name] = LayerPlan(w, d["a"], None if e is None else float(e), d["format"] or "int")
+            e = None if e is None else (list(e) if isinstance(e, list) else float(e))
+            layers[op.name] = LayerPlan(w, d["a"], e, d["format"] or "int")
         acts: dict = {}
         if self.options.act_groups == "tensor":
             for name, info in self.act_units.items():
@@ -897,8 +930,6 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     channel = opt.granularity == "channel"
     if channel and "channel" not in target.granularities:
         raise UserError(f"target {target.name} sets bits per layer only; use --granularity layer")
-    if channel and analog:
-        raise UserError("--granularity channel is not supported on analog targets; use --granularity layer")
     if opt.clusters is not None and (not channel or opt.clusters < 1):
         raise UserError("--clusters K needs --granularity channel and K >= 1")
     warnings: list[str] = []
@@ -1138,8 +1169,13 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     y_idx: dict[str, np.ndarray] = {}
     coupling: dict = {"y_group": {}, "ties": [], "coupled": []}
     channel_groups: dict[str, list[int]] = {}
+    energy_groups: dict[str, list[int]] = {}
     channel_layers = set()
-    if channel:
+    # analog at channel granularity: every output channel (array column) of a layer with a choice of E gets its
+    # own E; the widths stay the target's
+    energy_layers = {op.name for op in layers if len(cands[op.name]) > 1 and cands[op.name][0][3] is not None} \
+        if channel and analog else set()
+    if channel and not analog:
         for op in layers:
             if op.kind in (OpKind.CONV, OpKind.LINEAR) and op.weight_shape and \
                     (fixed.get(op.name) or {}).get("w") is None:
@@ -1172,7 +1208,7 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     member_cols: dict[str, tuple[np.ndarray, list]] = {}  # layer -> (columns of its group, its option per col)
     done: set[str] = set()
     for op in layers:
-        if op.name in channel_layers or op.name in done:
+        if op.name in channel_layers or op.name in energy_layers or op.name in done:
             continue
         uname = layer_unit.get(op.name)
         unit = act_units.get(uname) if uname else None
@@ -1214,6 +1250,10 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
             continue
         _add_channel_layer(op, cands[op.name], table, alpha, rows, asm, units, channel_groups, y_idx, act_units,
                            layer_unit, layer_cost, opt, warnings, coupling)
+    for op in layers:
+        if op.name in energy_layers:
+            _add_energy_channel_layer(op, cands[op.name], table, rows, asm, units, energy_groups, layer_cost,
+                                      layer_score, opt, warnings)
     # precision-boundary edges (layer granularity)
     priced = target_boundary(target)
     boundary_w = opt.boundary_cost
@@ -1259,7 +1299,7 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     if not (coupling["ties"] or coupling["coupled"]) or n_edges:
         coupling = {}
     return SearchProblem(problem, units, rows, graph, target, opt, act_units, layer_unit, channel_groups, warnings,
-                         n_edges, coupling)
+                         n_edges, coupling, energy_groups)
 
 
 def _label(o) -> str:
@@ -1361,17 +1401,68 @@ def _add_channel_layer(op, opts, table, alpha, rows, asm, units, channel_groups,
             asm.add_side(np.concatenate([cols, [u, yk]]), np.concatenate([coef, [-1.0, M]]), -np.inf, M)
 
 
+def _add_energy_channel_layer(op, opts, table, rows, asm, units, energy_groups, layer_cost, layer_score, opt,
+                              warnings) -> None:
+    """Per-output-channel (or per-cluster) energy groups of one analog layer.
+
+    Each channel does 1/C_out of the layer's MACs, so its cost at E is the layer's cost at E over C_out; its
+    score at E is its own term of the analog sensitivity (``e_channel``; without it, the layer's score split
+    evenly, which leaves nothing to gain from going per channel: a warning says so).
+    """
+    C = op.out_channels
+    S = _energy_channel_scores(table, op.name, [o[3] for o in opts], C)
+    if S is None:
+        S = np.stack([np.full(C, layer_score(op, o) / C) for o in opts], axis=1)
+        msg = ("no per-channel energy scores in the sensitivity table (run `mpqc sensitivity --method analog "
+               "--granularity channel`): a layer's score is split evenly over its channels")
+        if msg not in warnings:
+            warnings.append(msg)
+    lab = cluster_channels(S, opt.clusters) if opt.clusters is not None and opt.clusters < C else np.arange(C)
+    members = [np.flatnonzero(lab == j) for j in range(int(lab.max()) + 1)]
+    count = np.array([m.size for m in members], dtype=float)
+    obj = np.stack([S[m].sum(axis=0) for m in members])  # (U, K)
+    costs: list = [None] * len(rows)
+    for i, r in enumerate(rows):
+        if r.kind == "act_mem":  # the activation units carry it
+            continue
+        per_channel = np.array([layer_cost(op, o, r.kind) / C for o in opts])
+        costs[i] = count[:, None] * per_channel[None, :]
+    asm.add_block(obj, costs)
+    base = len(units)
+    for m in members:
+        units.append(Unit("energy", op.name, list(opts), channels=m))
+    energy_groups[op.name] = list(range(base, base + len(members)))
+
+
+def _energy_channel_scores(table, layer: str, energies: list, channels: int) -> np.ndarray | None:
+    """(C, K) per-channel scores at ``energies`` (each from the table's nearest energy key), or None."""
+    ec = table.e_channel(layer)
+    if not ec or any(np.asarray(v).size != channels for v in ec.values()):
+        return None
+    keys = np.array(sorted(ec))
+    return np.stack([np.asarray(ec[float(keys[np.argmin(np.abs(keys - e))])], dtype=float) for e in energies],
+                    axis=1)
+
+
 def score_plan(plan, graph, table: SensitivityTable, weight_alpha: float = 1.0) -> float:
     """The objective of any plan under a table: sum of activation scores + alpha · weight scores (analog: the
-    energy scores). A score the table lacks makes it NaN."""
+    energy scores, per channel where the plan and the table have them; digital layers add nothing, as in the
+    search). A score the table lacks makes it NaN."""
     from mpqc.compiler.ir import OpKind
 
     total = 0.0
+    analog = any(lp.emac is not None for lp in plan.layers.values())
     for op in graph.layers():
         lp = plan.layers.get(op.name)
-        if lp is None:
+        if lp is None or (analog and lp.emac is None):  # a digital layer of an analog plan: no energy score
             continue
         if lp.emac is not None:
+            if isinstance(lp.emac, list):
+                S = _energy_channel_scores(table, op.name, sorted(set(lp.emac)), len(lp.emac))
+                if S is not None:
+                    col = {e: k for k, e in enumerate(sorted(set(lp.emac)))}
+                    total += float(sum(S[c, col[e]] for c, e in enumerate(lp.emac)))
+                    continue
             es = table.e(op.name)
             keys = np.array(sorted(es))
             e = float(np.mean(lp.emac)) if isinstance(lp.emac, list) else float(lp.emac)

@@ -115,6 +115,9 @@ def start_choice(sp, layers: dict) -> np.ndarray | None:
         elif u.kind == "channel":
             w = layers[u.name]["w"]
             idx = [k for k, b in enumerate(u.options) if b == w]
+        elif u.kind == "energy":
+            e = layers[u.name]["e"]
+            idx = [k for k, o in enumerate(u.options) if o[3] == e]
         else:
             idx = [k for k, b in enumerate(u.options) if b == acts.get(u.name)]
         if not idx:

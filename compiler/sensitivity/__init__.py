@@ -76,7 +76,7 @@ METHODS: dict[str, Method] = {
     "dual": Method("dual", dual.run, dual.DEFAULTS, "PD-QAT: final dual variables of per-layer proximity constraints"),
     "analog": Method("analog", analog.run, analog.DEFAULTS,
                      "Fisher-weighted output noise variance of the analog target per energy per MAC",
-                     needs_target=True),
+                     ("layer", "channel"), needs_target=True),
 }
 
 
@@ -172,7 +172,7 @@ def _assemble(qm: QuantizedModel, raw: RawScores) -> tuple[dict[str, LayerScores
     layers = {}
     for op in qm.graph_ir.layers():
         layers[op.name] = LayerScores(dict(raw.w.get(op.name, {})), share.get(op.name, {}),
-                                      raw.w_channel.get(op.name), raw.e.get(op.name))
+                                      raw.w_channel.get(op.name), raw.e.get(op.name), raw.e_channel.get(op.name))
     return layers, out_groups
 
 

@@ -386,12 +386,14 @@ class Context:
 
 @dataclass
 class RawScores:
-    """What a method returns: weight scores per layer, activation scores per quantizer key, energies per layer."""
+    """What a method returns: weight scores per layer, activation scores per quantizer key, energies per layer
+    (and per output channel at channel granularity)."""
 
     w: dict[str, dict[int, float]] = field(default_factory=dict)
     w_channel: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     a: dict[str, dict[int, float]] = field(default_factory=dict)
     e: dict[str, dict[float, float]] = field(default_factory=dict)
+    e_channel: dict[str, dict[float, list[float]]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
 

@@ -11,7 +11,9 @@ the Fisher of the outputs standing in for the Hessian
 an estimate of the loss increase at energy E (here the diagonal is exact: the noise is independent across
 elements). The output gradients are per-sample for free; the noise statistics (weight ranges and row norms,
 input range, mean ‖x_patch‖²) come from the float weights and the recorded layer inputs of the sample.
-Layers the noise model cannot describe (other than conv2d and linear) get no ``e`` scores.
+Layers the noise model cannot describe (other than conv2d and linear) get no ``e`` scores. At channel
+granularity each channel's term ½·σ_c²(E)·G_c is kept too (``e_channel``): the search can then give every
+output channel (an array column) its own E, which is where most of the saving is (bench/RESULTS.md, analog).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def _pad(p):
 
 def run(ctx: Context) -> RawScores:
     qm, target = ctx.qmodel, ctx.target
+    per_channel = ctx.options.granularity == "channel"
     grid = [float(e) for e in target.analog.e_grid()]
     ops = [op for op in weighted_layers(qm) if op.kind in (OpKind.CONV, OpKind.LINEAR)
            and len(op.weight_shape or []) in (2, 4)]
@@ -88,7 +91,10 @@ def run(ctx: Context) -> RawScores:
         stats = LayerStats(r_w=(2 * rows.abs().amax(1)).cpu().numpy(), r_x=rx[op.name],
                            w_row_norms=rows.norm(dim=1).cpu().numpy(), x_patch_sq=xsq[op.name] / max(n, 1))
         g = gsq[op.name].numpy() / max(n, 1)
-        raw.e[op.name] = {e: float(0.5 * np.sum(output_noise_variance(op, e, target, stats) * g)) for e in grid}
+        per_e = {e: 0.5 * output_noise_variance(op, e, target, stats) * g for e in grid}
+        raw.e[op.name] = {e: float(np.sum(s)) for e, s in per_e.items()}
+        if per_channel:
+            raw.e_channel[op.name] = {e: [float(v) for v in s] for e, s in per_e.items()}
     return raw
 
 

@@ -6,7 +6,8 @@ formats) is::
 
     {"version": 1, "method": "fisher", "model_hash": "...", "data_hash": "...", "options": {...},
      "layers": {"conv1": {"w": {"8": s, "4": s}, "a": {"8": s, "4": s},
-                          "w_channel": {"8": [s_c, ...]}, "e": {"1.0": s, "10.0": s}}},
+                          "w_channel": {"8": [s_c, ...]}, "e": {"1.0": s, "10.0": s},
+                          "e_channel": {"1.0": [s_c, ...], ...}}},
      "act_groups": {"relu": {"consumers": ["conv2"], "a": {"8": s}}}, "meta": {...}}
 
 Bit keys are strings in JSON and ints in Python; energy keys are ``repr(float)`` strings. ``a`` under a layer
@@ -35,12 +36,14 @@ TABLE_VERSION = 1
 @dataclass
 class LayerScores:
     """Scores of one layer: weights ``w`` and input activations ``a`` per bit-width, per output channel
-    (``w_channel``, bits -> one score per channel) and per analog energy ``e`` (E -> score)."""
+    (``w_channel``, bits -> one score per channel) and per analog energy ``e`` (E -> score; ``e_channel``,
+    E -> one score per output channel)."""
 
     w: dict[int, float] = field(default_factory=dict)
     a: dict[int, float] = field(default_factory=dict)
     w_channel: dict[int, list[float]] | None = None
     e: dict[float, float] | None = None
+    e_channel: dict[float, list[float]] | None = None
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"w": {str(b): float(s) for b, s in sorted(self.w.items(), reverse=True)},
@@ -49,15 +52,17 @@ class LayerScores:
             d["w_channel"] = {str(b): [float(v) for v in s] for b, s in sorted(self.w_channel.items(), reverse=True)}
         if self.e is not None:
             d["e"] = {repr(float(k)): float(s) for k, s in sorted(self.e.items())}
+        if self.e_channel is not None:
+            d["e_channel"] = {repr(float(k)): [float(v) for v in s] for k, s in sorted(self.e_channel.items())}
         return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> LayerScores:
         if not isinstance(d, dict):
             raise UserError(f"{where}: expected an object with \"w\"/\"a\" score maps, got {type(d).__name__}")
-        unknown = set(d) - {"w", "a", "w_channel", "e"}
+        unknown = set(d) - {"w", "a", "w_channel", "e", "e_channel"}
         if unknown:
-            raise UserError(f"{where}: unknown keys {sorted(unknown)}; allowed: w, a, w_channel, e")
+            raise UserError(f"{where}: unknown keys {sorted(unknown)}; allowed: w, a, w_channel, e, e_channel")
         w = _bits_map(d.get("w", {}), f"{where}.w")
         a = _bits_map(d.get("a", {}), f"{where}.a")
         wc = None
@@ -81,14 +86,22 @@ class LayerScores:
                 raise UserError(f"{where}.e: expected an object energy -> score")
             e = {}
             for k, v in raw.items():
-                try:
-                    ek = float(k)
-                except (TypeError, ValueError):
-                    raise UserError(f"{where}.e: key {k!r} is not a number (an energy per MAC)") from None
-                if not (math.isfinite(ek) and ek > 0):
-                    raise UserError(f"{where}.e: energy {k!r} must be finite and > 0")
-                e[ek] = _score(v, f"{where}.e.{k}")
-        return cls(w, a, wc, e)
+                e[_energy_key(k, f"{where}.e")] = _score(v, f"{where}.e.{k}")
+        ec = None
+        if d.get("e_channel") is not None:
+            raw = d["e_channel"]
+            if not isinstance(raw, dict):
+                raise UserError(f"{where}.e_channel: expected an object energy -> list of scores")
+            ec = {}
+            for k, v in raw.items():
+                ek = _energy_key(k, f"{where}.e_channel")
+                if not isinstance(v, list) or not v:
+                    raise UserError(f"{where}.e_channel.{k}: expected a non-empty list of scores")
+                ec[ek] = [_score(x, f"{where}.e_channel.{k}[{i}]") for i, x in enumerate(v)]
+            lengths = {len(v) for v in ec.values()}
+            if len(lengths) > 1:
+                raise UserError(f"{where}.e_channel: the energies list different channel counts {sorted(lengths)}")
+        return cls(w, a, wc, e, ec)
 
 
 def _bits_key(k: Any, where: str) -> int:
@@ -98,6 +111,16 @@ def _bits_key(k: Any, where: str) -> int:
     if not 1 <= b <= 32:
         raise UserError(f"{where}: bit-width {b} is outside 1..32")
     return b
+
+
+def _energy_key(k: Any, where: str) -> float:
+    try:
+        ek = float(k)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: key {k!r} is not a number (an energy per MAC)") from None
+    if not (math.isfinite(ek) and ek > 0):
+        raise UserError(f"{where}: energy {k!r} must be finite and > 0")
+    return ek
 
 
 def _score(v: Any, where: str) -> float:
@@ -130,6 +153,19 @@ def _cummax_desc(scores: dict, *, increasing_key_is_better: bool = True) -> tupl
         running = max(running, s)
         out[k] = s
     return {k: out[k] for k in scores}, fixed
+
+
+def _cummax_columns(per_key: dict | None) -> tuple[dict | None, int]:
+    """:func:`_cummax_desc` on every channel of a key -> per-channel-list map; (repaired map, entries raised)."""
+    if per_key is None:
+        return None, 0
+    keys = sorted(per_key, reverse=True)
+    fixed_cols, n = [], 0
+    for col in zip(*(per_key[k] for k in keys)):
+        m, k = _cummax_desc(dict(zip(keys, col)))
+        n += k
+        fixed_cols.append([m[b] for b in keys])
+    return {b: [c[i] for c in fixed_cols] for i, b in enumerate(keys)}, n
 
 
 @dataclass
@@ -169,21 +205,14 @@ class SensitivityTable:
             w, k1 = _cummax_desc(ls.w)
             a, k2 = _cummax_desc(ls.a)
             n += k1 + k2
-            wc = None
-            if ls.w_channel is not None:
-                bits = sorted(ls.w_channel, reverse=True)
-                cols = list(zip(*(ls.w_channel[b] for b in bits)))
-                fixed_cols = []
-                for col in cols:
-                    m, k = _cummax_desc(dict(zip(bits, col)))
-                    n += k
-                    fixed_cols.append([m[b] for b in bits])
-                wc = {b: [c[i] for c in fixed_cols] for i, b in enumerate(bits)}
+            wc, k1 = _cummax_columns(ls.w_channel)
+            ec, k2 = _cummax_columns(ls.e_channel)
+            n += k1 + k2
             e = None
             if ls.e is not None:
                 e, k = _cummax_desc(ls.e)
                 n += k
-            layers[name] = LayerScores(w, a, wc, e)
+            layers[name] = LayerScores(w, a, wc, e, ec)
         groups = {}
         for t, g in self.act_groups.items():
             a, _ = _cummax_desc(g.get("a", {}))

@@ -130,6 +130,28 @@ def test_analog_scores_fall_as_energy_grows(digits):
         run_sensitivity("analog", qm, data, {"samples": 8})
 
 
+def test_analog_channel_scores_sum_to_the_layer_score(digits):
+    """At channel granularity every output channel keeps its own term; they add up to the layer's score, the
+    file round-trips, and the search's reader takes it."""
+    from mpqc.compiler.search.problem import read_sensitivity
+
+    qm, data, _ = digits
+    t = run_sensitivity("analog", qm, data, {"samples": 64, "target": "analog", "granularity": "channel"})
+    for name, ls in t.layers.items():
+        op = qm.graph_ir.ops[name]
+        assert set(ls.e_channel) == set(ls.e)
+        for e, per in ls.e_channel.items():
+            assert len(per) == op.out_channels
+            assert sum(per) == pytest.approx(ls.e[e], rel=1e-9)
+        assert max(ls.e_channel[1.0]) > 2 * min(ls.e_channel[1.0])  # channels differ: worth a per-channel E
+    again = SensitivityTable.from_dict(t.to_dict())
+    assert again.layers["conv2"].e_channel == t.layers["conv2"].e_channel
+    st = read_sensitivity(t.to_dict())
+    assert st.e_channel("conv2")[1.0].tolist() == pytest.approx(t.layers["conv2"].e_channel[1.0])
+    layer = run_sensitivity("analog", qm, data, {"samples": 64, "target": "analog"})
+    assert all(ls.e_channel is None for ls in layer.layers.values())  # layer granularity keeps the file small
+
+
 def test_unknown_method_and_options(digits):
     qm, data, _ = digits
     with pytest.raises(UserError, match="unknown sensitivity method"):
