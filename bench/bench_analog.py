@@ -415,8 +415,9 @@ class Bench:
         g = torch.Generator().manual_seed(1)
         idx = torch.randperm(len(xt), generator=g)[: min(len(xt), bs * self.learn_steps)]
         xv, yv = self.data.val.tensors
+        vi = torch.randperm(len(xv), generator=g)[:500]  # CIFAR-10's stored test split is sorted by label
         small = DataSplits(self.data.name, TensorDataset(xt[idx], yt[idx]), self.data.calib,
-                           TensorDataset(xv[:500], yv[:500]), self.data.num_classes, self.data.augment)
+                           TensorDataset(xv[vi], yv[vi]), self.data.num_classes, self.data.augment)
         self.learned = {}
         for et in self.learn_targets:
             t = time.perf_counter()

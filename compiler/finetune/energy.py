@@ -14,8 +14,8 @@ held as a parameter log E (per layer, or per output channel). Noise is drawn fro
 
 :class:`EnergyObjective` (``method="energy"``): ``mode="learn"`` is Garg et al.'s allocation: every weight and
 step size frozen, log E trained (Adam) on CE + penalty * max(0, log E_bar - log E*) with
-E_bar = sum_l mean(E_l) MACs_l / sum_l MACs_l. ``mode="fixed"`` is noise-aware fine-tuning: the weights and
-step sizes train (LSQ) with noise injected at a fixed allocation.
+E_bar = sum_l mean(E_l) MACs_l / sum_l MACs_l. ``mode="fixed"`` is noise-aware fine-tuning: the weights train
+with noise injected at a fixed allocation, the quantizer ranges frozen at calibration (``train_ranges``: LSQ).
 """
 
 from __future__ import annotations
@@ -294,6 +294,9 @@ class EnergyObjective(Objective):
         if self.learn:  # "without retraining network weights": only log E learns
             for p in self.q.parameters():
                 p.requires_grad_(False)
+        elif not ecfg.train_ranges:  # calibrated ranges, frozen (sigma depends on them; see EnergyConfig)
+            for p in self.quant_params():
+                p.requires_grad_(False)
         # an emac map (the plan's) names the analog layers: the others (digital on the target) get no noise
         layers = list(self.emac) if self.emac else None
         self.injector = NoiseInjector(self.q, dict(self.emac or {}), default=ecfg.e_init, per_channel=ecfg.per_channel,
@@ -303,7 +306,10 @@ class EnergyObjective(Objective):
 
     def param_groups(self):  # noqa: D102
         if not self.learn:
-            return super().param_groups()
+            groups = super().param_groups()
+            if self.config.energy.train_ranges:
+                return groups
+            return [g for g in groups if g["name"] != "quant"]
         return [{"params": self.injector.parameters(), "lr": self.config.energy.lr, "weight_decay": 0.0,
                  "name": "log_e"}]
 

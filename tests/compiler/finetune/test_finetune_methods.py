@@ -217,6 +217,27 @@ def test_noise_aware_finetuning_trains_weights_at_a_fixed_allocation(float_model
     assert 0 <= result.final_accuracy <= 100
 
 
+def _steps(q) -> dict:
+    return {k: v.detach().clone() for k, v in q.state_dict().items() if k.endswith(".scale")}
+
+
+@pytest.mark.parametrize("train_ranges", [False, True])
+def test_noise_aware_finetuning_keeps_the_calibrated_ranges_unless_asked(float_model, digits, train_ranges):
+    """The thermal sigma grows with the quantizer ranges: trained under noise they grow and feed it back, so
+    the calibrated ranges stay frozen (Garg et al. freeze them after calibration) unless train_ranges."""
+    cap = _captured(float_model)
+    cfg = FinetuneConfig(epochs=1, method="energy", distill=NO_DISTILL,
+                         energy=EnergyConfig(mode="fixed", train_ranges=train_ranges))
+    q = prepare(cap, _uniform(cap, 6, 6), digits, cfg)
+    steps, weights = _steps(q), _model_state(q)
+    assert steps
+    finetune(q, float_model, _subset(digits, 256), cfg, progress=False,
+             emac={n: 0.5 for n in ("conv1", "conv2", "conv3", "conv4", "fc")})
+    moved = max(float((v - _steps(q)[k]).abs().max()) for k, v in steps.items())
+    assert (moved > 0) == train_ranges
+    assert _max_diff(weights, _model_state(q)) > 0  # the weights train either way
+
+
 # --------------------------------------------------------------------------------------------------------
 # d / x_max
 def test_dxmax_inferred_bits_respect_the_memory_penalty(float_model, float_acc, digits):
