@@ -12,7 +12,7 @@ import copy
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -62,6 +62,7 @@ class CompileOptions:
     solver: str = "highs"
     time_limit: float | None = None
     search: str = "ilp"
+    learn_steps: int = 300  # --search learned: batches of log-E training
     pareto: int | None = None
     # fine-tuning and export
     epochs: int = 3
@@ -88,6 +89,10 @@ class CompileOptions:
             raise UserError(f"--optimizer {self.optimizer!r}: use sgd, adam or adamw")
         if not (self.lr > 0):
             raise UserError(f"--lr {self.lr} must be > 0")
+        if self.search not in ("ilp", "greedy", "learned"):
+            raise UserError(f"--search {self.search!r}: use ilp, greedy or learned")
+        if self.learn_steps < 1:
+            raise UserError(f"--learn-steps {self.learn_steps} must be >= 1")
         self.fix = tuple(self.fix)
 
 
@@ -123,6 +128,9 @@ class _Run:
         self.o = o
         self.out = o.out
         self.target = load_target(o.target)
+        if o.search == "learned" and self.target.kind != "analog":
+            raise UserError(f"--search learned trains the energy per MAC of an analog target; target "
+                            f"{self.target.name} is {self.target.kind}: use --search ilp or greedy")
         self.budgets = self._budgets()
         self.loaded = load_model(o.model, arch=o.arch, weights=o.weights, trust_pickle=o.trust_pickle,
                                  input_shape=o.input_shape)
@@ -170,12 +178,13 @@ class _Run:
 
         return Plan.load(self.path("plan.json"))
 
-    def quantized(self, *, state: bool):
-        """A QuantizedModel at the plan, calibrated; with ``state`` the fine-tuned weights are loaded."""
+    def quantized(self, *, state: bool, plan=None):
+        """A QuantizedModel at the plan (plan.json unless given), calibrated; with ``state`` the fine-tuned
+        weights are loaded."""
         from .finetune import FinetuneConfig, prepare
         from .finetune.driver import apply_plan
 
-        plan = self.plan()
+        plan = plan if plan is not None else self.plan()
         q = prepare(copy.deepcopy(self.captured), {}, self.data, FinetuneConfig(), act_groups=plan.act_groups_mode)
         emac = apply_plan(q, plan)
         from .data import make_loader
@@ -261,6 +270,8 @@ def _stage_search(r: _Run) -> dict:
                          time_limit=o.time_limit, lut=lut)
     plan = sp.to_plan(sol, sensitivity="sensitivity.json", lut=lut,
                       meta={"model": r.loaded.source, "search": o.search, "weight_alpha": o.weight_alpha})
+    if o.search == "learned":
+        plan = _learn_energies(r, plan, table)
     if r.target.kind != "analog":
         baselines = {}
         for b in r.budgets:
@@ -282,6 +293,67 @@ def _stage_search(r: _Run) -> dict:
                           lambda tmp: write_pareto(points, sp, 0, tmp, None, chosen=chosen))
         info["pareto_points"] = len(points)
     return info
+
+
+def _learn_energies(r: _Run, plan, table):
+    """``--search learned``: Garg et al.'s allocation (research/seeds.md §2.3) in place of the ILP's energies.
+
+    The ILP plan fixes which layers are analog and their widths; every analog layer (or output channel at
+    channel granularity) then starts at the budget E* and only log E trains (weights and ranges frozen) on
+    CE + 4·max(0, log Ē − log E*), Adam at 0.01, ``learn_steps`` batches of 64 training images. The result
+    is scaled down onto the budget where the soft penalty left Ē above it; energies stay continuous (the
+    target's grid is what the ILP chooses from).
+    """
+    import numpy as np
+    from torch.utils.data import TensorDataset
+
+    from .data import DataSplits
+    from .finetune import DistillConfig, EnergyConfig, FinetuneConfig, finetune
+    from .plan import plan_costs
+    from .search.problem import score_plan
+
+    o = r.o
+    t0 = time.perf_counter()
+    budget = float(next(b.value for b in r.budgets if b.kind == "emac"))
+    macs = {op.name: float(op.macs) for op in r.captured.graph.layers()}
+    analog = {n: lp for n, lp in plan.layers.items() if lp.emac is not None}
+    if not analog:
+        raise UserError("--search learned: every layer stays digital on this target; nothing to learn")
+    q, _ = r.quantized(state=False, plan=plan)
+    bs = 64
+    xt, yt = r.data.train.tensors
+    g = torch.Generator().manual_seed(o.seed)
+    idx = torch.randperm(len(xt), generator=g)[: bs * o.learn_steps]
+    subset = DataSplits(r.data.name, TensorDataset(xt[idx], yt[idx]), r.data.calib, r.data.val, r.data.num_classes,
+                        "none")
+    channel = plan.granularity == "channel"
+    cfg = FinetuneConfig(epochs=1, method="energy", batch_size=bs, scheduler="constant", seed=o.seed,
+                         distill=DistillConfig(enabled=False), checkpoint_dir=None, device=r.device.type,
+                         energy=EnergyConfig(mode="learn", e_init=budget, e_target=budget, penalty=4.0, lr=0.01,
+                                             per_channel=channel))
+    res = finetune(q, None, subset, cfg, progress=o.progress, emac={n: budget for n in analog})
+    learned = {n: np.asarray(res.emac[n], dtype=float) for n in analog}
+    total = sum(macs[n] for n in analog)
+    e_bar = sum(macs[n] * float(learned[n].mean()) for n in analog) / total
+    scale = min(1.0, budget / e_bar)
+    for n, lp in analog.items():
+        e = learned[n] * scale
+        plan.layers[n] = replace(lp, emac=e.tolist() if channel else float(e.mean()))
+    costs = plan_costs(plan, r.captured.graph, r.target)
+    for k, c in costs.items():
+        plan.costs.setdefault(k, {}).update(value=c["value"])
+    row = plan.costs.get("budget:emac")
+    if row is not None:
+        row.update(value=costs["emac"]["value"], slack=row["budget"] - costs["emac"]["value"],
+                   binding=bool(row["budget"] - costs["emac"]["value"] <= 1e-6 * max(row["budget"], 1.0)))
+    plan.objective = score_plan(plan, r.captured.graph, table)
+    plan.meta["learned"] = {"steps": int(len(idx) // bs), "batch_size": bs, "e_bar_trained": e_bar,
+                            "scaled_onto_budget": scale < 1.0, "ilp_objective": plan.solver.get("objective"),
+                            "noisy_val_accuracy": res.final_accuracy}
+    plan.solver = {"name": "learned (Garg et al.)", "status": "feasible", "objective": plan.objective,
+                   "gap": float("nan"), "time_s": time.perf_counter() - t0, "bound": float("nan"),
+                   "binaries": 0, "groups": 0}
+    return plan
 
 
 def _stage_finetune(r: _Run) -> dict:

@@ -26,6 +26,8 @@ def add_arguments(p) -> None:
                    choices=("fisher", "hutchinson", "impq", "eval", "limpq", "dual", "analog"),
                    help="sensitivity method (default fisher; analog targets use the analog noise method)")
     p.add_argument("--samples", type=int, default=256, help="data samples for the sensitivity pass")
+    p.add_argument("--learn-steps", type=int, default=300,
+                   help="--search learned (analog): batches of 64 images of log-E training (default 300)")
     t = p.add_argument_group("fine-tuning and export")
     t.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3; 0 = calibrate only)")
     t.add_argument("--lr", type=float, default=0.01)
@@ -48,11 +50,6 @@ def add_arguments(p) -> None:
 def run(args):
     import mpqc
 
-    if args.search == "learned":
-        from mpqc.errors import UserError
-
-        raise UserError("--search learned is not wired into compile yet; use --search ilp (the analog target "
-                        "then fine-tunes with noise at the planned energies)")
     res = mpqc.compile(
         args.model, target=args.target, data=args.data, out=args.output, arch=args.arch, weights=args.weights,
         trust_pickle=args.trust_pickle, input_shape=args.input_shape, bitops=args.bitops, avg_bits=args.avg_bits,
@@ -60,7 +57,7 @@ def run(args):
         latency=args.latency, lut=args.lut, energy=args.energy, emac=args.emac, sensitivity=args.sensitivity,
         granularity=args.granularity, clusters=args.clusters, candidates=args.candidates, fix=tuple(args.fix),
         weight_alpha=args.weight_alpha, monotone=args.monotone, act_groups=args.act_groups, solver=args.solver,
-        time_limit=args.time_limit, search=args.search, pareto=args.pareto, epochs=args.epochs, lr=args.lr,
+        time_limit=args.time_limit, search=args.search, learn_steps=args.learn_steps, pareto=args.pareto, epochs=args.epochs, lr=args.lr,
         optimizer=args.optimizer, batch_stats=args.batch_stats,
         batch_size=args.batch_size, finetune_method=args.finetune_method, profile=args.profile, seed=args.seed,
         stop_after=args.stop_after, samples=args.samples, progress=not args.json,

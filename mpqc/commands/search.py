@@ -139,8 +139,7 @@ def run(args):
         if target.kind != "analog":
             raise UserError("--search learned trains the energy per MAC of an analog target; use --target analog")
         raise UserError("--search learned needs training data and the analog noise injection, which `mpqc search` "
-                        "does not take; call mpqc.compiler.search.learned_energy_allocation from Python, or use "
-                        "--search ilp with a sensitivity table that has energy scores")
+                        "does not take; use `mpqc compile --search learned --data ...`, or --search ilp here")
     lut = None
     if args.lut:
         from mpqc.cost_models.latency import LatencyTable

@@ -110,3 +110,29 @@ def test_report_command_regenerates(demo):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (out / "analog" / "report.html").exists()
+
+
+def test_learned_search_replaces_the_ilp_energies_within_the_budget(demo, tmp_path):
+    """--search learned (Garg et al.): the ILP's analog layers, their energies trained as log E against the
+    budget (at E* = 1 the noise matters on this model, so the layers move apart)."""
+    _, summary = demo
+    base = [sys.executable, "-m", "mpqc", "compile", summary["model"], "--arch", "mpqc.compiler.zoo:digits_cnn",
+            "--data", "digits", "--json", "--stop-after", "search", "--search", "learned", "--learn-steps", "40"]
+    run = subprocess.run(base + ["--target", "analog", "--emac", "1", "-o", str(tmp_path / "a")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    ir = json.loads((tmp_path / "a" / "ir.json").read_text())
+    macs = {op["name"]: op["macs"] for op in ir["ops"]}
+    used = {n: lp["emac"] for n, lp in plan["layers"].items() if lp.get("emac") is not None}
+    assert plan["meta"]["search"] == "learned" and plan["meta"]["learned"]["steps"] > 0
+    assert plan["layers"]["conv1"]["emac"] is None and plan["layers"]["fc"]["emac"] is None  # digital stays
+    mean = sum(macs[n] * used[n] for n in used) / sum(macs[n] for n in used)
+    assert mean <= 1.0 * (1 + 1e-6) and plan["costs"]["budget:emac"]["value"] == pytest.approx(mean)
+    assert len(set(used.values())) == len(used)  # trained apart (the ILP's grid starts at 1: all 1.0 there)
+    bad = subprocess.run(base + ["--target", "bitserial", "--avg-bits", "W4A4", "-o", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=600)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("mpqc: error:")]
+    assert bad.returncode == 2 and len(errors) == 1 and "--search learned" in errors[0]
+    assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "b" / "plan.json").exists()
