@@ -26,7 +26,7 @@ import math
 import os
 import pickle
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from mpqc.errors import UserError
 
@@ -65,20 +65,7 @@ class LayerScores:
             raise UserError(f"{where}: unknown keys {sorted(unknown)}; allowed: w, a, w_channel, e, e_channel")
         w = _bits_map(d.get("w", {}), f"{where}.w")
         a = _bits_map(d.get("a", {}), f"{where}.a")
-        wc = None
-        if d.get("w_channel") is not None:
-            raw = d["w_channel"]
-            if not isinstance(raw, dict):
-                raise UserError(f"{where}.w_channel: expected an object bits -> list of scores")
-            wc = {}
-            for k, v in raw.items():
-                b = _bits_key(k, f"{where}.w_channel")
-                if not isinstance(v, list) or not v:
-                    raise UserError(f"{where}.w_channel.{k}: expected a non-empty list of scores")
-                wc[b] = [_score(x, f"{where}.w_channel.{k}[{i}]") for i, x in enumerate(v)]
-            lengths = {len(v) for v in wc.values()}
-            if len(lengths) > 1:
-                raise UserError(f"{where}.w_channel: the bit-widths list different channel counts {sorted(lengths)}")
+        wc = _per_channel_map(d.get("w_channel"), f"{where}.w_channel", _bits_key, "bits")
         e = None
         if d.get("e") is not None:
             raw = d["e"]
@@ -87,20 +74,7 @@ class LayerScores:
             e = {}
             for k, v in raw.items():
                 e[_energy_key(k, f"{where}.e")] = _score(v, f"{where}.e.{k}")
-        ec = None
-        if d.get("e_channel") is not None:
-            raw = d["e_channel"]
-            if not isinstance(raw, dict):
-                raise UserError(f"{where}.e_channel: expected an object energy -> list of scores")
-            ec = {}
-            for k, v in raw.items():
-                ek = _energy_key(k, f"{where}.e_channel")
-                if not isinstance(v, list) or not v:
-                    raise UserError(f"{where}.e_channel.{k}: expected a non-empty list of scores")
-                ec[ek] = [_score(x, f"{where}.e_channel.{k}[{i}]") for i, x in enumerate(v)]
-            lengths = {len(v) for v in ec.values()}
-            if len(lengths) > 1:
-                raise UserError(f"{where}.e_channel: the energies list different channel counts {sorted(lengths)}")
+        ec = _per_channel_map(d.get("e_channel"), f"{where}.e_channel", _energy_key, "energy")
         return cls(w, a, wc, e, ec)
 
 
@@ -111,6 +85,24 @@ def _bits_key(k: Any, where: str) -> int:
     if not 1 <= b <= 32:
         raise UserError(f"{where}: bit-width {b} is outside 1..32")
     return b
+
+
+def _per_channel_map(raw: Any, where: str, key: Callable[[Any, str], Any], what: str) -> dict | None:
+    """``{key: [score per output channel]}`` (``w_channel`` keyed by bits, ``e_channel`` by energy), or None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected an object {what} -> list of scores")
+    out = {}
+    for k, v in raw.items():
+        kk = key(k, where)
+        if not isinstance(v, list) or not v:
+            raise UserError(f"{where}.{k}: expected a non-empty list of scores")
+        out[kk] = [_score(x, f"{where}.{k}[{i}]") for i, x in enumerate(v)]
+    lengths = {len(v) for v in out.values()}
+    if len(lengths) > 1:
+        raise UserError(f"{where}: the keys list different channel counts {sorted(lengths)}")
+    return out
 
 
 def _energy_key(k: Any, where: str) -> float:
