@@ -149,17 +149,17 @@ class Bench:
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(x), generator=g)[: self.n_eval]
         self.xe, self.ye = x[idx].to(self.dev), y[idx].to(self.dev)
+        self.res["eval_images"] = len(idx)
         xt, yt = self.data.train.tensors  # training images for the measured correction (never the test images)
         idx = torch.randperm(len(xt), generator=g)[: min(len(xt), self.n_eval // 2)]
         self.xm, self.ym = xt[idx].to(self.dev), yt[idx].to(self.dev)
-        self.res["eval_images"] = len(idx)
         an = self.target.analog
         self.res["noise_model"] = {"noise": an.noise, "sigma_t": an.sigma_t, "digital_layers": list(an.digital_layers),
                                    "formula": "sigma = sigma_t*sqrt(fan_in)*R_w*R_x/sqrt(E) per output channel, "
                                               "R_w, R_x from the 8-bit quantizers (NoiseInjector)"}
         teacher = copy.deepcopy(self.loaded.module).to(self.dev).eval()
         self.res["fp_accuracy"] = self.accuracy(teacher)
-        log(f"FP accuracy on {len(idx)} images: {self.res['fp_accuracy']:.2f}%")
+        log(f"FP accuracy on {self.res['eval_images']} test images: {self.res['fp_accuracy']:.2f}%")
         del teacher
 
     @torch.no_grad()
