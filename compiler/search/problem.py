@@ -308,9 +308,10 @@ def read_sensitivity(source, *, monotone: bool = False) -> SensitivityTable:
     """Read a sensitivity table: a dict, a JSON file (mpqc format), or LIMPQ's indicator pickle.
 
     mpqc's format: ``{"version": 1, "method", "model_hash", "layers": {name: {"w": {"8": s, ...}, "a": {...},
-    "w_channel": {"4": [s_c0, ...]}, "e": {"100.0": s}, "e_channel": {"100.0": [s_c0, ...]}}}}``. LIMPQ's pickle (``{"weight": {layer: {bits: s}},
-    "act": {...}, "layer_name": [...]}``, names prefixed ``module.``) is read with an unpickler that admits
-    builtin containers only. With ``monotone`` the scores are repaired (:func:`monotone_repair`).
+    "w_channel": {"4": [s_c0, ...]}, "e": {"100.0": s}, "e_channel": {"100.0": [s_c0, ...]}}}}``. LIMPQ's
+    pickle (``{"weight": {layer: {bits: s}}, "act": {...}, "layer_name": [...]}``, names prefixed ``module.``)
+    is read with an unpickler that admits builtin containers only. With ``monotone`` the scores are repaired
+    (:func:`monotone_repair`).
     """
     from mpqc.errors import UserError
 

@@ -57,8 +57,8 @@ def run(args):
         latency=args.latency, lut=args.lut, energy=args.energy, emac=args.emac, sensitivity=args.sensitivity,
         granularity=args.granularity, clusters=args.clusters, candidates=args.candidates, fix=tuple(args.fix),
         weight_alpha=args.weight_alpha, monotone=args.monotone, act_groups=args.act_groups, solver=args.solver,
-        time_limit=args.time_limit, search=args.search, learn_steps=args.learn_steps, pareto=args.pareto, epochs=args.epochs, lr=args.lr,
-        optimizer=args.optimizer, batch_stats=args.batch_stats,
+        time_limit=args.time_limit, search=args.search, learn_steps=args.learn_steps, pareto=args.pareto,
+        epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_stats=args.batch_stats,
         batch_size=args.batch_size, finetune_method=args.finetune_method, profile=args.profile, seed=args.seed,
         stop_after=args.stop_after, samples=args.samples, progress=not args.json,
         device=args.device)
