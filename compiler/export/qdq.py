@@ -6,8 +6,9 @@ How, and why this way (research/formats.md §5, §7):
    placement changes, each one exact or recorded in ``notes``: the activation quantizer after a MaxPool is also
    applied before it (max commutes with a monotone quantizer, so the values are identical and onnxruntime can
    fuse the conv before the pool); residual ``Add`` inputs read quantized values (TensorRT fuses such an add into
-   the conv epilogue, onnxruntime into ``QLinearAdd``), and a conv output that feeds such an add gets a new 8-bit
-   quantizer calibrated on ``calib``; for onnxruntime, conv biases sit on the int32 accumulator grid (what
+   the conv epilogue, onnxruntime into ``QLinearAdd``), and an input without a quantizer of at least 8 bits
+   gets a new 8-bit quantizer calibrated on ``calib`` (a block input the next conv reads at fewer bits: that
+   conv's quantizer then requantizes the 8-bit codes); for onnxruntime, conv biases sit on the int32 accumulator grid (what
    QLinearConv adds); TensorRT has no uint8, so an 8-bit unsigned activation becomes 7 bits over the same range;
    ``fp8`` layers get FP8 (E4M3FN) quantizers and ``bf16``/``fp16`` layers none. The caller's model is not
    changed, and this copy *is* the reference the parity check compares with.
@@ -374,7 +375,8 @@ def _quantize_residual_adds(gm: torch.fx.GraphModule, qm: QuantizedModel, profil
         for a in ins:
             if a is keep:
                 continue
-            existing = next((u for u in a.users if _is_quantizer(u, ("aq.", "rq.")) and _active(gm, u)), None)
+            quantizers = [u for u in a.users if _is_quantizer(u, ("aq.", "rq.")) and _active(gm, u)]
+            existing = next((u for u in quantizers if _at_least(gm, u, RESIDUAL_BITS)), None)
             if existing is None:
                 key = f"res_{len(rq)}_{a.name}"
                 rq[key] = ActQuantizer(signed=not nonneg.get(a.name, False), bits=RESIDUAL_BITS)
@@ -383,8 +385,22 @@ def _quantize_residual_adds(gm: torch.fx.GraphModule, qm: QuantizedModel, profil
                 added.append(f"rq.{key}")
                 notes.append(f"rq.{key}: new {RESIDUAL_BITS}-bit quantizer on {a.name}, an input of the residual "
                              f"add {add.name}")
+                # a narrower quantizer on the same tensor (the next conv reading a block input at 2 bits) is not
+                # reused: fine-tuning added the skip path in float, and 2-bit codes there cost ResNet-20 at W2A2
+                # 15 points. It requantizes the 8-bit codes instead, so the tensor still has one quantizer (and
+                # onnxruntime still fuses the add that produced it); the double rounding is recorded
+                for u in quantizers:
+                    u.replace_input_with(a, existing)
+                    notes.append(f"{u.target}: requantizes the {RESIDUAL_BITS}-bit codes of rq.{key} (the add "
+                                 f"{add.name} reads {a.name} at {RESIDUAL_BITS} bits, not at its narrower width)")
             add.replace_input_with(a, existing)
     return added
+
+
+def _at_least(gm: torch.fx.GraphModule, node: torch.fx.Node, bits: int) -> bool:
+    """The quantizer at ``node`` keeps ``bits`` or more (an fp8 quantizer, with no integer width, counts)."""
+    b = getattr(gm.get_submodule(str(node.target)), "bits", None)
+    return b is None or int(b) >= bits
 
 
 def _quantized_layer(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:

@@ -143,10 +143,10 @@ def test_missing_qdq_on_a_residual_add_is_named(good):
 def test_weight_only_conv_and_float_weights_are_named(good):
     def fn(m):
         conv = _node(m, "conv2")
-        dq = conv.inputs[0].producer()
-        q = dq.inputs[0].producer()
-        conv.replace_input_with(0, q.inputs[0].producer().inputs[0] if q.inputs[0].producer().op_type == "Clip"
-                                else q.inputs[0])
+        v = conv.inputs[0]  # back through every Q/DQ/Clip (an 8-bit residual Q/DQ may sit before its own)
+        while v.producer() is not None and v.producer().op_type in ("QuantizeLinear", "DequantizeLinear", "Clip"):
+            v = v.producer().inputs[0]
+        conv.replace_input_with(0, v)
         conv4 = _node(m, "conv4")
         wdq = conv4.inputs[1].producer()
         codes, scale = wdq.inputs[0].const_value.numpy(), wdq.inputs[1].const_value.numpy()
