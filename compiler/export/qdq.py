@@ -8,10 +8,10 @@ How, and why this way (research/formats.md §5, §7):
    fuse the conv before the pool); residual ``Add`` inputs read quantized values (TensorRT fuses such an add into
    the conv epilogue, onnxruntime into ``QLinearAdd``), and an input without a quantizer of at least 8 bits
    gets a new 8-bit quantizer calibrated on ``calib`` (a block input the next conv reads at fewer bits: that
-   conv's quantizer then requantizes the 8-bit codes); for onnxruntime, conv biases sit on the int32 accumulator grid (what
-   QLinearConv adds); TensorRT has no uint8, so an 8-bit unsigned activation becomes 7 bits over the same range;
-   ``fp8`` layers get FP8 (E4M3FN) quantizers and ``bf16``/``fp16`` layers none. The caller's model is not
-   changed, and this copy *is* the reference the parity check compares with.
+   conv's quantizer then requantizes the 8-bit codes); for onnxruntime, conv biases sit on the int32
+   accumulator grid (what QLinearConv adds); TensorRT has no uint8, so an 8-bit unsigned activation becomes
+   7 bits over the same range; ``fp8`` layers get FP8 (E4M3FN) quantizers and ``bf16``/``fp16`` layers none.
+   The caller's model is not changed, and this copy *is* the reference the parity check compares with.
 2. **Float export with named quantization points.** ``torch.onnx.export`` (dynamo, opset ≥ 21) of the deploy
    graph with every quantizer replaced by an identity custom op ``mpqc_export::point(x, key)``; its custom
    translation emits one ``mpqc.export::Point`` node carrying the quantizer's key. Stock fake-quant translation is
