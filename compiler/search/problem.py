@@ -1442,9 +1442,24 @@ def _energy_channel_scores(table, layer: str, energies: list, channels: int) -> 
     ec = table.e_channel(layer)
     if not ec or any(np.asarray(v).size != channels for v in ec.values()):
         return None
-    keys = np.array(sorted(ec))
-    return np.stack([np.asarray(ec[float(keys[np.argmin(np.abs(keys - e))])], dtype=float) for e in energies],
-                    axis=1)
+    return np.stack([_at_energy(ec, e) for e in energies], axis=1)
+
+
+def _at_energy(scores: dict, e: float):
+    """A score (or per-channel array) at energy ``e`` from ``{E: score}``: the tabulated value on a key,
+    log-log interpolated between the two keys around ``e`` (scores fall as a power of E), the nearest key
+    outside the table."""
+    keys = np.array(sorted(scores), dtype=float)
+    k = int(np.searchsorted(keys, e))
+    if k < len(keys) and np.isclose(keys[k], e, rtol=1e-9):
+        return np.asarray(scores[float(keys[k])], dtype=float)
+    if k == 0 or k == len(keys):
+        return np.asarray(scores[float(keys[min(k, len(keys) - 1)])], dtype=float)
+    lo, hi = np.asarray(scores[float(keys[k - 1])], dtype=float), np.asarray(scores[float(keys[k])], dtype=float)
+    t = (np.log(e) - np.log(keys[k - 1])) / (np.log(keys[k]) - np.log(keys[k - 1]))
+    with np.errstate(divide="ignore"):
+        out = np.exp((1 - t) * np.log(lo) + t * np.log(hi))
+    return np.where((lo > 0) & (hi > 0), out, (1 - t) * lo + t * hi)
 
 
 def score_plan(plan, graph, table: SensitivityTable, weight_alpha: float = 1.0) -> float:
@@ -1467,9 +1482,8 @@ def score_plan(plan, graph, table: SensitivityTable, weight_alpha: float = 1.0) 
                     total += float(sum(S[c, col[e]] for c, e in enumerate(lp.emac)))
                     continue
             es = table.e(op.name)
-            keys = np.array(sorted(es))
             e = float(np.mean(lp.emac)) if isinstance(lp.emac, list) else float(lp.emac)
-            total += float(es[float(keys[np.argmin(np.abs(keys - e))])]) if keys.size else float("nan")
+            total += float(_at_energy(es, e)) if es else float("nan")
             continue
         w = lp.w_bits
         if w is not None and op.kind != OpKind.MATMUL and op.weight_shape:

@@ -190,7 +190,9 @@ def run(args):
         if b.avg_bits is not None:
             pairs[f"W{b.avg_bits[0]}A{b.avg_bits[1]}"] = b.avg_bits
     baselines = {}
-    for name, (w, a) in pairs.items():
+    if target.kind == "analog":  # the allocation against one E for every analog layer at the same mean
+        baselines = _uniform_energy_baseline(plan, graph, target, table)
+    for name, (w, a) in ({} if target.kind == "analog" else pairs).items():
         up = uniform_plan(graph, w, a, target.name, act_groups_mode=args.act_groups)
         costs = plan_costs(up, graph, target, lut=lut)
         baselines[name] = {"objective": score_plan(up, graph, table, args.weight_alpha),
@@ -216,11 +218,29 @@ def run(args):
     return summary
 
 
+def _uniform_energy_baseline(plan, graph, target, table) -> dict:
+    """``{"E=Ē": {...}}``: the plan with every analog layer (and channel) at its MAC-weighted mean E, scored by
+    the same table (each layer's nearest tabulated energy), so the objective column shows what the allocation
+    gains over a uniform E of the same energy."""
+    from dataclasses import replace
+
+    from mpqc.compiler.plan import plan_costs
+    from mpqc.compiler.search.problem import score_plan
+
+    e_bar = plan.costs["emac"]["value"]
+    layers = {n: (replace(lp, emac=float(e_bar)) if lp.emac is not None else lp) for n, lp in plan.layers.items()}
+    up = replace(plan, layers=layers, granularity="layer")
+    costs = plan_costs(up, graph, target)
+    return {f"E={e_bar:.4g}": {"objective": score_plan(up, graph, table), **{k: v["value"] for k, v in costs.items()}}}
+
+
 def _summary(plan, path: str, warnings: list[str]) -> dict:
     from collections import Counter
 
     hist_w: Counter = Counter()
     hist_a: Counter = Counter()
+    energies = [e for lp in plan.layers.values() if lp.emac is not None
+                for e in (lp.emac if isinstance(lp.emac, list) else [lp.emac])]
     for lp in plan.layers.values():
         if isinstance(lp.w_bits, list):
             hist_w.update(str(b) for b in lp.w_bits)
@@ -233,6 +253,7 @@ def _summary(plan, path: str, warnings: list[str]) -> dict:
             "time_s": plan.solver["time_s"], "binaries": plan.solver["binaries"], "budgets": budgets,
             "costs": {k: v for k, v in plan.costs.items() if not k.startswith("budget:")},
             "w_bits_histogram": dict(sorted(hist_w.items())), "a_bits_histogram": dict(sorted(hist_a.items())),
+            "emac_range": [min(energies), max(energies), len(energies)] if energies else None,
             "warnings": warnings}
 
 
@@ -263,5 +284,9 @@ def _print(plan, summary: dict, baselines: dict) -> None:
         t2.add_row(f"uniform {name}", f"{b['objective']:.6g}", f"{b['bitops'] / 1e9:.4g}", f"{b['size'] / 2**20:.4g}")
     con.print(t2)
     con.print(f"weight widths {s['w_bits_histogram']}   activation widths {s['a_bits_histogram']}")
+    if s.get("emac_range"):
+        lo, hi, n = s["emac_range"]
+        unit = "channels" if plan.granularity == "channel" else "layers"
+        con.print(f"energy per MAC: {lo:.4g} .. {hi:.4g} over {n} analog {unit}")
     if "pareto" in s:
         con.print(f"Pareto sweep: {s['pareto']['points']} points → {s['pareto']['csv']}, {s['pareto']['png']}")

@@ -129,3 +129,20 @@ def test_greedy_refuses_analog_targets(graph):
     sp = build_problem(graph, target, parse_budgets(emac="40"), table)
     with pytest.raises(UserError, match="--search ilp"):
         greedy_search(sp, table)
+
+
+def test_plans_off_the_grid_are_scored_by_log_log_interpolation(graph):
+    """A uniform E between grid points (the search CLI's baseline, a learned plan) scores s/E exactly for
+    thermal-like tables, per layer and per channel, instead of the nearest grid point's score."""
+    from mpqc.compiler.plan import LayerPlan, Plan
+
+    target = _target(points=5, lo=1.0, hi=1e4)  # keys 1, 10, 100, 1000, 10000
+    raw = _table(graph, target, np.random.default_rng(8))
+    table = read_sensitivity(raw)
+    layers = {op.name: LayerPlan(8, 8, 37.0) for op in _analog(graph)}
+    want = sum(raw["layers"][n]["e"][repr(1.0)] / 37.0 for n in layers)
+    assert score_plan(Plan("analog", layers=layers), graph, table) == pytest.approx(want, rel=1e-9)
+    per = {op.name: LayerPlan(8, 8, [37.0, 370.0]) for op in _analog(graph)}
+    want = sum(raw["layers"][n]["e_channel"][repr(1.0)][0] / 37.0 + raw["layers"][n]["e_channel"][repr(1.0)][1] / 370.0
+               for n in per)
+    assert score_plan(Plan("analog", granularity="channel", layers=per), graph, table) == pytest.approx(want, rel=1e-9)
