@@ -215,7 +215,9 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, list):
-        return f"mixed {min(v)}–{max(v)} (mean {np.mean(v):.2f})" if v and isinstance(v[0], (int, float)) else str(v)
+        if v and all(isinstance(x, (int, float)) for x in v):
+            return f"mixed {_fmt(min(v))}–{_fmt(max(v))} (mean {np.mean(v):.4g}, {len(v)} channels)"
+        return str(v)
     return "" if v is None else str(v)
 
 
