@@ -34,7 +34,7 @@ from mpqc.kernels import analog_noise_log_e, thermal_sigma
 
 from .config import EnergyMode, Method
 from .driver import Objective, accuracy, register_objective, task_loss
-from .graph_taps import insert_after, remove_inserted
+from .graph_taps import Splices
 
 EmacSpec = float | dict[str, float | list[float]]
 _SEED_MOD = 2**62
@@ -137,15 +137,13 @@ class NoiseInjector:
         if hasattr(gm, "noise"):
             raise ValueError("a NoiseInjector is already attached to this model; remove() it first")
         self.q = qmodel
-        self.modules: dict[str, LayerNoise] = {}
-        self._dict = nn.ModuleDict()
-        self._nodes: dict[str, object] = {}
         wanted = None if layers is None else set(layers)
         ops = [op for op in qmodel.graph_ir.layers() if op.kind in (OpKind.CONV, OpKind.LINEAR) and op.weight_fqn
                and (wanted is None or op.name in wanted)]
         if wanted is not None and wanted - {op.name for op in ops}:
             raise KeyError(f"no conv/linear layer named {sorted(wanted - {op.name for op in ops})[0]!r}")
-        gm.add_submodule("noise", self._dict)
+        self._splices = Splices(gm, "noise")
+        self.modules: dict[str, LayerNoise] = self._splices.modules  # type: ignore[assignment]
         nodes = {n.name: n for n in gm.graph.nodes}
         for idx, op in enumerate(ops):
             node = nodes[op.attrs["node"]]
@@ -155,13 +153,8 @@ class NoiseInjector:
                              channels=c, macs=op.macs, seed=_layer_seed(seed, idx))
             mod.to(qmodel.weight(op.name).device)
             mod.log_e.requires_grad_(trainable)
-            key = _safe_key(op.name, self._dict)
-            self._dict[key] = mod
-            self.modules[op.name] = mod
-            self._nodes[op.name] = insert_after(gm, node, f"noise.{key}")
-        gm.graph.lint()
-        gm.recompile()
-        self._attached = True
+            self._splices.add(op.name, _safe_key(op.name, self._splices.dict), mod, node)
+        self._splices.commit()
 
     # -- energies --------------------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
@@ -236,10 +229,7 @@ class NoiseInjector:
     # -- detaching -------------------------------------------------------------------------------------
     def remove(self) -> None:
         """Take the noise nodes out of the graph and drop the ``noise`` submodule (idempotent)."""
-        if not self._attached:
-            return
-        remove_inserted(self.q.gm, self._nodes.values(), "noise")
-        self._attached = False
+        self._splices.remove()
 
     def __enter__(self) -> NoiseInjector:
         return self

@@ -22,7 +22,7 @@ from torch import nn
 from mpqc.compiler.ir import OpKind
 from mpqc.compiler.quantize import QuantizedModel
 
-from .graph_taps import insert_after, remove_inserted
+from .graph_taps import Splices
 
 
 class BatchRenorm(nn.Module):
@@ -96,10 +96,8 @@ class Renormalizer:
     def __init__(self, qmodel: QuantizedModel):
         self.q = qmodel
         gm = qmodel.gm
-        self.modules: dict[str, BatchRenorm] = {}
-        self._nodes: dict[str, torch.fx.Node] = {}
-        self._dict = nn.ModuleDict()
-        gm.add_submodule("renorm", self._dict)
+        self._splices = Splices(gm, "renorm")
+        self.modules: dict[str, BatchRenorm] = self._splices.modules  # type: ignore[assignment]
         nodes = {n.name: n for n in gm.graph.nodes}
         for op in qmodel.graph_ir.layers():
             if op.kind != OpKind.CONV or not op.weight_fqn or not op.bias_fqn:
@@ -108,13 +106,8 @@ class Renormalizer:
             weight = qmodel.weight(op.name)
             mod = BatchRenorm(weight.shape[0]).to(weight.device)
             mod.training = qmodel.training
-            key = f"r{len(self._dict)}"
-            self._dict[key] = mod
-            self.modules[op.name] = mod
-            self._nodes[op.name] = insert_after(gm, node, f"renorm.{key}")
-        gm.graph.lint()
-        gm.recompile()
-        self._attached = True
+            self._splices.add(op.name, f"r{len(self._splices.dict)}", mod, node)
+        self._splices.commit()
 
     @torch.no_grad()
     def calibrate(self, batches, device) -> None:
@@ -137,7 +130,7 @@ class Renormalizer:
     @torch.no_grad()
     def fold(self) -> None:
         """Merge each eval-mode map into its conv (weight rows, bias, weight step sizes) and detach (idempotent)."""
-        if not self._attached:
+        if not self._splices.attached:
             return
         q = self.q
         for name, mod in self.modules.items():
@@ -156,10 +149,7 @@ class Renormalizer:
     def remove(self) -> None:
         """Take the modules out of the graph without folding (the model is the folded one again only if
         :meth:`fold` ran or nothing was trained)."""
-        if not self._attached:
-            return
-        remove_inserted(self.q.gm, self._nodes.values(), "renorm")
-        self._attached = False
+        self._splices.remove()
 
 
 __all__ = ["BatchRenorm", "Renormalizer"]
