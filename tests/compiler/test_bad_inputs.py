@@ -79,6 +79,8 @@ CASES = [
     ({"device": "gpu0"}, "not a torch device"),
     ({"optimizer": "lion"}, "--optimizer"),
     ({"lr": 0.0}, "--lr"),
+    ({"search": "annealing"}, "--search"),
+    ({"target": "analog", "avg_bits": None, "emac": "10", "search": "learned", "learn_steps": 0}, "--learn-steps"),
 ]
 if not torch.cuda.is_available():
     CASES.append(({"device": "cuda"}, "no CUDA device"))

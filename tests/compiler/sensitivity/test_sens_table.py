@@ -59,6 +59,11 @@ def test_json_round_trip(tmp_path):
     ('{"version": 1, "method": "fisher", "layers": {"c": {"w": {"8": "x"}}}}', "not a number"),
     ('{"version": 1, "method": "fisher", "layers": {"c": {"q": {}}}}', "unknown keys"),
     ('{"version": 1, "method": "fisher", "layers": {"c": {"e": {"0": 1.0}}}}', "> 0"),
+    ('{"version": 1, "method": "analog", "layers": {"c": {"e_channel": {"1.0": 0.5}}}}', "non-empty list"),
+    ('{"version": 1, "method": "analog", "layers": {"c": {"e_channel": {"x": [0.5]}}}}', "not a number"),
+    ('{"version": 1, "method": "analog", "layers": {"c": {"e_channel": {"1.0": [1], "2.0": [1, 2]}}}}',
+     "different channel counts"),
+    ('{"version": 1, "method": "analog", "layers": {"c": {"e_channel": {"1.0": [-1.0]}}}}', ">= 0"),
 ])
 def test_malformed_tables_are_one_line_user_errors(tmp_path, content, words):
     p = tmp_path / "bad.json"
