@@ -2,7 +2,9 @@
 
 SPEC: ``digits`` (ships with scikit-learn), ``cifar10:DIR`` (npz shards as in shared/data/cifar10),
 ``imagefolder:DIR`` (one sub-folder per class), ``npz:FILE`` (arrays ``x`` and ``y``). Images become float
-tensors in NCHW, normalised per channel with statistics of the training split.
+tensors in NCHW, normalised per channel with statistics of the training split; CIFAR-10 uses the full
+training split's published statistics, so a subset (``limit``, a reduced copy of the shards) sees the same
+inputs as the model trained on all of it.
 """
 
 from __future__ import annotations
@@ -133,13 +135,24 @@ def _check(x: np.ndarray, y: np.ndarray, what: str) -> None:
         raise UserError(f"{what}: inputs contain NaN or Inf")
 
 
-def _to_splits(name, x, y, *, seed, calib, val_frac=0.15, test=None, num_classes=None, augment="none"):
+# Per-channel mean and std of all 50,000 CIFAR-10 training images scaled to [0, 1] (the widely quoted values;
+# shared/data/cifar10/SOURCE.md checks them against the stored pixels).
+CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
+CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
+
+
+def _to_splits(name, x, y, *, seed, calib, val_frac=0.15, test=None, num_classes=None, augment="none",
+               stats=None):
     _check(x, y, name)
     if test is not None:
         _check(*test, f"{name} (test split)")
     tr, ca, va = _split(x, y, val_frac=val_frac, calib=calib, seed=seed, test=test)
-    mean = tr[0].mean(axis=(0, 2, 3), keepdims=True)
-    std = tr[0].std(axis=(0, 2, 3), keepdims=True) + 1e-6
+    if stats is not None:  # fixed statistics: the same normalisation whatever subset was loaded
+        mean = np.asarray(stats[0], np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(stats[1], np.float32).reshape(1, -1, 1, 1)
+    else:
+        mean = tr[0].mean(axis=(0, 2, 3), keepdims=True)
+        std = tr[0].std(axis=(0, 2, 3), keepdims=True) + 1e-6
 
     def ds(a):
         return TensorDataset(torch.from_numpy(((a[0] - mean) / std).astype(np.float32)),
@@ -213,10 +226,12 @@ def _load_cifar10(d: str, *, seed: int, calib: int, limit: int | None) -> DataSp
         tr = rng.permutation(len(x))[:limit]
         te = rng.permutation(len(xt))[: max(1, limit // 5)]
         x, y, xt, yt = x[tr], y[tr], xt[te], yt[te]
+    raw = x.dtype == np.uint8  # 8-bit pixels: the published statistics apply
     x = _nchw(x).astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
     xt = _nchw(xt).astype(np.float32) / (255.0 if xt.dtype == np.uint8 else 1.0)
+    stats = (CIFAR10_MEAN, CIFAR10_STD) if raw and x.shape[1] == 3 else None
     return _to_splits("cifar10", x, y, seed=seed, calib=calib, test=(xt, yt), num_classes=10,
-                      augment="crop_flip")
+                      augment="crop_flip", stats=stats)
 
 
 def _load_imagefolder(d: str, *, seed: int, calib: int, size: int = 224) -> DataSplits:

@@ -1,5 +1,6 @@
 """TensorBatches: the vectorised batcher must hand out exactly what a DataLoader would."""
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -64,3 +65,43 @@ def test_augment_is_a_crop_of_the_padded_image_or_its_mirror():
     again = augment_batch(x, "crop_flip", torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
     assert augment_batch(x, "none") is x
+
+
+def _write_cifar(d, rng, n_train, pixels):
+    d.mkdir()
+    x = pixels(rng, (n_train, 32, 32, 3))
+    np.savez(d / "train-0.npz", x=x, y=rng.integers(0, 10, n_train).astype(np.uint8))
+    np.savez(d / "test.npz", x=pixels(rng, (40, 32, 32, 3)), y=np.arange(40, dtype=np.uint8) % 10)
+    return x
+
+
+def test_cifar10_subsets_share_the_published_normalisation(tmp_path):
+    """A reduced copy of the shards must feed the model the inputs it was trained on (full-split statistics)."""
+    from mpqc.compiler.data import CIFAR10_MEAN, CIFAR10_STD, load_data
+
+    rng = np.random.default_rng(0)
+    dark = lambda r, shape: r.integers(0, 60, shape, dtype=np.uint8)  # noqa: E731 - far from CIFAR's mean
+    _write_cifar(tmp_path / "a", rng, 64, dark)
+    small = load_data(f"cifar10:{tmp_path / 'a'}", seed=0)
+    with np.load(tmp_path / "a" / "test.npz") as z:
+        raw = z["x"].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    want = (raw - np.reshape(CIFAR10_MEAN, (1, 3, 1, 1))) / np.reshape(CIFAR10_STD, (1, 3, 1, 1))
+    np.testing.assert_allclose(small.val.tensors[0].numpy(), want, rtol=1e-5, atol=1e-5)
+    # limit= picks a subset, the normalisation stays the same
+    sub = load_data(f"cifar10:{tmp_path / 'a'}", seed=0, limit=50)
+    assert len(sub.val) == 10
+    full_val = small.val.tensors[0].numpy().reshape(40, -1)
+    for row in sub.val.tensors[0].numpy().reshape(10, -1):
+        assert np.isclose(full_val, row, atol=1e-6).all(axis=1).any()
+
+
+def test_float_cifar10_shards_keep_their_own_statistics(tmp_path):
+    """Float pixels may be pre-scaled any way: the published uint8 statistics would be wrong for them."""
+    from mpqc.compiler.data import load_data
+
+    rng = np.random.default_rng(1)
+    x = _write_cifar(tmp_path / "f", rng, 64, lambda r, shape: (r.random(shape) * 4.0 - 2.0).astype(np.float32))
+    tr = load_data(f"cifar10:{tmp_path / 'f'}", seed=0).train.tensors[0].numpy()
+    np.testing.assert_allclose(tr.mean(axis=(0, 2, 3)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(tr.std(axis=(0, 2, 3)), 1.0, atol=1e-3)
+    assert x.min() < -1.9  # the data really was on another scale
