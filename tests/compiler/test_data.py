@@ -105,3 +105,17 @@ def test_float_cifar10_shards_keep_their_own_statistics(tmp_path):
     np.testing.assert_allclose(tr.mean(axis=(0, 2, 3)), 0.0, atol=1e-4)
     np.testing.assert_allclose(tr.std(axis=(0, 2, 3)), 1.0, atol=1e-3)
     assert x.min() < -1.9  # the data really was on another scale
+
+
+def test_statistics_do_not_stall_on_large_float32_sets():
+    """A float32 sum stops growing at 2**24 (CIFAR-10's 51 M pixel values averaged 0.328 instead of 0.49)."""
+    from mpqc.compiler.data import _to_splits
+
+    # images stored NHWC and viewed NCHW, as the loaders do: numpy then sums each channel one value at a time
+    x = np.full((250, 64, 64, 3), 1000.0, np.float32).transpose(0, 3, 1, 2)
+    x[::2] += 250.0
+    y = np.arange(250) % 10
+    d = _to_splits("big", x, y, seed=0, calib=8, val_frac=0.2)
+    t = d.train.tensors[0]
+    assert abs(float(t.mean())) < 1e-3
+    assert abs(float(t.std()) - 1.0) < 1e-2
