@@ -210,6 +210,8 @@ def run_job(job: dict, common: dict) -> dict:
               batch_size=common["batch_size"],
               sensitivity=job["sensitivity"], granularity=job["granularity"], samples=common["samples"],
               progress=False, device=common["device"], **job["budget"])
+    if not job["uniform"] and common.get("weight_alpha", 1.0) != 1.0:
+        kw["weight_alpha"] = common["weight_alpha"]
     if job["uniform"]:  # every searchable layer fixed at WxAy: the search has nothing to choose
         w, a = job["w"], job["a"]
         kw["fix"] = (f"layer*=W{w}A{a}", *fix)
@@ -365,6 +367,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-extra", action="store_true", help="uniform and fisher layer-wise mixed rows only")
     p.add_argument("--target", default="generic")
     p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--weight-alpha", type=float, default=1.0,
+                   help="mixed rows: the search's weight-score factor (objective = act scores + A x weight scores)")
     args = p.parse_args(argv)
     t_start = time.time()
     deadline = t_start + args.deadline if args.deadline else float("inf")
@@ -417,7 +421,7 @@ def main(argv=None) -> int:
 
     common = {"model": model_path, "arch": ARCH, "target": args.target, "spec": spec, "out": args.out,
               "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "samples": args.samples,
-              "device": args.device, "threads": threads}
+              "device": args.device, "threads": threads, "weight_alpha": args.weight_alpha}
     meta = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version(), "threads_per_job": threads,
             "args": vars(args), "train": len(data.train), "test": len(data.val),
@@ -456,6 +460,10 @@ def main(argv=None) -> int:
         return bitops_cache[(w, a)]
 
     jobs = make_jobs(plans, lr, methods, not args.no_extra, bitops_of, opt)
+    if args.weight_alpha != 1.0:
+        for j in jobs:
+            if not j["uniform"]:
+                j["label"] = j["label"].replace(", layer)", f", layer, weight-alpha {args.weight_alpha:g})")
     for r in list(rows):  # the sweep's run at the chosen setting is the uniform W2A4 row
         if r.get("group") == "lr-sweep" and (r["opt"], r["lr"]) == (opt, lr) and not r.get("error"):
             rows.append({**r, "key": "w2a4_uniform", "label": "W2A4 uniform (LSQ QAT)", "group": "uniform"})
