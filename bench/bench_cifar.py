@@ -321,7 +321,10 @@ def plot(rows: list[dict], fp_row: dict, out: str) -> list[str]:
     for xkey, xlabel, fname, scale in (("bitops", "GBitOPs", "cifar_bitops.png", 1e9),
                                        ("size", "weight size (KB, 1 KB = 1024 bytes)", "cifar_size.png", 1024)):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        alphas = sorted({r.get("weight_alpha") for r in ok if r["group"] == "mixed_alpha"} - {None})
         groups = (("uniform", "o-", "uniform (LSQ QAT)"), ("mixed", "s-", "mpqc mixed (fisher, layer)"),
+                  ("mixed_alpha", "s--", "mpqc mixed (fisher, layer), weight-alpha "
+                   + "/".join(f"{a:g}" for a in alphas)),
                   ("kernel", "D", "mpqc kernel-wise"), ("memory", "^", "mpqc at Uhlich memory target"),
                   ("methods", "x", "mpqc, other sensitivity methods"), ("ablation", "v", "mpqc, ends fixed at 8"))
         for group, style, name in groups:
@@ -340,6 +343,36 @@ def plot(rows: list[dict], fp_row: dict, out: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def merge(dirs: list[str], out: str) -> int:
+    """One table and one pair of plots from several runs on the same FP model (e.g. a weight-alpha variant)."""
+    runs = []
+    for d in dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            _bad(f"--merge {d}: no results.json there (run the bench with --out {d} first)")
+        with open(path) as f:
+            runs.append(json.load(f))
+    fp_row = runs[0]["fp"]
+    rows = []
+    for run in runs:
+        alpha = run.get("meta", {}).get("args", {}).get("weight_alpha", 1.0)
+        for r in run["rows"]:
+            if r.get("group") == "lr-sweep":
+                continue
+            if alpha != 1.0 and r.get("group") == "mixed":  # a run from before the group was set at launch
+                r = {**r, "group": "mixed_alpha", "weight_alpha": alpha}
+            rows.append(r)
+    os.makedirs(out, exist_ok=True)
+    table = fmt_table(fp_row, rows)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"meta": {"merged": dirs}, "fp": fp_row, "rows": rows}, f, indent=1, default=str)
+    plot(rows, fp_row, out)
+    print(table)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -366,11 +399,15 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default=None, help="only these job keys (e.g. w2a4_uniform,w2a4_mixed)")
     p.add_argument("--no-extra", action="store_true", help="uniform and fisher layer-wise mixed rows only")
     p.add_argument("--target", default="generic")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="only combine these runs' results.json (FP row of the first) into one table and plots in --out")
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--weight-alpha", type=float, default=1.0,
                    help="mixed rows: the search's weight-score factor (objective = act scores + A x weight scores)")
     args = p.parse_args(argv)
     t_start = time.time()
+    if args.merge:
+        return merge(args.merge, args.out)
     deadline = t_start + args.deadline if args.deadline else float("inf")
     plans = [parse_plan(t) for t in args.plans.split(",") if t.strip()]
     settings = [parse_setting(v) for v in args.qat_lrs.split(",") if v.strip()]  # checked before any work
@@ -464,6 +501,8 @@ def main(argv=None) -> int:
         for j in jobs:
             if not j["uniform"]:
                 j["label"] = j["label"].replace(", layer)", f", layer, weight-alpha {args.weight_alpha:g})")
+                j["weight_alpha"] = args.weight_alpha
+                j["group"] = "mixed_alpha" if j["group"] == "mixed" else j["group"]
     for r in list(rows):  # the sweep's run at the chosen setting is the uniform W2A4 row
         if r.get("group") == "lr-sweep" and (r["opt"], r["lr"]) == (opt, lr) and not r.get("error"):
             rows.append({**r, "key": "w2a4_uniform", "label": "W2A4 uniform (LSQ QAT)", "group": "uniform"})
