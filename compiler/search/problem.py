@@ -313,6 +313,7 @@ def read_sensitivity(source, *, monotone: bool = False) -> SensitivityTable:
     is read with an unpickler that admits builtin containers only. With ``monotone`` the scores are repaired
     (:func:`monotone_repair`).
     """
+    from mpqc.compiler.sensitivity.table import _energy_key
     from mpqc.errors import UserError
 
     where = "<table>"
@@ -378,14 +379,14 @@ def read_sensitivity(source, *, monotone: bool = False) -> SensitivityTable:
                 raise UserError(f"{where}: layers[{name!r}].e must map energies per MAC to scores")
             d["e"] = {}
             for k, v in e.items():
-                d["e"][_energy(k, f"{where}: layers[{name!r}].e")] = _score(v, f"{where}: layers[{name!r}].e[{k}]")
+                d["e"][_energy_key(k, f"{where}: layers[{name!r}].e")] = _score(v, f"{where}: layers[{name!r}].e[{k}]")
         if "e_channel" in entry:
             ec = entry["e_channel"]
             if not isinstance(ec, dict) or not ec:
                 raise UserError(f"{where}: layers[{name!r}].e_channel must map energies per MAC to lists of scores")
             d["e_channel"] = {}
             for k, arr in ec.items():
-                ek = _energy(k, f"{where}: layers[{name!r}].e_channel")
+                ek = _energy_key(k, f"{where}: layers[{name!r}].e_channel")
                 if not isinstance(arr, list) or not arr:
                     raise UserError(f"{where}: layers[{name!r}].e_channel[{k}] must be a non-empty list")
                 d["e_channel"][ek] = np.array([_score(v, f"{where}: layers[{name!r}].e_channel[{k}]") for v in arr])
@@ -396,19 +397,6 @@ def read_sensitivity(source, *, monotone: bool = False) -> SensitivityTable:
     table = SensitivityTable(out, str(source.get("method", "unknown")),
                              None if model_hash is None else str(model_hash), where)
     return monotone_repair(table) if monotone else table
-
-
-def _energy(k, where: str) -> float:
-    """An energy-per-MAC key of a table (a positive finite number written as a string)."""
-    from mpqc.errors import UserError
-
-    try:
-        ek = float(k)
-    except ValueError:
-        raise UserError(f"{where} key {k!r} is not an energy") from None
-    if not np.isfinite(ek) or ek <= 0:
-        raise UserError(f"{where} key {k!r} must be a positive energy")
-    return ek
 
 
 def _bits_items(d: dict, where: str):

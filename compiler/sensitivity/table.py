@@ -111,7 +111,7 @@ def _energy_key(k: Any, where: str) -> float:
     except (TypeError, ValueError):
         raise UserError(f"{where}: key {k!r} is not a number (an energy per MAC)") from None
     if not (math.isfinite(ek) and ek > 0):
-        raise UserError(f"{where}: energy {k!r} must be finite and > 0")
+        raise UserError(f"{where}: key {k!r} must be a positive energy (finite, > 0)")
     return ek
 
 
