@@ -33,6 +33,7 @@ import argparse
 import concurrent.futures as cf
 import glob
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -408,6 +409,8 @@ def main(argv=None) -> int:
     t_start = time.time()
     if args.merge:
         return merge(args.merge, args.out)
+    if not (math.isfinite(args.weight_alpha) and args.weight_alpha >= 0):
+        _bad(f"--weight-alpha {args.weight_alpha!r} must be a finite number >= 0 (1 = the search's default)")
     deadline = t_start + args.deadline if args.deadline else float("inf")
     plans = [parse_plan(t) for t in args.plans.split(",") if t.strip()]
     settings = [parse_setting(v) for v in args.qat_lrs.split(",") if v.strip()]  # checked before any work

@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("dst")
     p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10"))
     a = p.parse_args(argv)
+    if not os.path.isfile(a.src):
+        print(f"refold_input_norm.py: error: {a.src}: file not found (a ResNet-20 state dict)", file=sys.stderr)
+        return 2
     from mpqc.compiler.data import CIFAR10_MEAN, CIFAR10_STD, load_data
     from mpqc.compiler.train import evaluate
     from mpqc.compiler.zoo import resnet20
@@ -48,7 +51,9 @@ def main(argv=None) -> int:
                                  CIFAR10_MEAN, CIFAR10_STD))
     model.eval()
     acc = evaluate(model, load_data(f"cifar10:{a.data}", seed=0).val, batch_size=500)
-    torch.save(model.state_dict(), a.dst)
+    tmp = f"{a.dst}.tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, a.dst)  # no half-written file under the final name
     print(f"{a.dst}: {acc:.2f} % on the CIFAR-10 test split with the published statistics")
     return 0
 
