@@ -33,7 +33,6 @@ import argparse
 import concurrent.futures as cf
 import glob
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -213,6 +212,8 @@ def run_job(job: dict, common: dict) -> dict:
               progress=False, device=common["device"], **job["budget"])
     if not job["uniform"] and common.get("weight_alpha", 1.0) != 1.0:
         kw["weight_alpha"] = common["weight_alpha"]
+        if kw["weight_alpha"] == "auto":
+            kw["probe_steps"] = common.get("probe_steps", 100)
     if job["uniform"]:  # every searchable layer fixed at WxAy: the search has nothing to choose
         w, a = job["w"], job["a"]
         kw["fix"] = (f"layer*=W{w}A{a}", *fix)
@@ -241,6 +242,9 @@ def run_job(job: dict, common: dict) -> dict:
         with open(os.path.join(out, "plan.json")) as f:
             plan = json.load(f)
         row["bits"] = {n: [lp.get("w_bits"), lp.get("a_bits")] for n, lp in plan.get("layers", {}).items()}
+        row["alpha_used"] = plan.get("meta", {}).get("weight_alpha")
+        if plan.get("meta", {}).get("recovery"):
+            row["recovery"] = plan["meta"]["recovery"]
     except (OSError, ValueError):
         pass
     return row
@@ -286,6 +290,11 @@ def run_jobs(jobs: list[dict], common: dict, n_jobs: int, deadline: float, on_ro
 
 # --------------------------------------------------------------------------------------------------------
 # reporting
+def _alpha(a) -> str:
+    """A weight-alpha for labels: a number, or auto."""
+    return f"{a:g}" if isinstance(a, (int, float)) else str(a)
+
+
 def _f(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -302,7 +311,8 @@ def fmt_table(fp_row: dict, rows: list[dict]) -> str:
             continue
         t = r["times"]
         compile_s = sum(t[s] or 0 for s in ("capture", "sensitivity", "search", "finetune"))
-        lines.append(f"| {r['label']} | {_f(r['acc_fq'], '.2f')} | {_f(r['acc_onnx'], '.2f')} | "
+        label = r["label"] + (f" (measured: {r['alpha_used']:.3g})" if r.get("recovery") else "")
+        lines.append(f"| {label} | {_f(r['acc_fq'], '.2f')} | {_f(r['acc_onnx'], '.2f')} | "
                      f"{_f(None if r['bitops'] is None else r['bitops'] / 1e9, '.4f')} | "
                      f"{_f(None if r['size'] is None else r['size'] / 1024, '.1f')} | "
                      f"{r.get('opt', 'sgd')} {r['lr']:g} | "
@@ -322,10 +332,10 @@ def plot(rows: list[dict], fp_row: dict, out: str) -> list[str]:
     for xkey, xlabel, fname, scale in (("bitops", "GBitOPs", "cifar_bitops.png", 1e9),
                                        ("size", "weight size (KB, 1 KB = 1024 bytes)", "cifar_size.png", 1024)):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        alphas = sorted({r.get("weight_alpha") for r in ok if r["group"] == "mixed_alpha"} - {None})
+        alphas = sorted({_alpha(r.get("weight_alpha")) for r in ok if r["group"] == "mixed_alpha"} - {"None"})
         groups = (("uniform", "o-", "uniform (LSQ QAT)"), ("mixed", "s-", "mpqc mixed (fisher, layer)"),
                   ("mixed_alpha", "s--", "mpqc mixed (fisher, layer), weight-alpha "
-                   + "/".join(f"{a:g}" for a in alphas)),
+                   + "/".join(alphas)),
                   ("kernel", "D", "mpqc kernel-wise"), ("memory", "^", "mpqc at Uhlich memory target"),
                   ("methods", "x", "mpqc, other sensitivity methods"), ("ablation", "v", "mpqc, ends fixed at 8"))
         for group, style, name in groups:
@@ -403,14 +413,22 @@ def main(argv=None) -> int:
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="only combine these runs' results.json (FP row of the first) into one table and plots in --out")
     p.add_argument("--samples", type=int, default=512)
-    p.add_argument("--weight-alpha", type=float, default=1.0,
-                   help="mixed rows: the search's weight-score factor (objective = act scores + A x weight scores)")
+    p.add_argument("--weight-alpha", default="1",
+                   help="mixed rows: the search's weight-score factor (objective = act scores + A x weight scores), "
+                        "or auto (measured by probe fine-tunings, see --probe-steps)")
+    p.add_argument("--probe-steps", type=int, default=100, help="--weight-alpha auto: batches per probe")
     args = p.parse_args(argv)
     t_start = time.time()
     if args.merge:
         return merge(args.merge, args.out)
-    if not (math.isfinite(args.weight_alpha) and args.weight_alpha >= 0):
-        _bad(f"--weight-alpha {args.weight_alpha!r} must be a finite number >= 0 (1 = the search's default)")
+    from mpqc.commands.search import weight_alpha_arg
+
+    try:
+        args.weight_alpha = weight_alpha_arg(args.weight_alpha)
+    except argparse.ArgumentTypeError as e:
+        _bad(f"--weight-alpha {e} (1 = the search's default)")
+    if args.probe_steps < 1:
+        _bad(f"--probe-steps {args.probe_steps} must be >= 1")
     deadline = t_start + args.deadline if args.deadline else float("inf")
     plans = [parse_plan(t) for t in args.plans.split(",") if t.strip()]
     settings = [parse_setting(v) for v in args.qat_lrs.split(",") if v.strip()]  # checked before any work
@@ -461,7 +479,8 @@ def main(argv=None) -> int:
 
     common = {"model": model_path, "arch": ARCH, "target": args.target, "spec": spec, "out": args.out,
               "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "samples": args.samples,
-              "device": args.device, "threads": threads, "weight_alpha": args.weight_alpha}
+              "device": args.device, "threads": threads, "weight_alpha": args.weight_alpha,
+              "probe_steps": args.probe_steps}
     meta = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version(), "threads_per_job": threads,
             "args": vars(args), "train": len(data.train), "test": len(data.val),
@@ -503,7 +522,7 @@ def main(argv=None) -> int:
     if args.weight_alpha != 1.0:
         for j in jobs:
             if not j["uniform"]:
-                j["label"] = j["label"].replace(", layer)", f", layer, weight-alpha {args.weight_alpha:g})")
+                j["label"] = j["label"].replace(", layer)", f", layer, weight-alpha {_alpha(args.weight_alpha)})")
                 j["weight_alpha"] = args.weight_alpha
                 j["group"] = "mixed_alpha" if j["group"] == "mixed" else j["group"]
     for r in list(rows):  # the sweep's run at the chosen setting is the uniform W2A4 row

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -56,7 +57,8 @@ class CompileOptions:
     clusters: int | None = None
     candidates: str | None = None
     fix: tuple[str, ...] = ()
-    weight_alpha: float = 1.0
+    weight_alpha: float | str = 1.0  # "auto": measured by two probe fine-tunings (sensitivity/recovery.py)
+    probe_steps: int = 100  # --weight-alpha auto: batches of each probe fine-tuning
     monotone: bool = True
     act_groups: str = "tensor"
     solver: str = "highs"
@@ -93,6 +95,14 @@ class CompileOptions:
             raise UserError(f"--search {self.search!r}: use ilp, greedy or learned")
         if self.learn_steps < 1:
             raise UserError(f"--learn-steps {self.learn_steps} must be >= 1")
+        if isinstance(self.weight_alpha, str):
+            if self.weight_alpha.strip().lower() != "auto":
+                raise UserError(f"--weight-alpha {self.weight_alpha!r}: give a number >= 0 or auto")
+            self.weight_alpha = "auto"
+        elif not (math.isfinite(self.weight_alpha) and self.weight_alpha >= 0):
+            raise UserError(f"--weight-alpha {self.weight_alpha!r} must be a finite number >= 0 or auto")
+        if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps < 1:
+            raise UserError(f"--probe-steps {self.probe_steps!r} must be an integer >= 1")
         self.fix = tuple(self.fix)
 
 
@@ -250,9 +260,13 @@ def _stage_search(r: _Run) -> dict:
     o = r.o
     table = read_sensitivity(r.path("sensitivity.json"), monotone=o.monotone)
     cands = parse_candidates(o.candidates)
+    fix = parse_fix(list(o.fix), analog=r.target.kind == "analog")
+    alpha, recovery = o.weight_alpha, None
+    if alpha == "auto":
+        recovery = _probe_recovery(r, cands, fix)
+        alpha = recovery["alpha"]
     options = SearchOptions(granularity=o.granularity, clusters=o.clusters, w_candidates=cands, a_candidates=cands,
-                            fix=parse_fix(list(o.fix), analog=r.target.kind == "analog"),
-                            weight_alpha=o.weight_alpha, monotone=o.monotone, act_groups=o.act_groups)
+                            fix=fix, weight_alpha=alpha, monotone=o.monotone, act_groups=o.act_groups)
     lut = None
     if o.lut:
         from mpqc.cost_models.latency import LatencyTable
@@ -269,7 +283,8 @@ def _stage_search(r: _Run) -> dict:
         sp, sol = search(r.captured.graph, r.target, r.budgets, table, options, solver=solver,
                          time_limit=o.time_limit, lut=lut)
     plan = sp.to_plan(sol, sensitivity="sensitivity.json", lut=lut,
-                      meta={"model": r.loaded.source, "search": o.search, "weight_alpha": o.weight_alpha})
+                      meta={"model": r.loaded.source, "search": o.search, "weight_alpha": alpha,
+                            **({"recovery": recovery} if recovery else {})})
     if o.search == "learned":
         plan = _learn_energies(r, plan, table)
     if r.target.kind != "analog":
@@ -279,11 +294,13 @@ def _stage_search(r: _Run) -> dict:
                 up = uniform_plan(r.captured.graph, *b.avg_bits, r.target.name, act_groups_mode=o.act_groups)
                 costs = plan_costs(up, r.captured.graph, r.target, lut=lut)
                 baselines[f"W{b.avg_bits[0]}A{b.avg_bits[1]}"] = {
-                    "objective": score_plan(up, r.captured.graph, table, o.weight_alpha),
+                    "objective": score_plan(up, r.captured.graph, table, alpha),
                     **{k: v["value"] for k, v in costs.items()}}
         plan.meta["baselines"] = baselines
     plan.save(r.path("plan.json"))
     info = {"status": plan.solver["status"], "objective": plan.objective, "time_s": plan.solver["time_s"]}
+    if recovery:
+        info.update(weight_alpha=alpha, probe_s=recovery["time_s"])
     if o.pareto:
         points = pareto_sweep(sp, o.pareto, row=0, solver=solver, time_limit=o.time_limit)
         from .search.pareto import _div
@@ -293,6 +310,36 @@ def _stage_search(r: _Run) -> dict:
                           lambda tmp: write_pareto(points, sp, 0, tmp, None, chosen=chosen))
         info["pareto_points"] = len(points)
     return info
+
+
+def _probe_recovery(r: _Run, cands, fix: dict) -> dict:
+    """``--weight-alpha auto``: the weight/activation factor from two probe fine-tunings with the compile's
+    recipe (sensitivity/recovery.py); written to recovery.json beside the plan."""
+    from .sensitivity.recovery import ProbeConfig, probe_recovery
+
+    o = r.o
+    if r.target.kind == "analog":
+        raise UserError(f"--weight-alpha auto weighs digital weight against activation bits; target "
+                        f"{r.target.name} is analog: give a number")
+    w_c = [b for b in (cands or r.target.weight_bits) if b <= 8]
+    a_c = [b for b in (cands or r.target.act_bits) if b <= 8]
+    if not w_c or not a_c:
+        raise UserError("--weight-alpha auto needs integer candidate widths of at most 8 bits (see --candidates)")
+    if min(w_c) == max(w_c) and min(a_c) == max(a_c):
+        raise UserError("--weight-alpha auto: one candidate width leaves nothing to weigh; give a number")
+    cfg = ProbeConfig(steps=o.probe_steps, batch_size=o.batch_size, lr=o.lr, optimizer=o.optimizer,
+                      batch_stats=o.batch_stats, seed=o.seed, device=str(r.device))
+    try:
+        rec = probe_recovery(r.captured, r.teacher, r.data, w_bits=min(w_c), a_bits=min(a_c),
+                             high_bits=max(max(w_c), max(a_c)), fix=fix, config=cfg, act_groups=o.act_groups,
+                             progress=o.progress)
+    except ValueError as e:
+        raise UserError(f"--weight-alpha auto: {e}") from None
+    out = rec.to_dict()
+    atomic_write_json(r.path("recovery.json"), out)
+    log.info("weight-alpha auto: rho_w %.3g, rho_a %.3g -> alpha %.3g (%.0f s)", rec.rho_w, rec.rho_a, rec.alpha,
+             rec.time_s)
+    return {k: out[k] for k in ("alpha", "rho_w", "rho_a", "w_bits", "a_bits", "steps", "time_s")}
 
 
 def _learn_energies(r: _Run, plan, table):
@@ -490,6 +537,8 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
     common = {"model": opts["model"], "arch": o.arch, "weights": o.weights, "input_shape": o.input_shape,
               "model_hash": _model_hash(r), "data": o.data, "seed": o.seed}
     plan_in = {"sens": "sensitivity.json"}
+    probe_in = {"probe": {k: getattr(o, k) for k in ("lr", "batch_size", "optimizer", "batch_stats",
+                                                            "probe_steps")}}
     steps = [
         ("capture", {**common}, ["ir.json"], _stage_capture),
         ("sensitivity", {**common, "target": o.target, "method": o.sensitivity, "granularity": o.granularity,
@@ -497,8 +546,11 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
          ["sensitivity.json"], _stage_sensitivity),
         ("search", {**common, **{k: v for k, v in opts.items() if k not in ("epochs", "lr", "batch_size", "profile",
                                                                               "finetune_method", "optimizer",
-                                                                              "device", "batch_stats")},
-                    "_files": plan_in}, ["plan.json"] + (["pareto.csv"] if o.pareto else []), _stage_search),
+                                                                              "device", "batch_stats",
+                                                                              "probe_steps")},
+                    **(probe_in if o.weight_alpha == "auto" else {}), "_files": plan_in},
+         ["plan.json"] + (["pareto.csv"] if o.pareto else []) + (["recovery.json"] if o.weight_alpha == "auto" else []),
+         _stage_search),
         ("finetune", {**common, "epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer,
                       "batch_size": o.batch_size, "batch_stats": o.batch_stats,
                       "method": o.finetune_method, "_files": {"plan": "plan.json"}}, ["model_q.pt"],

@@ -26,6 +26,8 @@ def add_arguments(p) -> None:
                    choices=("fisher", "hutchinson", "impq", "eval", "limpq", "dual", "analog"),
                    help="sensitivity method (default fisher; analog targets use the analog noise method)")
     p.add_argument("--samples", type=int, default=256, help="data samples for the sensitivity pass")
+    p.add_argument("--probe-steps", type=int, default=100,
+                   help="--weight-alpha auto: batches of each of the two probe fine-tunings (default 100)")
     p.add_argument("--learn-steps", type=int, default=300,
                    help="--search learned (analog): batches of 64 images of log-E training (default 300)")
     t = p.add_argument_group("fine-tuning and export")
@@ -56,7 +58,8 @@ def run(args):
         size=args.size, compression=args.compression, act_mem=args.act_mem, act_mem_max=args.act_mem_max,
         latency=args.latency, lut=args.lut, energy=args.energy, emac=args.emac, sensitivity=args.sensitivity,
         granularity=args.granularity, clusters=args.clusters, candidates=args.candidates, fix=tuple(args.fix),
-        weight_alpha=args.weight_alpha, monotone=args.monotone, act_groups=args.act_groups, solver=args.solver,
+        weight_alpha=args.weight_alpha, probe_steps=args.probe_steps, monotone=args.monotone,
+        act_groups=args.act_groups, solver=args.solver,
         time_limit=args.time_limit, search=args.search, learn_steps=args.learn_steps, pareto=args.pareto,
         epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_stats=args.batch_stats,
         batch_size=args.batch_size, finetune_method=args.finetune_method, profile=args.profile, seed=args.seed,

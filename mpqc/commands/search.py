@@ -45,6 +45,21 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--emac", metavar="E", help="analog: MAC-weighted mean energy per MAC")
 
 
+def weight_alpha_arg(text: str) -> float | str:
+    """``--weight-alpha``: a finite number >= 0, or ``auto``."""
+    import math
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0 or auto") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0 or auto")
+    return v
+
+
 def add_search_options(p: argparse.ArgumentParser) -> None:
     """The search options shared with `mpqc compile`."""
     s = p.add_argument_group("search")
@@ -55,8 +70,9 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--candidates", metavar="LIST", help="allowed widths, e.g. 8,6,5,4,3,2 (default: the target's)")
     s.add_argument("--fix", action="append", default=[], metavar="NAME=BITS",
                    help="fix a layer (or glob): NAME=8, NAME=W8A8, NAME=W4, NAME=A8, NAME=E100 (analog); repeatable")
-    s.add_argument("--weight-alpha", type=float, default=1.0, metavar="A",
-                   help="objective = sum of activation scores + A x sum of weight scores (default 1)")
+    s.add_argument("--weight-alpha", type=weight_alpha_arg, default=1.0, metavar="A",
+                   help="objective = sum of activation scores + A x sum of weight scores (default 1); compile "
+                        "also takes auto: A measured by two short probe fine-tunings (see --probe-steps)")
     s.add_argument("--monotone", action=argparse.BooleanOptionalAction, default=True,
                    help="repair scores that are not non-increasing in bits (running max from the top; default on)")
     s.add_argument("--act-groups", choices=("tensor", "consumer"), default="tensor",
@@ -89,6 +105,9 @@ def _validate(args) -> None:
 
     if args.time_limit is not None and not args.time_limit > 0:
         raise UserError(f"--time-limit {args.time_limit} must be positive (seconds)")
+    if args.weight_alpha == "auto":
+        raise UserError("--weight-alpha auto fine-tunes two probes, which mpqc search does not do: use mpqc compile "
+                        "--weight-alpha auto, or pass the alpha of a compile's recovery.json")
     if args.gap is not None and not 0 <= args.gap < 1:
         raise UserError(f"--gap {args.gap} must be in [0, 1)")
     if args.pareto is not None and not 2 <= args.pareto <= 1000:

@@ -81,6 +81,12 @@ CASES = [
     ({"lr": 0.0}, "--lr"),
     ({"search": "annealing"}, "--search"),
     ({"target": "analog", "avg_bits": None, "emac": "10", "search": "learned", "learn_steps": 0}, "--learn-steps"),
+    ({"weight_alpha": "half"}, "--weight-alpha"),
+    ({"weight_alpha": -1.0}, "--weight-alpha"),
+    ({"weight_alpha": "auto", "probe_steps": 0}, "--probe-steps"),
+    ({"target": "analog", "avg_bits": None, "emac": "10", "weight_alpha": "auto", "stop_after": "search"},
+     "is analog"),
+    ({"weight_alpha": "auto", "candidates": "4", "stop_after": "search"}, "one candidate width"),
 ]
 if not torch.cuda.is_available():
     CASES.append(({"device": "cuda"}, "no CUDA device"))

@@ -136,3 +136,32 @@ def test_learned_search_replaces_the_ilp_energies_within_the_budget(demo, tmp_pa
     assert bad.returncode == 2 and len(errors) == 1 and "--search learned" in errors[0]
     assert "Traceback" not in bad.stderr
     assert not (tmp_path / "b" / "plan.json").exists()
+
+
+def test_weight_alpha_auto_probes_recovery_and_searches_with_it(demo, tmp_path):
+    """--weight-alpha auto: three probe fine-tunings (reference, 2-bit weights, 2-bit activations) give the factor
+    the search weighs the weight scores with; it lands in recovery.json and the plan, and a re-run reuses it."""
+    _, summary = demo
+    base = [sys.executable, "-m", "mpqc", "compile", summary["model"], "--arch", "mpqc.compiler.zoo:digits_cnn",
+            "--data", "digits", "--json", "--target", "bitserial", "--avg-bits", "W3A4", "--stop-after", "search",
+            "--candidates", "8,4,2", "--batch-size", "32", "--weight-alpha", "auto", "--probe-steps", "12"]
+    run = subprocess.run(base + ["-o", str(tmp_path / "a")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rec = json.loads((tmp_path / "a" / "recovery.json").read_text())
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert rec["w_bits"] == 2 and rec["a_bits"] == 2 and rec["steps"] == 12
+    assert rec["alpha"] == pytest.approx(rec["rho_w"] / rec["rho_a"]) and rec["alpha"] > 0
+    assert plan["meta"]["weight_alpha"] == pytest.approx(rec["alpha"])
+    assert plan["meta"]["recovery"]["alpha"] == pytest.approx(rec["alpha"])
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["stages"]["search"]["info"]["weight_alpha"] == pytest.approx(rec["alpha"])
+    again = subprocess.run(base + ["-o", str(tmp_path / "a")], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "search" in json.loads(again.stdout)["reused"]
+    # mpqc search cannot fine-tune: a one-line error that says what to do instead
+    bad = subprocess.run([sys.executable, "-m", "mpqc", "search", summary["model"], "--arch",
+                          "mpqc.compiler.zoo:digits_cnn", "--target", "bitserial", "--avg-bits", "W3A4",
+                          "--weight-alpha", "auto", "-o", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=300)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("mpqc: error:")]
+    assert bad.returncode == 2 and len(errors) == 1 and "mpqc compile" in errors[0], bad.stderr
+    assert not (tmp_path / "p.json").exists()
