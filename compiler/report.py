@@ -221,6 +221,23 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _objective_html(meta: dict) -> str:
+    """What the search minimised: activation scores + alpha x weight scores, and where alpha came from."""
+    alpha = meta.get("weight_alpha")
+    if alpha is None:
+        return ""
+    text = (f"<h2>Search objective</h2><p>activation scores + {_fmt(alpha)} × weight scores "
+            f"(<code>--weight-alpha</code>)")
+    rec = meta.get("recovery")
+    if not rec:
+        return text + ".</p>"
+    text += (f", measured by probe fine-tunings ({rec.get('steps')} batches each; recovery.json): with W"
+             f"{rec.get('w_bits')} weights {_fmt(100 * rec.get('rho_w', float('nan')))} % of the excess loss stays "
+             f"after fine-tuning, with A{rec.get('a_bits')} activations {_fmt(100 * rec.get('rho_a', float('nan')))}"
+             f" %; alpha is their ratio.</p>")
+    return text
+
+
 def write_report(out: str) -> dict[str, str]:
     """Write OUT/report.html and OUT/plot_*.png; returns their paths."""
     inp = read_inputs(out)
@@ -246,6 +263,7 @@ def write_report(out: str) -> dict[str, str]:
     if analog:
         analog_html = "<h2>Analog: energy allocation against a uniform E</h2>" + _table(
             [[k, v] for k, v in analog.items()], ["quantity", "value"])
+    objective_html = _objective_html(plan.get("meta") or {})
     stage_rows = [[k, v.get("time_s"), v.get("status", "done")] for k, v in (inp.manifest.get("stages") or {}).items()]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mpqc report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
@@ -257,6 +275,7 @@ img{{max-width:100%}}</style></head><body>
 <h2>Accuracy</h2>{_table(acc_rows, ["model", "top-1 accuracy (%)"])}
 <h2>Budgets</h2>{_table(cost_rows, ["cost", "value", "budget", "slack", "binding", "unit"])}
 <p>Solver: {html.escape(json.dumps(solver))}</p>
+{objective_html}
 {analog_html}
 <h2>Plots</h2>{imgs}
 <h2>Per-layer plan</h2>{_table(layer_rows, ["layer", "weight bits", "input bits", "E per MAC"])}

@@ -157,6 +157,11 @@ def test_weight_alpha_auto_probes_recovery_and_searches_with_it(demo, tmp_path):
     assert manifest["stages"]["search"]["info"]["weight_alpha"] == pytest.approx(rec["alpha"])
     again = subprocess.run(base + ["-o", str(tmp_path / "a")], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "search" in json.loads(again.stdout)["reused"]
+    rep = subprocess.run([sys.executable, "-m", "mpqc", "report", str(tmp_path / "a")], capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "measured by probe fine-tunings" in page and f"{rec['alpha']:.4g} × weight scores" in page
     # mpqc search cannot fine-tune: a one-line error that says what to do instead
     bad = subprocess.run([sys.executable, "-m", "mpqc", "search", summary["model"], "--arch",
                           "mpqc.compiler.zoo:digits_cnn", "--target", "bitserial", "--avg-bits", "W3A4",
