@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from mpqc.compiler.capture import capture
-from mpqc.compiler.data import load_data
 from mpqc.compiler.sensitivity.recovery import (
     RHO_FLOOR,
     ProbeConfig,
@@ -17,17 +16,11 @@ from mpqc.compiler.sensitivity.recovery import (
     probe_assignment,
     probe_recovery,
 )
-from mpqc.compiler.train import train_float
-from mpqc.compiler.zoo import DigitsCNN
 
 
 @pytest.fixture(scope="module")
-def digits():
-    torch.manual_seed(0)
-    data = load_data("digits")
-    model = DigitsCNN()
-    train_float(model, data, epochs=15, seed=0)
-    model.eval()
+def digits(trained_digits):
+    model, data = trained_digits
     return model, capture(model, (torch.randn(1, 1, 8, 8),), fold_bn=True), data
 
 

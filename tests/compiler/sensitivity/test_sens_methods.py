@@ -14,23 +14,19 @@ import torch
 from scipy.stats import spearmanr
 
 from mpqc.compiler.capture import capture
-from mpqc.compiler.data import load_data, make_loader
+from mpqc.compiler.data import make_loader
 from mpqc.compiler.quantize import QuantizedModel
 from mpqc.compiler.sensitivity import METHODS, SensitivityTable, run_sensitivity
-from mpqc.compiler.train import mean_loss, train_float
-from mpqc.compiler.zoo import DigitsCNN
+from mpqc.compiler.train import mean_loss
 from mpqc.errors import UserError
 
 CANDS = (8, 4, 2)
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits(trained_digits):
     """The trained digits CNN (BN folded, calibrated) and the measured 2-bit loss increase of each layer."""
-    torch.manual_seed(0)
-    data = load_data("digits")
-    model = DigitsCNN()
-    train_float(model, data, epochs=15, seed=0)
+    model, data = trained_digits
     qm = QuantizedModel(capture(model, (torch.randn(1, 1, 8, 8),), fold_bn=True))
     qm.calibrate(make_loader(data.calib, 128))
     qm.disable()
