@@ -11,7 +11,13 @@ rounds once more). Both are compared with the torch reference on held-out sample
 
 Float kernels accumulate in a different order than torch, so a value on a rounding boundary can land one code
 away; such flips propagate, which is why the tolerance is an agreement rate and an error in LSB, not zero
-(formats.md §2.2, style.md §3.4). onnxruntime's weight-only ``MatMulNBits`` would by default quantize activations
+(formats.md §2.2, style.md §3.4). A network at 2-3 bits can amplify those one-code flips into a few changed
+top-1 answers per hundred, on every runtime alike. When a mode falls below ``min_top1`` the check therefore
+measures the reference against itself: every activation quantizer's input scaled by 1 + u·1e-6 (u uniform in
+[-1, 1], float32-level noise, two seeds) so that only values within a rounding error of a tie move. A mode
+that agrees with the reference as well as the reference agrees with itself under that noise (less two
+standard errors and one sample) passes, and the report says so; a wrong scale, zero point or bias moves far
+more than ties and still fails. onnxruntime's weight-only ``MatMulNBits`` would by default quantize activations
 on the fly (accuracy level 4); the check runs it at level 0, exact, and says so.
 """
 
@@ -29,6 +35,8 @@ from mpqc.errors import UserError
 log = logging.getLogger(__name__)
 
 MIN_TOP1 = 0.995
+TIE_EPS = 1e-6  # relative noise on each activation quantizer's input: float32 accumulation-order level
+TIE_SEEDS = 2
 MODES = {"no-opt": "ORT_DISABLE_ALL", "opt": "ORT_ENABLE_ALL"}
 
 
@@ -62,15 +70,25 @@ class ParityReport:
     min_top1: float
     modes: list[ModeResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tie_agreement: float | None = None  # the reference against itself under tie noise (measured on failure only)
+
+    @property
+    def threshold(self) -> float:
+        """The top-1 agreement a mode needs: ``min_top1``; where the reference's own agreement under tie noise is
+        below that, that agreement less two standard errors and one sample."""
+        if self.tie_agreement is None or self.samples <= 0 or self.tie_agreement >= self.min_top1:
+            return self.min_top1
+        p = self.tie_agreement
+        return p - 2.0 * float(np.sqrt(p * (1.0 - p) / self.samples)) - 1.0 / self.samples
 
     @property
     def passed(self) -> bool:
-        return all(m.top1_agreement is None or m.top1_agreement >= self.min_top1 for m in self.modes) and all(
+        return all(m.top1_agreement is None or m.top1_agreement >= self.threshold for m in self.modes) and all(
             np.isfinite(m.err_max) for m in self.modes)
 
     def to_dict(self) -> dict:
-        """JSON-ready form, with ``passed``."""
-        return {**asdict(self), "passed": self.passed}
+        """JSON-ready form, with ``passed`` and the ``threshold`` applied."""
+        return {**asdict(self), "threshold": self.threshold, "passed": self.passed}
 
     def summary(self) -> str:
         """One line per mode."""
@@ -80,6 +98,9 @@ class ParityReport:
             lines.append(f"{m.mode:6s}: {top1}error max {m.err_max_lsb:.2f} / mean {m.err_mean_lsb:.3f} LSB, "
                          f"{m.exact_fraction:.0%} of samples exact ({self.samples} samples, LSB = {self.lsb:.4g}: "
                          f"{self.lsb_source})")
+        if self.tie_agreement is not None:
+            lines.append(f"ties  : the reference agrees with itself {self.tie_agreement:.2%} under tie noise; top-1 "
+                         f"threshold {self.threshold:.2%}")
         return "\n".join(lines)
 
 
@@ -105,6 +126,39 @@ def ort_session(model, *, level: str = "ORT_ENABLE_ALL", threads: int | None = N
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UserError(f"onnxruntime cannot load the exported model at {level}: "
                         f"{str(e).strip().splitlines()[0][:300]}") from None
+
+
+@torch.no_grad()
+def tie_agreement(reference: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, batch_size: int = 32,
+                  eps: float = TIE_EPS, seeds: int = TIE_SEEDS) -> float | None:
+    """Top-1 agreement of ``reference`` with itself when every activation quantizer's input is scaled by
+    1 + u·eps (u uniform in [-1, 1]); the lowest over ``seeds`` noise draws. None when the outputs are not
+    [N, C] logits. A reference without activation quantizers agrees with itself exactly (1.0)."""
+    from mpqc.compiler.quantize import ActQuantizer
+
+    base = run_torch(reference, inputs, batch_size)
+    if base.ndim != 2 or base.shape[1] < 2:
+        return None
+    mods = [m for m in reference.modules() if isinstance(m, ActQuantizer)]
+    if not mods:
+        return 1.0
+    worst = 1.0
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+
+        def jitter(_m, args, g=g):
+            x = args[0]
+            u = torch.rand(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
+            return (x * (1 + eps * (2 * u - 1)), *args[1:])
+
+        hooks = [m.register_forward_pre_hook(jitter) for m in mods]
+        try:
+            got = run_torch(reference, inputs, batch_size)
+        finally:
+            for h in hooks:
+                h.remove()
+        worst = min(worst, float((got.argmax(1) == base.argmax(1)).mean()))
+    return worst
 
 
 def _as_inputs(samples) -> tuple[torch.Tensor, ...]:
@@ -201,11 +255,17 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
         per_sample = err.reshape(len(err), -1).max(axis=1) / step
         report.modes.append(ModeResult(mode, top1, float(err.max() / step), float(err.mean() / step),
                                        float(err.max()), float(np.mean(per_sample <= 0.01))))
+    if any(m.top1_agreement is not None and m.top1_agreement < min_top1 for m in report.modes):
+        report.tie_agreement = tie_agreement(reference, inputs, batch_size=batch_size)
+        if report.tie_agreement is not None and report.tie_agreement < 1.0:
+            report.notes.append(
+                f"below {min_top1:.1%}: the reference agrees with itself only {report.tie_agreement:.2%} when its "
+                f"rounding ties break differently (inputs x (1 + {TIE_EPS:g} u)); threshold {report.threshold:.2%}")
     if not report.passed and raise_on_failure:
         worst = min((m for m in report.modes if m.top1_agreement is not None),
                     key=lambda m: m.top1_agreement, default=report.modes[0])
-        what = (f"top-1 agreement {worst.top1_agreement:.2%} < {min_top1:.1%}" if worst.top1_agreement is not None
-                else "non-finite outputs")
+        what = (f"top-1 agreement {worst.top1_agreement:.2%} < {report.threshold:.1%}"
+                if worst.top1_agreement is not None else "non-finite outputs")
         raise ParityError(f"parity check failed in onnxruntime ({worst.mode}): {what} over {report.samples} "
                           f"samples, max error {worst.err_max_lsb:.1f} LSB; pass --no-check to keep the file "
                           "anyway", report)
@@ -214,4 +274,4 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
 
 
 __all__ = ["MIN_TOP1", "ModeResult", "ParityError", "ParityReport", "check_parity", "ort_session", "run_onnx",
-           "run_torch"]
+           "run_torch", "tie_agreement"]
