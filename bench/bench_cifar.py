@@ -333,9 +333,12 @@ def plot(rows: list[dict], fp_row: dict, out: str) -> list[str]:
                                        ("size", "weight size (KB, 1 KB = 1024 bytes)", "cifar_size.png", 1024)):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         alphas = sorted({_alpha(r.get("weight_alpha")) for r in ok if r["group"] == "mixed_alpha"} - {"None"})
+        measured = sorted({f"{r['alpha_used']:.2g}" for r in ok if r["group"] == "mixed_auto" and r.get("alpha_used")})
         groups = (("uniform", "o-", "uniform (LSQ QAT)"), ("mixed", "s-", "mpqc mixed (fisher, layer)"),
                   ("mixed_alpha", "s--", "mpqc mixed (fisher, layer), weight-alpha "
                    + "/".join(alphas)),
+                  ("mixed_auto", "s:", "mpqc mixed (fisher, layer), weight-alpha auto (measured "
+                   + "/".join(measured) + ")"),
                   ("kernel", "D", "mpqc kernel-wise"), ("memory", "^", "mpqc at Uhlich memory target"),
                   ("methods", "x", "mpqc, other sensitivity methods"), ("ablation", "v", "mpqc, ends fixed at 8"))
         for group, style, name in groups:
@@ -356,6 +359,14 @@ def plot(rows: list[dict], fp_row: dict, out: str) -> list[str]:
     return paths
 
 
+def _write_atomic(path: str, text: str) -> None:
+    """Write through a temp file beside ``path`` and rename: a killed merge leaves the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def merge(dirs: list[str], out: str) -> int:
     """One table and one pair of plots from several runs on the same FP model (e.g. a weight-alpha variant)."""
     runs = []
@@ -374,13 +385,14 @@ def merge(dirs: list[str], out: str) -> int:
                 continue
             if alpha != 1.0 and r.get("group") == "mixed":  # a run from before the group was set at launch
                 r = {**r, "group": "mixed_alpha", "weight_alpha": alpha}
+            if r.get("weight_alpha") == "auto" and r.get("group") == "mixed_alpha":
+                r = {**r, "group": "mixed_auto"}
             rows.append(r)
     os.makedirs(out, exist_ok=True)
     table = fmt_table(fp_row, rows)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"meta": {"merged": dirs}, "fp": fp_row, "rows": rows}, f, indent=1, default=str)
+    _write_atomic(os.path.join(out, "table.md"), table + "\n")
+    _write_atomic(os.path.join(out, "results.json"),
+                  json.dumps({"meta": {"merged": dirs}, "fp": fp_row, "rows": rows}, indent=1, default=str))
     plot(rows, fp_row, out)
     print(table)
     return 0
@@ -492,8 +504,8 @@ def main(argv=None) -> int:
             print(f"  done {_row['key']}: fake-quant {_row.get('acc_fq')}, ONNX {_row.get('acc_onnx')}, "
                   f"bitops {_row.get('bitops')}, size {_row.get('size')}, wall {_row.get('wall_s')}, "
                   f"error {_row.get('error')}", flush=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"meta": meta, "fp": fp_row, "rows": rows}, f, indent=1, default=str)
+        _write_atomic(os.path.join(args.out, "results.json"),
+                      json.dumps({"meta": meta, "fp": fp_row, "rows": rows}, indent=1, default=str))
 
     keep = set(args.rows.split(",")) if args.rows else None
     opt, lr = settings[0]
@@ -524,7 +536,8 @@ def main(argv=None) -> int:
             if not j["uniform"]:
                 j["label"] = j["label"].replace(", layer)", f", layer, weight-alpha {_alpha(args.weight_alpha)})")
                 j["weight_alpha"] = args.weight_alpha
-                j["group"] = "mixed_alpha" if j["group"] == "mixed" else j["group"]
+                if j["group"] == "mixed":
+                    j["group"] = "mixed_auto" if args.weight_alpha == "auto" else "mixed_alpha"
     for r in list(rows):  # the sweep's run at the chosen setting is the uniform W2A4 row
         if r.get("group") == "lr-sweep" and (r["opt"], r["lr"]) == (opt, lr) and not r.get("error"):
             rows.append({**r, "key": "w2a4_uniform", "label": "W2A4 uniform (LSQ QAT)", "group": "uniform"})
