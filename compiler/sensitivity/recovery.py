@@ -39,7 +39,10 @@ RHO_FLOOR = 1e-3  # a probe that ends at or below the float loss keeps at least 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """The recipe of the two probe fine-tunings (the compile passes its own fine-tuning settings)."""
+    """The recipe of the probe fine-tunings (the compile passes its own fine-tuning settings).
+
+    ``steps`` batches each, fewer when the training split less the ``eval_samples`` held-out images is smaller
+    (the probes never repeat an image)."""
 
     steps: int = 100
     batch_size: int = 64
