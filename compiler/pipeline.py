@@ -57,7 +57,7 @@ class CompileOptions:
     clusters: int | None = None
     candidates: str | None = None
     fix: tuple[str, ...] = ()
-    weight_alpha: float | str = 1.0  # "auto": measured by two probe fine-tunings (sensitivity/recovery.py)
+    weight_alpha: float | str = 1.0  # "auto": measured by three probe fine-tunings (sensitivity/recovery.py)
     probe_steps: int = 100  # --weight-alpha auto: batches of each probe fine-tuning
     monotone: bool = True
     act_groups: str = "tensor"
@@ -313,7 +313,7 @@ def _stage_search(r: _Run) -> dict:
 
 
 def _probe_recovery(r: _Run, cands, fix: dict) -> dict:
-    """``--weight-alpha auto``: the weight/activation factor from two probe fine-tunings with the compile's
+    """``--weight-alpha auto``: the weight/activation factor from three probe fine-tunings with the compile's
     recipe (sensitivity/recovery.py); written to recovery.json beside the plan."""
     from .sensitivity.recovery import ProbeConfig, probe_recovery
 

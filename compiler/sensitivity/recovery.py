@@ -65,7 +65,7 @@ class ProbeConfig:
 
 @dataclass
 class Recovery:
-    """The two probes' losses and the factors they give (``alpha`` multiplies the weight scores)."""
+    """The three probes' losses and the factors they give (``alpha`` multiplies the weight scores)."""
 
     w_bits: int
     a_bits: int

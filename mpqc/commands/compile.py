@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
                    help="sensitivity method (default fisher; analog targets use the analog noise method)")
     p.add_argument("--samples", type=int, default=256, help="data samples for the sensitivity pass")
     p.add_argument("--probe-steps", type=int, default=100,
-                   help="--weight-alpha auto: batches of each of the two probe fine-tunings (default 100)")
+                   help="--weight-alpha auto: batches of each of the three probe fine-tunings (default 100)")
     p.add_argument("--learn-steps", type=int, default=300,
                    help="--search learned (analog): batches of 64 images of log-E training (default 300)")
     t = p.add_argument_group("fine-tuning and export")

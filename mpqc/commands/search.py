@@ -106,7 +106,7 @@ def _validate(args) -> None:
     if args.time_limit is not None and not args.time_limit > 0:
         raise UserError(f"--time-limit {args.time_limit} must be positive (seconds)")
     if args.weight_alpha == "auto":
-        raise UserError("--weight-alpha auto fine-tunes two probes, which mpqc search does not do: use mpqc compile "
+        raise UserError("--weight-alpha auto fine-tunes three probes, which mpqc search does not do: use mpqc compile "
                         "--weight-alpha auto, or pass the alpha of a compile's recovery.json")
     if args.gap is not None and not 0 <= args.gap < 1:
         raise UserError(f"--gap {args.gap} must be in [0, 1)")
