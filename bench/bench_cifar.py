@@ -207,7 +207,7 @@ def run_job(job: dict, common: dict) -> dict:
     out = os.path.join(common["out"], job["key"])
     fix = ("conv1=8", "fc=8") if job["fix_ends"] else ()
     kw = dict(fix=fix, epochs=common["qat_epochs"], lr=job["lr"], optimizer=job.get("opt", "sgd"),
-              batch_size=common["batch_size"],
+              batch_size=common["batch_size"], deploy_tail=common.get("deploy_tail", 0.1),
               sensitivity=job["sensitivity"], granularity=job["granularity"], samples=common["samples"],
               progress=False, device=common["device"], **job["budget"])
     if not job["uniform"] and common.get("weight_alpha", 1.0) != 1.0:
@@ -429,6 +429,8 @@ def main(argv=None) -> int:
                    help="mixed rows: the search's weight-score factor (objective = act scores + A x weight scores), "
                         "or auto (measured by probe fine-tunings, see --probe-steps)")
     p.add_argument("--probe-steps", type=int, default=100, help="--weight-alpha auto: batches per probe")
+    p.add_argument("--deploy-tail", type=float, default=0.1,
+                   help="every compile: last fraction of the QAT steps on the exported form (0 = off)")
     args = p.parse_args(argv)
     t_start = time.time()
     if args.merge:
@@ -441,6 +443,8 @@ def main(argv=None) -> int:
         _bad(f"--weight-alpha {e} (1 = the search's default)")
     if args.probe_steps < 1:
         _bad(f"--probe-steps {args.probe_steps} must be >= 1")
+    if not 0 <= args.deploy_tail < 1:
+        _bad(f"--deploy-tail {args.deploy_tail} must be a fraction in [0, 1)")
     deadline = t_start + args.deadline if args.deadline else float("inf")
     plans = [parse_plan(t) for t in args.plans.split(",") if t.strip()]
     settings = [parse_setting(v) for v in args.qat_lrs.split(",") if v.strip()]  # checked before any work
@@ -492,7 +496,7 @@ def main(argv=None) -> int:
     common = {"model": model_path, "arch": ARCH, "target": args.target, "spec": spec, "out": args.out,
               "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "samples": args.samples,
               "device": args.device, "threads": threads, "weight_alpha": args.weight_alpha,
-              "probe_steps": args.probe_steps}
+              "probe_steps": args.probe_steps, "deploy_tail": args.deploy_tail}
     meta = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version(), "threads_per_job": threads,
             "args": vars(args), "train": len(data.train), "test": len(data.val),

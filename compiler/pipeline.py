@@ -71,6 +71,7 @@ class CompileOptions:
     lr: float = 0.01
     optimizer: str = "sgd"  # sgd (Nesterov momentum), adam, adamw
     batch_stats: bool = True  # LSQ: batch statistics on the folded convs while fine-tuning (finetune/renorm.py)
+    deploy_tail: float = 0.1  # LSQ: last fraction of the steps on the deploy form (finetune/deploy_tail.py)
     batch_size: int = 64
     finetune_method: str | None = None  # default: lsq (digital), energy with a fixed allocation (analog)
     profile: str = "ort"
@@ -103,6 +104,9 @@ class CompileOptions:
             raise UserError(f"--weight-alpha {self.weight_alpha!r} must be a finite number >= 0 or auto")
         if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps < 1:
             raise UserError(f"--probe-steps {self.probe_steps!r} must be an integer >= 1")
+        if (isinstance(self.deploy_tail, bool) or not isinstance(self.deploy_tail, (int, float))
+                or not 0 <= self.deploy_tail < 1):
+            raise UserError(f"--deploy-tail {self.deploy_tail!r} must be a fraction in [0, 1) (0 turns it off)")
         self.fix = tuple(self.fix)
 
 
@@ -413,7 +417,7 @@ def _stage_finetune(r: _Run) -> dict:
         return {"epochs": 0}
     method = r.finetune_method()
     cfg = {"epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer, "batch_size": o.batch_size, "seed": o.seed,
-           "method": method, "batch_stats": o.batch_stats,
+           "method": method, "batch_stats": o.batch_stats, "deploy_tail": o.deploy_tail,
            "device": r.device.type,
            "checkpoint_dir": r.path("finetune_ckpt"), "resume": True}
     if method == "energy":
@@ -424,7 +428,8 @@ def _stage_finetune(r: _Run) -> dict:
     res = finetune(q, r.teacher, r.data, config, progress=o.progress, emac=emac or None)
     atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save({"model": q.state_dict()}, tmp))
     return {"epochs": o.epochs, "method": method, "final_accuracy": res.final_accuracy,
-            "resumed_from": res.resumed_from}
+            "resumed_from": res.resumed_from, **({"deploy_tail": res.summary["deploy_tail"]}
+                                                 if "deploy_tail" in res.summary else {})}
 
 
 def _stage_export(r: _Run) -> dict:
@@ -547,12 +552,12 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
         ("search", {**common, **{k: v for k, v in opts.items() if k not in ("epochs", "lr", "batch_size", "profile",
                                                                               "finetune_method", "optimizer",
                                                                               "device", "batch_stats",
-                                                                              "probe_steps")},
+                                                                              "deploy_tail", "probe_steps")},
                     **(probe_in if o.weight_alpha == "auto" else {}), "_files": plan_in},
          ["plan.json"] + (["pareto.csv"] if o.pareto else []) + (["recovery.json"] if o.weight_alpha == "auto" else []),
          _stage_search),
         ("finetune", {**common, "epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer,
-                      "batch_size": o.batch_size, "batch_stats": o.batch_stats,
+                      "batch_size": o.batch_size, "batch_stats": o.batch_stats, "deploy_tail": o.deploy_tail,
                       "method": o.finetune_method, "_files": {"plan": "plan.json"}}, ["model_q.pt"],
          _stage_finetune),
         ("export", {**common, "profile": o.profile, "_files": {"plan": "plan.json", "state": "model_q.pt"}},

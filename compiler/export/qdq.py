@@ -46,7 +46,15 @@ import torch.fx
 from onnx.defs import OpSchema
 from torch import nn
 
-from mpqc.compiler.quantize import ActQuantizer, LayerQuant, QuantizedModel, WeightQuantizer, weight_codes
+from mpqc.compiler.quantize import (
+    ActQuantizer,
+    BiasQuantizer,
+    LayerQuant,
+    QuantizedModel,
+    WeightQuantizer,
+    conv_bias_sites,
+    weight_codes,
+)
 from mpqc.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -276,54 +284,15 @@ def _deploy_graph(qm: QuantizedModel, profile: Profile, calib: Iterable | None,
     return _Deploy(gm, notes, residual)
 
 
-class BiasQuantizer(nn.Module):
-    """A conv bias on the accumulator grid: int32 codes at scale s_in · s_w[c], as integer kernels add it.
-
-    onnxruntime quantizes a float bias this way when it fuses QLinearConv (``WeightBiasQuantization``); doing it
-    in the export, and in the reference, makes fused and unfused runs agree (a bias moved by < 0.5 · s_in · s_w
-    flips downstream codes near rounding ties, and random-like networks amplify such flips).
-    """
-
-    def __init__(self, act: ActQuantizer, weight: WeightQuantizer):
-        super().__init__()
-        self._refs = (act, weight)  # a tuple: not registered as submodules, so module names stay unique
-
-    def scale(self) -> torch.Tensor:
-        """s_in · s_w[c] in fp32 (the DequantizeLinear scale)."""
-        act, weight = self._refs
-        return act.scale.detach().abs().clamp_min(1e-12) * weight.scale.detach().abs().clamp_min(1e-12)
-
-    def codes(self, b: torch.Tensor) -> torch.Tensor:
-        """int32 codes of the bias ``b``."""
-        lim = float(2 ** 31 - 1)
-        return torch.clamp(torch.round(b.detach().float() / self.scale()), -lim, lim).to(torch.int32)
-
-    def forward(self, b: torch.Tensor) -> torch.Tensor:
-        return (self.codes(b).float() * self.scale()).to(b.dtype)
-
-
 def _quantize_conv_biases(gm: torch.fx.GraphModule, notes: list[str]) -> None:
     """Put a ``BiasQuantizer`` on the bias of every conv whose input and weight are quantized."""
     bq = nn.ModuleDict()
     gm.add_submodule("bq", bq)
-    for n in list(gm.graph.nodes):
-        if n.op != "call_function" or _packet(n) not in {"conv1d", "conv2d", "conv3d", "convolution"}:
-            continue
-        args = list(n.args)
-        if len(args) < 3 or not isinstance(args[2], torch.fx.Node) or args[2].op != "get_attr":
-            continue
-        x, w = args[0], args[1]
-        if not (_is_quantizer(x, ("aq.", "rq.")) and _is_quantizer(w, ("wq.",)) and _active(gm, x)
-                and _active(gm, w)):
-            continue
-        if not (isinstance(gm.get_submodule(str(x.target)), ActQuantizer)
-                and isinstance(gm.get_submodule(str(w.target)), WeightQuantizer)):
-            continue  # fp8 layers keep a float bias
-        key = str(w.target)[3:]
-        bq[key] = BiasQuantizer(gm.get_submodule(str(x.target)), gm.get_submodule(str(w.target)))
-        with gm.graph.inserting_after(args[2]):
-            q = gm.graph.call_module(f"bq.{key}", (args[2],))
-        n.replace_input_with(args[2], q)
+    for conv, bias, key, act, weight in conv_bias_sites(gm, ("aq.", "rq.")):
+        bq[key] = BiasQuantizer(act, weight)
+        with gm.graph.inserting_after(bias):
+            q = gm.graph.call_module(f"bq.{key}", (bias,))
+        conv.replace_input_with(bias, q)
     if len(bq):
         notes.append(f"{len(bq)} conv biases quantized to int32 at scale s_in·s_w (as QLinearConv adds them)")
 

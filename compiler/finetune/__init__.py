@@ -22,6 +22,7 @@ from .config import (
     Scheduler,
 )
 from .ddp import DistContext, init_distributed
+from .deploy_tail import DeployTail
 from .driver import (
     FinetuneResult,
     Objective,
@@ -41,6 +42,7 @@ from .renorm import BatchRenorm, Renormalizer
 
 __all__ = [
     "BatchRenorm",
+    "DeployTail",
     "DistContext",
     "DistillConfig",
     "DxmaxConfig",

@@ -218,7 +218,9 @@ class FinetuneConfig:
     ``resume`` an existing one is continued. ``ddp``: use torch.distributed when launched by torchrun
     (one process otherwise). ``device``: "auto" (CUDA when available), "cpu" or "cuda". ``batch_stats`` (LSQ):
     normalise each folded conv's output with batch statistics while training, folded back at the end
-    (:mod:`.renorm`): what training-mode BN gives a network that was captured with BN folded.
+    (:mod:`.renorm`): what training-mode BN gives a network that was captured with BN folded. ``deploy_tail``
+    (LSQ): the last fraction of the steps trains the form the export writes, batch statistics folded and conv
+    biases on the int32 accumulator grid by straight-through (:mod:`.deploy_tail`); 0 turns it off.
     """
 
     epochs: int = 5
@@ -233,6 +235,7 @@ class FinetuneConfig:
     range_init: RangeInit = RangeInit.MSE
     freeze_bn_last_epochs: int = 0
     batch_stats: bool = True
+    deploy_tail: float = 0.1
     seed: int = 0
     checkpoint_dir: str | None = None
     resume: bool = True
@@ -270,6 +273,9 @@ class FinetuneConfig:
         _int("freeze_bn_last_epochs", self.freeze_bn_last_epochs, 0)
         if self.freeze_bn_last_epochs > self.epochs:
             raise ValueError(f"freeze_bn_last_epochs ({self.freeze_bn_last_epochs}) exceeds epochs ({self.epochs})")
+        _pos("deploy_tail", self.deploy_tail, allow_zero=True)
+        if self.deploy_tail >= 1:
+            raise ValueError(f"deploy_tail must lie in [0, 1), not {self.deploy_tail!r}")
         _int("seed", self.seed, 0)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))

@@ -56,9 +56,9 @@ SYNC_EVERY = 25  # steps between host syncs (loss check, progress): each sync dr
 class FinetuneResult:
     """What a run produced: per-epoch metrics, the final validation accuracy (%), the last checkpoint.
 
-    ``summary`` holds the method's outputs: ``duals``/``dual_out`` (PD-QAT), ``emac``/``e_bar`` (energy),
-    ``bits``/``weight_kb``/``act_kb`` (d/x_max). ``resumed_from`` is the number of epochs a checkpoint
-    already held, or None for a fresh run.
+    ``summary`` holds the method's outputs: ``deploy_tail`` (LSQ), ``duals``/``dual_out`` (PD-QAT),
+    ``emac``/``e_bar`` (energy), ``bits``/``weight_kb``/``act_kb`` (d/x_max). ``resumed_from`` is the number of
+    epochs a checkpoint already held, or None for a fresh run.
     """
 
     metrics: list[dict]
@@ -445,7 +445,7 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
     torch.manual_seed(config.seed)
     teacher = _frozen_teacher(teacher, qmodel, device)  # before the move: shared storage is detected on home
     qmodel.to(device)
-    renorm = None
+    renorm = tail = None
     if config.batch_stats and config.method == Method.LSQ:
         from .renorm import Renormalizer
 
@@ -469,13 +469,24 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
                              f"{config.batch_size}")
         total = steps * config.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, total))
-        student = ddp.wrap(_Student(qmodel, objective), ctx)
+        if config.method == Method.LSQ and config.deploy_tail > 0:
+            from .deploy_tail import DeployTail, tail_start
+
+            tail = DeployTail(qmodel, renorm, tail_start(config.deploy_tail, total))
+
+        def wrap():
+            return ddp.wrap(_Student(qmodel, objective), ctx)
+
+        student = wrap()
 
         path = checkpoint_path(config)
         start, metrics, resumed = 0, [], None
         state = None
         if path and config.resume and os.path.isfile(path):
-            state = _resume(path, qmodel, optimizer, scheduler, objective, config, signature)
+            state = _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
+                            lambda: tail.enter() if tail is not None else None)
+            if tail is not None and tail.active:
+                student = wrap()
         if state is not None:
             start, metrics = state
             resumed = start
@@ -486,24 +497,32 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
         with progress_bar(show, info=True) as bar:
             ep_task = bar.add_task("epochs", total=config.epochs, completed=start, info="")
             for epoch in range(start, config.epochs):
-                metrics.append(_train_epoch(epoch, student, objective, optimizer, scheduler, loader, sampler,
-                                            teacher, data, config, ctx, bar, callback))
+                row, student = _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sampler,
+                                            teacher, data, config, ctx, bar, callback, tail, wrap)
+                metrics.append(row)
                 bar.update(ep_task, advance=1, info=f"val {metrics[-1]['val_acc']:.2f}%")
                 if path:
                     if ctx.is_main:
                         save_checkpoint(path, _payload(epoch + 1, qmodel, optimizer, scheduler, objective,
-                                                       config, metrics, signature))
+                                                       config, metrics, signature,
+                                                       tail is not None and tail.active))
                     ddp.barrier(ctx)
                 if callback:
                     callback("epoch", dict(metrics[-1]))
         qmodel.train(False)
         if renorm is not None:
             renorm.fold()
+        if tail is not None:
+            tail.leave()
         summary = objective.finish()
+        if tail is not None:
+            summary["deploy_tail"] = tail.info(total)
     except BaseException:
+        qmodel.train(False)
         if renorm is not None:
-            qmodel.train(False)
             renorm.fold()  # the eval-mode model, on the captured graph (the checkpoint keeps the progress)
+        if tail is not None:
+            tail.leave()
         objective.abort()
         qmodel.train(False)
         qmodel.to(home)
@@ -517,7 +536,9 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
 
 
 def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sampler, teacher, data, config, ctx,
-                 bar, callback) -> dict:
+                 bar, callback, tail=None, wrap=None) -> tuple[dict, nn.Module]:
+    """One epoch; returns its metrics and the student (wrapped anew if the deploy tail began in it: DDP
+    must not wait for the gradients of the folded-away batch statistics)."""
     t0 = time.perf_counter()
     qmodel = objective.q
     sampler.set_epoch(epoch)
@@ -529,6 +550,13 @@ def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sample
     sums: dict = {}
     n = done = 0
     for step, (x, y) in enumerate(loader):
+        if tail is not None and tail.due(epoch * len(loader) + step):
+            was = qmodel.training
+            tail.enter()
+            qmodel.train(was)
+            student = wrap()
+            log.info("deploy tail from epoch %d, step %d: batch statistics folded, biases on the int32 grid",
+                     epoch + 1, step + 1)
         x = augment_batch(x.to(ctx.device, non_blocking=True), data.augment, gen)
         y = y.to(ctx.device, non_blocking=True)
         logits, aux = student(x)
@@ -564,18 +592,22 @@ def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sample
            "seconds": time.perf_counter() - t0}
     row.update(extra)
     log.info("epoch %d: %s", epoch + 1, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
-    return row
+    return row, student
 
 
-def _payload(epoch, qmodel, optimizer, scheduler, objective, config, metrics, signature) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "method": config.method.value,
+def _payload(epoch, qmodel, optimizer, scheduler, objective, config, metrics, signature, in_tail=False) -> dict:
+    return {"deploy_tail": bool(in_tail),
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "method": config.method.value,
             "config": config.to_dict(), "model": {k: v.detach().cpu() for k, v in qmodel.state_dict().items()},
             "precision": signature, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "objective": objective.state_dict(), "rng": _rng_state(),
             "metrics": metrics}
 
 
-def _resume(path, qmodel, optimizer, scheduler, objective, config, signature) -> tuple[int, list[dict]] | None:
+def _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
+            before_load: Callable[[], object] = lambda: None) -> tuple[int, list[dict]] | None:
+    """Load the checkpoint at ``path`` into the run; ``before_load()`` first brings the model into the deploy
+    tail's form when the checkpoint was written in it."""
     try:
         payload = load_checkpoint(path)
     except (OSError, RuntimeError, EOFError) as e:
@@ -587,12 +619,15 @@ def _resume(path, qmodel, optimizer, scheduler, objective, config, signature) ->
         raise ValueError(f"the checkpoint {path} was written for a different plan; delete it or run without resume")
     old = payload.get("config", {})
     changed = sorted(k for k, v in config.to_dict().items() if k not in ("resume", "epochs") and old.get(k) != v)
-    if "optimizer" in changed or "batch_stats" in changed:  # state that cannot carry over: start afresh
-        log.warning("the checkpoint %s was written with optimizer %r, not %r: starting afresh", path,
-                    old.get("optimizer"), config.to_dict().get("optimizer"))
+    fixed = [k for k in ("optimizer", "batch_stats") if k in changed]  # state that cannot carry over
+    if fixed:
+        log.warning("the checkpoint %s was written with %s: starting afresh", path,
+                    ", ".join(f"{k} {old.get(k)!r}, not {config.to_dict().get(k)!r}" for k in fixed))
         return None
     if changed:
         log.warning("resuming with changed settings: %s", ", ".join(changed))
+    if payload.get("deploy_tail"):
+        before_load()
     device = next(iter(qmodel.parameters())).device
     load_model_state(qmodel, {k: v.to(device) for k, v in payload["model"].items()})
     optimizer.load_state_dict(payload["optimizer"])

@@ -38,6 +38,9 @@ def add_arguments(p) -> None:
     t.add_argument("--batch-stats", action=argparse.BooleanOptionalAction, default=True,
                    help="LSQ: normalise the BN-folded convs with batch statistics while fine-tuning, folded back "
                         "afterwards (default on)")
+    t.add_argument("--deploy-tail", type=float, default=0.1, metavar="F",
+                   help="LSQ: the last fraction F of the fine-tuning steps trains the exported form, batch "
+                        "statistics folded and conv biases on the int32 grid (default 0.1; 0 = off)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--finetune-method", choices=("lsq", "pdqat", "energy", "dxmax"),
                    help="default: lsq; analog targets: noise-aware training at the planned energies")
@@ -62,6 +65,7 @@ def run(args):
         act_groups=args.act_groups, solver=args.solver,
         time_limit=args.time_limit, search=args.search, learn_steps=args.learn_steps, pareto=args.pareto,
         epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_stats=args.batch_stats,
+        deploy_tail=args.deploy_tail,
         batch_size=args.batch_size, finetune_method=args.finetune_method, profile=args.profile, seed=args.seed,
         stop_after=args.stop_after, samples=args.samples, progress=not args.json,
         device=args.device)

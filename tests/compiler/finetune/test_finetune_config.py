@@ -79,7 +79,7 @@ def test_config_is_frozen_and_replace_validates():
 
 def test_public_api_matches_all():
     exported = {n for n in dir(ft) if not n.startswith("_")} - {"config", "ddp", "driver", "dxmax", "energy",
-                                                                   "pdqat", "renorm", "graph_taps"}
+                                                                   "pdqat", "renorm", "graph_taps", "deploy_tail"}
     assert exported == set(ft.__all__)
     for name in ft.__all__:
         assert getattr(ft, name).__doc__, f"{name} has no docstring"

@@ -1,0 +1,133 @@
+"""The deploy tail (compiler/finetune/deploy_tail.py): the last steps train what the export writes."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from mpqc.compiler.capture import capture
+from mpqc.compiler.data import DataSplits, load_data
+from mpqc.compiler.export.qdq import _quantize_conv_biases
+from mpqc.compiler.finetune import FinetuneConfig, finetune, prepare
+from mpqc.compiler.finetune.deploy_tail import tail_start
+from mpqc.compiler.quantize import LayerQuant, conv_bias_sites
+from mpqc.compiler.train import evaluate, train_float
+from mpqc.compiler.zoo import DigitsCNN
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+@pytest.fixture(scope="module")
+def float_model(digits):
+    torch.manual_seed(0)
+    m = DigitsCNN()
+    train_float(m, digits, epochs=6, seed=0)
+    return m.eval()
+
+
+def _quantized(model, data, cfg, w=2, a=2):
+    cap = capture(copy.deepcopy(model), (torch.randn(1, 1, 8, 8),), fold_bn=True)
+    return prepare(cap, {op.name: LayerQuant(w, a) for op in cap.graph.layers()}, data, cfg)
+
+
+def _subset(data: DataSplits, n: int) -> DataSplits:
+    x, y = data.train.tensors
+    return DataSplits(data.name, TensorDataset(x[:n], y[:n]), data.calib, data.val, data.num_classes)
+
+
+def _export_rounding_changes(q, x) -> float:
+    """How far the export's int32 bias rounding moves the outputs of ``q`` on ``x``."""
+    q2 = copy.deepcopy(q).eval()
+    with torch.no_grad():
+        before = q2(x)
+        _quantize_conv_biases(q2.gm, [])
+        q2.gm.graph.lint()
+        q2.gm.recompile()
+        return float((q2(x) - before).abs().max())
+
+
+def test_tail_begins_at_its_step_and_leaves_the_model_the_export_computes(float_model, digits):
+    data = _subset(digits, 512)
+    cfg = FinetuneConfig(epochs=2, lr=0.05, batch_size=64, deploy_tail=0.25)
+    q = _quantized(float_model, data, cfg)
+    keys = set(q.state_dict())
+    convs = [op.name for op in q.graph_ir.layers() if op.kind.value == "conv"]
+    assert [key for _, _, key, _, _ in conv_bias_sites(q.gm)] == convs  # every conv: quantized, BN-folded bias
+    seen = []
+    res = finetune(q, float_model, data, cfg, progress=False,
+                   callback=lambda ev, info: seen.append(hasattr(q.gm, "tail_bq")) if ev == "step" else None)
+    total = 2 * 8
+    assert seen.index(True) == tail_start(0.25, total) == 12 and all(seen[12:])
+    assert res.summary["deploy_tail"] == {"from_step": 12, "steps": 4, "biases_on_grid": len(convs)}
+    assert set(q.state_dict()) == keys and not hasattr(q.gm, "tail_bq")  # back on the captured graph
+    for _, bias, _, act, weight in conv_bias_sites(q.gm):
+        codes = q._param(str(bias.target)).detach() / (act.scale.detach().abs() * weight.scale.detach().abs())
+        assert torch.allclose(codes, codes.round(), atol=1e-3)  # on the s_in·s_w grid
+    x = digits.val.tensors[0][:256]
+    assert _export_rounding_changes(q, x) < 1e-5  # the deploy graph's bias rounding is a no-op now
+
+
+def test_without_the_tail_the_export_moves_the_outputs(float_model, digits):
+    # the contrast that makes the test above mean something: at 2 bits the grid is coarse
+    data = _subset(digits, 256)
+    cfg = FinetuneConfig(epochs=1, lr=0.05, batch_size=64, deploy_tail=0.0)
+    q = _quantized(float_model, data, cfg)
+    finetune(q, float_model, data, cfg, progress=False)
+    assert _export_rounding_changes(q, digits.val.tensors[0][:256]) > 1e-3
+
+
+def test_tail_trains_through_the_rounding(float_model, digits):
+    # straight-through: the biases and weights keep learning inside the tail (not frozen by the rounding)
+    data = _subset(digits, 512)
+    cfg = FinetuneConfig(epochs=2, lr=0.05, batch_size=64, deploy_tail=0.5)
+    q = _quantized(float_model, data, cfg)
+    snaps = {}
+
+    def grab(ev, info):
+        if ev == "step" and info["epoch"] == 1 and info["step"] in (0, 7):
+            snaps[info["step"]] = {k: v.detach().clone() for k, v in q.state_dict().items() if k.endswith("bias")}
+
+    res = finetune(q, float_model, data, cfg, progress=False, callback=grab)
+    assert any(not torch.equal(snaps[0][k], snaps[7][k]) for k in snaps[0])
+    assert res.final_accuracy == pytest.approx(evaluate(q, digits.val))
+    assert res.final_accuracy > 80.0
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_run_killed_inside_the_tail_resumes_to_the_same_weights(float_model, digits, tmp_path):
+    data = _subset(digits, 384)  # 6 steps an epoch, 18 in all, the tail from step 9 (epoch 2)
+    cfg = FinetuneConfig(epochs=3, lr=0.05, batch_size=64, deploy_tail=0.5, seed=2)
+    q0 = _quantized(float_model, data, cfg)
+    qa, qb = copy.deepcopy(q0), copy.deepcopy(q0)
+    ra = finetune(qa, float_model, data, cfg.replace(checkpoint_dir=str(tmp_path / "a")), progress=False)
+
+    def kill_in_third_epoch(event, info):
+        if event == "step" and info["epoch"] == 2 and info["step"] == 1:
+            raise _Killed
+
+    cfg_b = cfg.replace(checkpoint_dir=str(tmp_path / "b"))
+    with pytest.raises(_Killed):
+        finetune(copy.deepcopy(q0), float_model, data, cfg_b, progress=False, callback=kill_in_third_epoch)
+    assert torch.load(os.path.join(tmp_path, "b", "last.pt"), weights_only=False)["deploy_tail"] is True
+    rb = finetune(qb, float_model, data, cfg_b, progress=False)
+    assert rb.resumed_from == 2
+    assert [m["val_acc"] for m in rb.metrics] == [m["val_acc"] for m in ra.metrics]
+    sa, sb = qa.state_dict(), qb.state_dict()
+    assert sorted(sa) == sorted(sb)
+    assert max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].numel()) <= 1e-6
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), "half"])
+def test_deploy_tail_must_be_a_fraction(bad):
+    with pytest.raises(ValueError, match="deploy_tail"):
+        FinetuneConfig(deploy_tail=bad)
