@@ -1,7 +1,11 @@
-"""Fine-tuning tests run on tiny tensors: one intra-op thread each."""
+"""Fine-tuning tests run on tiny tensors: one intra-op thread each; the digits data and a small float CNN."""
 
 import pytest
 import torch
+
+from mpqc.compiler.data import load_data
+from mpqc.compiler.train import train_float
+from mpqc.compiler.zoo import DigitsCNN
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -12,3 +16,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_data("digits")
+
+
+@pytest.fixture(scope="module")
+def float_model(digits):
+    """The digits CNN after 6 float epochs (test modules that need a better one override this)."""
+    torch.manual_seed(0)
+    m = DigitsCNN()
+    train_float(m, digits, epochs=6, seed=0)
+    return m.eval()

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from mpqc.compiler.capture import capture
-from mpqc.compiler.data import DataSplits, load_data
+from mpqc.compiler.data import DataSplits
 from mpqc.compiler.export.qdq import _quantize_conv_biases
 from mpqc.compiler.finetune import FinetuneConfig, finetune, prepare
 from mpqc.compiler.finetune.deploy_tail import tail_start
 from mpqc.compiler.quantize import LayerQuant, conv_bias_sites
-from mpqc.compiler.train import evaluate, train_float
-from mpqc.compiler.zoo import DigitsCNN
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data("digits")
-
-
-@pytest.fixture(scope="module")
-def float_model(digits):
-    torch.manual_seed(0)
-    m = DigitsCNN()
-    train_float(m, digits, epochs=6, seed=0)
-    return m.eval()
+from mpqc.compiler.train import evaluate
 
 
 def _quantized(model, data, cfg, w=2, a=2):
@@ -98,33 +83,6 @@ def test_tail_trains_through_the_rounding(float_model, digits):
     assert any(not torch.equal(snaps[0][k], snaps[7][k]) for k in snaps[0])
     assert res.final_accuracy == pytest.approx(evaluate(q, digits.val))
     assert res.final_accuracy > 80.0
-
-
-class _Killed(Exception):
-    pass
-
-
-def test_a_run_killed_inside_the_tail_resumes_to_the_same_weights(float_model, digits, tmp_path):
-    data = _subset(digits, 384)  # 6 steps an epoch, 18 in all, the tail from step 9 (epoch 2)
-    cfg = FinetuneConfig(epochs=3, lr=0.05, batch_size=64, deploy_tail=0.5, seed=2)
-    q0 = _quantized(float_model, data, cfg)
-    qa, qb = copy.deepcopy(q0), copy.deepcopy(q0)
-    ra = finetune(qa, float_model, data, cfg.replace(checkpoint_dir=str(tmp_path / "a")), progress=False)
-
-    def kill_in_third_epoch(event, info):
-        if event == "step" and info["epoch"] == 2 and info["step"] == 1:
-            raise _Killed
-
-    cfg_b = cfg.replace(checkpoint_dir=str(tmp_path / "b"))
-    with pytest.raises(_Killed):
-        finetune(copy.deepcopy(q0), float_model, data, cfg_b, progress=False, callback=kill_in_third_epoch)
-    assert torch.load(os.path.join(tmp_path, "b", "last.pt"), weights_only=False)["deploy_tail"] is True
-    rb = finetune(qb, float_model, data, cfg_b, progress=False)
-    assert rb.resumed_from == 2
-    assert [m["val_acc"] for m in rb.metrics] == [m["val_acc"] for m in ra.metrics]
-    sa, sb = qa.state_dict(), qb.state_dict()
-    assert sorted(sa) == sorted(sb)
-    assert max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].numel()) <= 1e-6
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), "half"])

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
 from mpqc.compiler.capture import capture
-from mpqc.compiler.data import DataSplits, load_data
+from mpqc.compiler.data import DataSplits
 from mpqc.compiler.finetune import (
     DistContext,
     DistillConfig,
@@ -45,12 +45,7 @@ NO_DISTILL = DistillConfig(enabled=False)
 
 
 @pytest.fixture(scope="module")
-def digits() -> DataSplits:
-    return load_data("digits")
-
-
-@pytest.fixture(scope="module")
-def float_model(digits) -> DigitsCNN:
+def float_model(digits) -> DigitsCNN:  # better trained than conftest's
     torch.manual_seed(0)
     model = DigitsCNN()
     train_float(model, digits, epochs=15, seed=0)
@@ -288,6 +283,7 @@ class _Killed(Exception):
 
 @pytest.mark.parametrize("method,extra", [
     ("lsq", {}),
+    ("lsq", {"deploy_tail": 0.5}),  # 18 steps, the tail from step 9: the checkpoint after epoch 2 holds its form
     ("pdqat", {"pdqat": PDQATConfig(dual_lr=1.0, dual_batches=1)}),
     ("energy", {"energy": EnergyConfig(mode="learn", e_init=2.0, e_target=0.5, lr=0.05)}),
     ("dxmax", {"dxmax": DxmaxConfig(weight_kb=7.0)}),
@@ -300,17 +296,19 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_weights(float_mode
     qa, qb = copy.deepcopy(q0), copy.deepcopy(q0)
     ra = finetune(qa, float_model, data, cfg.replace(checkpoint_dir=str(tmp_path / "a")), progress=False)
 
-    def kill_mid_second_epoch(event, info):
-        if event == "step" and info["epoch"] == 1 and info["step"] == 2:
+    def kill_mid_third_epoch(event, info):
+        if event == "step" and info["epoch"] == 2 and info["step"] == 2:
             raise _Killed
 
     cfg_b = cfg.replace(checkpoint_dir=str(tmp_path / "b"))
     with pytest.raises(_Killed):
-        finetune(copy.deepcopy(q0), float_model, data, cfg_b, progress=False, callback=kill_mid_second_epoch)
+        finetune(copy.deepcopy(q0), float_model, data, cfg_b, progress=False, callback=kill_mid_third_epoch)
     assert os.path.isfile(tmp_path / "b" / "last.pt")
     assert not [f for f in os.listdir(tmp_path / "b") if f != "last.pt"]  # no temp file left behind
+    in_tail = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["deploy_tail"]
+    assert in_tail == (method == "lsq" and cfg.deploy_tail == 0.5)
     rb = finetune(qb, float_model, data, cfg_b, progress=False)
-    assert rb.resumed_from == 1  # only the epoch in progress was lost
+    assert rb.resumed_from == 2  # only the epoch in progress was lost
     assert [m["val_acc"] for m in rb.metrics] == [m["val_acc"] for m in ra.metrics]
     assert _max_diff(_model_state(qa), _model_state(qb)) <= 1e-6
     for key in ("duals", "emac", "bits"):

@@ -8,25 +8,11 @@ import pytest
 import torch
 
 from mpqc.compiler.capture import capture
-from mpqc.compiler.data import load_data, make_loader
+from mpqc.compiler.data import make_loader
 from mpqc.compiler.finetune import FinetuneConfig, finetune, prepare
 from mpqc.compiler.finetune.renorm import BatchRenorm, Renormalizer
 from mpqc.compiler.quantize import LayerQuant
-from mpqc.compiler.train import evaluate, train_float
-from mpqc.compiler.zoo import DigitsCNN
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data("digits")
-
-
-@pytest.fixture(scope="module")
-def float_model(digits):
-    torch.manual_seed(0)
-    m = DigitsCNN()
-    train_float(m, digits, epochs=6, seed=0)
-    return m.eval()
+from mpqc.compiler.train import evaluate
 
 
 def _quantized(model, digits, w=3, a=4):
