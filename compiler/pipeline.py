@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -96,12 +95,9 @@ class CompileOptions:
             raise UserError(f"--search {self.search!r}: use ilp, greedy or learned")
         if self.learn_steps < 1:
             raise UserError(f"--learn-steps {self.learn_steps} must be >= 1")
-        if isinstance(self.weight_alpha, str):
-            if self.weight_alpha.strip().lower() != "auto":
-                raise UserError(f"--weight-alpha {self.weight_alpha!r}: give a number >= 0 or auto")
-            self.weight_alpha = "auto"
-        elif not (math.isfinite(self.weight_alpha) and self.weight_alpha >= 0):
-            raise UserError(f"--weight-alpha {self.weight_alpha!r} must be a finite number >= 0 or auto")
+        from .search.problem import parse_weight_alpha
+
+        self.weight_alpha = parse_weight_alpha(self.weight_alpha, allow_auto=True)
         if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps < 1:
             raise UserError(f"--probe-steps {self.probe_steps!r} must be an integer >= 1")
         if (isinstance(self.deploy_tail, bool) or not isinstance(self.deploy_tail, (int, float))

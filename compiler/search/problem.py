@@ -531,6 +531,29 @@ def weight_noise(W: np.ndarray, bits: int) -> np.ndarray:
 # =========================================================================================================
 # Builder: Graph + table + target + budgets -> MCKProblem, and back to a Plan
 # =========================================================================================================
+def parse_weight_alpha(value, *, allow_auto: bool) -> float | str:
+    """``--weight-alpha``: a finite number >= 0 (as float), or ``"auto"`` where ``allow_auto`` (the compile measures
+    it by probe fine-tunings; the search alone cannot); one-line UserError otherwise."""
+    import math
+
+    from mpqc.errors import UserError
+
+    hint = "a finite number >= 0" + (" or auto" if allow_auto else "")
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            if not allow_auto:
+                raise UserError("--weight-alpha auto is measured by fine-tuning probes, which only mpqc compile "
+                                "runs; give a number")
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise UserError(f"--weight-alpha {value!r}: give {hint}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise UserError(f"--weight-alpha {value!r} must be {hint}")
+    return float(value)
+
+
 @dataclass
 class SearchOptions:
     """How to search (the ``mpqc search`` options that are not budgets)."""
@@ -910,8 +933,7 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
         raise UserError(f"--granularity {opt.granularity!r}: use layer or channel")
     if opt.act_groups not in ("tensor", "consumer"):
         raise UserError(f"--act-groups {opt.act_groups!r}: use tensor or consumer")
-    if not (math.isfinite(opt.weight_alpha) and opt.weight_alpha >= 0):
-        raise UserError(f"--weight-alpha {opt.weight_alpha!r} must be a finite number >= 0")
+    parse_weight_alpha(opt.weight_alpha, allow_auto=False)
     layers = graph.layers()
     if not layers:
         raise UserError("the model has no quantizable layers (conv, linear, matmul, embedding); nothing to search")

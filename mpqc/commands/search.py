@@ -46,18 +46,14 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def weight_alpha_arg(text: str) -> float | str:
-    """``--weight-alpha``: a finite number >= 0, or ``auto``."""
-    import math
+    """``--weight-alpha``: a finite number >= 0, or ``auto`` (compile only: :func:`search_run` refuses it)."""
+    from mpqc.compiler.search.problem import parse_weight_alpha
+    from mpqc.errors import UserError
 
-    if text.strip().lower() == "auto":
-        return "auto"
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0 or auto") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0 or auto")
-    return v
+        return parse_weight_alpha(text, allow_auto=True)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--weight-alpha ")) from None
 
 
 def add_search_options(p: argparse.ArgumentParser) -> None:
@@ -72,7 +68,7 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                    help="fix a layer (or glob): NAME=8, NAME=W8A8, NAME=W4, NAME=A8, NAME=E100 (analog); repeatable")
     s.add_argument("--weight-alpha", type=weight_alpha_arg, default=1.0, metavar="A",
                    help="objective = sum of activation scores + A x sum of weight scores (default 1); compile "
-                        "also takes auto: A measured by two short probe fine-tunings (see --probe-steps)")
+                        "also takes auto: A measured by three short probe fine-tunings (see --probe-steps)")
     s.add_argument("--monotone", action=argparse.BooleanOptionalAction, default=True,
                    help="repair scores that are not non-increasing in bits (running max from the top; default on)")
     s.add_argument("--act-groups", choices=("tensor", "consumer"), default="tensor",
