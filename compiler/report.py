@@ -238,6 +238,21 @@ def _objective_html(meta: dict) -> str:
     return text
 
 
+def _finetune_html(info: dict) -> str:
+    """How the model was fine-tuned, and whether its last steps saw the exported numerics (the deploy tail)."""
+    if not info or not info.get("epochs"):
+        return ""
+    text = (f"<h2>Fine-tuning</h2><p>{info.get('epochs')} epochs of {html.escape(str(info.get('method')))}, "
+            f"{_fmt(info.get('final_accuracy'))} % top-1 on the validation split after fine-tuning")
+    tail = info.get("deploy_tail")
+    if tail:
+        text += (f". The last {tail.get('steps')} steps trained the exported form (<code>--deploy-tail</code>): "
+                 f"batch statistics folded and {tail.get('biases_on_grid')} conv biases on the int32 grid "
+                 f"s<sub>in</sub>·s<sub>w</sub> by straight-through, so the fake-quant accuracy above is what the "
+                 f"integer kernels compute up to the export's residual-add quantizers")
+    return text + ".</p>"
+
+
 def write_report(out: str) -> dict[str, str]:
     """Write OUT/report.html and OUT/plot_*.png; returns their paths."""
     inp = read_inputs(out)
@@ -264,6 +279,7 @@ def write_report(out: str) -> dict[str, str]:
         analog_html = "<h2>Analog: energy allocation against a uniform E</h2>" + _table(
             [[k, v] for k, v in analog.items()], ["quantity", "value"])
     objective_html = _objective_html(plan.get("meta") or {})
+    finetune_html = _finetune_html(((inp.manifest.get("stages") or {}).get("finetune") or {}).get("info") or {})
     stage_rows = [[k, v.get("time_s"), v.get("status", "done")] for k, v in (inp.manifest.get("stages") or {}).items()]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mpqc report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
@@ -276,6 +292,7 @@ img{{max-width:100%}}</style></head><body>
 <h2>Budgets</h2>{_table(cost_rows, ["cost", "value", "budget", "slack", "binding", "unit"])}
 <p>Solver: {html.escape(json.dumps(solver))}</p>
 {objective_html}
+{finetune_html}
 {analog_html}
 <h2>Plots</h2>{imgs}
 <h2>Per-layer plan</h2>{_table(layer_rows, ["layer", "weight bits", "input bits", "E per MAC"])}

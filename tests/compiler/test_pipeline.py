@@ -45,6 +45,8 @@ def test_bitserial_w3a4_keeps_accuracy_and_onnx_matches(demo):
     # the int32 conv biases it did see: the last steps trained with them on the grid
     tail = json.loads((out / "bitserial" / "manifest.json").read_text())["stages"]["finetune"]["info"]["deploy_tail"]
     assert tail["steps"] > 0 and tail["biases_on_grid"] > 0
+    page = (out / "bitserial" / "report.html").read_text()
+    assert f"The last {tail['steps']} steps trained the exported form" in page
     plan = json.loads((out / "bitserial" / "plan.json").read_text())
     bitops = plan["costs"]["bitops"]["value"]
     assert bitops <= plan["costs"]["budget:avg-bits"]["budget"] * 1e9 * (1 + 1e-9)
