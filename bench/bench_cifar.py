@@ -207,7 +207,7 @@ def run_job(job: dict, common: dict) -> dict:
     out = os.path.join(common["out"], job["key"])
     fix = ("conv1=8", "fc=8") if job["fix_ends"] else ()
     kw = dict(fix=fix, epochs=common["qat_epochs"], lr=job["lr"], optimizer=job.get("opt", "sgd"),
-              batch_size=common["batch_size"], deploy_tail=common.get("deploy_tail", 0.1),
+              batch_size=common["batch_size"], deploy_tail=common.get("deploy_tail", 0.0),
               sensitivity=job["sensitivity"], granularity=job["granularity"], samples=common["samples"],
               progress=False, device=common["device"], **job["budget"])
     if not job["uniform"] and common.get("weight_alpha", 1.0) != 1.0:
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
                    help="mixed rows: the search's weight-score factor (objective = act scores + A x weight scores), "
                         "or auto (measured by probe fine-tunings, see --probe-steps)")
     p.add_argument("--probe-steps", type=int, default=100, help="--weight-alpha auto: batches per probe")
-    p.add_argument("--deploy-tail", type=float, default=0.1,
+    p.add_argument("--deploy-tail", type=float, default=0.0,
                    help="every compile: last fraction of the QAT steps on the exported form (0 = off)")
     args = p.parse_args(argv)
     t_start = time.time()

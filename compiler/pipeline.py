@@ -70,7 +70,7 @@ class CompileOptions:
     lr: float = 0.01
     optimizer: str = "sgd"  # sgd (Nesterov momentum), adam, adamw
     batch_stats: bool = True  # LSQ: batch statistics on the folded convs while fine-tuning (finetune/renorm.py)
-    deploy_tail: float = 0.1  # LSQ: last fraction of the steps on the deploy form (finetune/deploy_tail.py)
+    deploy_tail: float = 0.0  # LSQ: last fraction of the steps on the deploy form (finetune/deploy_tail.py)
     batch_size: int = 64
     finetune_method: str | None = None  # default: lsq (digital), energy with a fixed allocation (analog)
     profile: str = "ort"

@@ -220,7 +220,7 @@ class FinetuneConfig:
     normalise each folded conv's output with batch statistics while training, folded back at the end
     (:mod:`.renorm`): what training-mode BN gives a network that was captured with BN folded. ``deploy_tail``
     (LSQ): the last fraction of the steps trains the form the export writes, batch statistics folded and conv
-    biases on the int32 accumulator grid by straight-through (:mod:`.deploy_tail`); 0 turns it off.
+    biases on the int32 accumulator grid by straight-through (:mod:`.deploy_tail`); 0 (default) turns it off.
     """
 
     epochs: int = 5
@@ -235,7 +235,7 @@ class FinetuneConfig:
     range_init: RangeInit = RangeInit.MSE
     freeze_bn_last_epochs: int = 0
     batch_stats: bool = True
-    deploy_tail: float = 0.1
+    deploy_tail: float = 0.0
     seed: int = 0
     checkpoint_dir: str | None = None
     resume: bool = True

@@ -39,14 +39,9 @@ def test_bitserial_w3a4_keeps_accuracy_and_onnx_matches(demo):
     acc = summary["runs"]["bitserial"]["accuracy"]
     fp, fq, onnx_acc = acc["full precision"], acc["fake-quant (PyTorch)"], acc["exported ONNX (onnxruntime)"]
     assert fq >= fp - 2.0
-    # the export adds what fine-tuning did not see (8-bit quantizers on residual-add inputs; parity.json checks
-    # ONNX against that deploy model exactly): up to 3 of the 359 images may flip
+    # the export adds what fine-tuning did not see (8-bit quantizers on residual-add inputs, int32 conv biases
+    # unless --deploy-tail; parity.json checks ONNX against that deploy model exactly): up to 3 of 359 may flip
     assert abs(onnx_acc - fq) <= 1.0
-    # the int32 conv biases it did see: the last steps trained with them on the grid
-    tail = json.loads((out / "bitserial" / "manifest.json").read_text())["stages"]["finetune"]["info"]["deploy_tail"]
-    assert tail["steps"] > 0 and tail["biases_on_grid"] > 0
-    page = (out / "bitserial" / "report.html").read_text()
-    assert f"The last {tail['steps']} steps trained the exported form" in page
     plan = json.loads((out / "bitserial" / "plan.json").read_text())
     bitops = plan["costs"]["bitops"]["value"]
     assert bitops <= plan["costs"]["budget:avg-bits"]["budget"] * 1e9 * (1 + 1e-9)
