@@ -352,14 +352,17 @@ class QuantizedModel(nn.Module):
         return [p for p in self.gm.parameters() if id(p) not in qs]
 
 
+def _int32_codes(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    lim = float(2 ** 31 - 1)
+    return torch.clamp(torch.round(b.detach().float() / scale), -lim, lim).to(torch.int32)
+
+
 class _RoundToGrid(torch.autograd.Function):
     """round(b / s) · s (clamped to int32 codes) forward, identity backward (straight-through)."""
 
     @staticmethod
     def forward(ctx, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        lim = float(2 ** 31 - 1)
-        codes = torch.clamp(torch.round(b.detach().float() / scale), -lim, lim)
-        return (codes.to(torch.int32).float() * scale).to(b.dtype)
+        return (_int32_codes(b, scale).float() * scale).to(b.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
@@ -386,8 +389,7 @@ class BiasQuantizer(nn.Module):
 
     def codes(self, b: torch.Tensor) -> torch.Tensor:
         """int32 codes of the bias ``b``."""
-        lim = float(2 ** 31 - 1)
-        return torch.clamp(torch.round(b.detach().float() / self.scale()), -lim, lim).to(torch.int32)
+        return _int32_codes(b, self.scale())
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         return _RoundToGrid.apply(b, self.scale())
