@@ -484,7 +484,7 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
         state = None
         if path and config.resume and os.path.isfile(path):
             state = _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
-                            lambda: tail.enter() if tail is not None else None)
+                            lambda: tail is not None and (tail.enter() or True))
             if tail is not None and tail.active:
                 student = wrap()
         if state is not None:
@@ -605,9 +605,9 @@ def _payload(epoch, qmodel, optimizer, scheduler, objective, config, metrics, si
 
 
 def _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
-            before_load: Callable[[], object] = lambda: None) -> tuple[int, list[dict]] | None:
+            before_load: Callable[[], bool] = lambda: False) -> tuple[int, list[dict]] | None:
     """Load the checkpoint at ``path`` into the run; ``before_load()`` first brings the model into the deploy
-    tail's form when the checkpoint was written in it."""
+    tail's form when the checkpoint was written in it (False: this run has no tail, so start afresh)."""
     try:
         payload = load_checkpoint(path)
     except (OSError, RuntimeError, EOFError) as e:
@@ -626,8 +626,10 @@ def _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
         return None
     if changed:
         log.warning("resuming with changed settings: %s", ", ".join(changed))
-    if payload.get("deploy_tail"):
-        before_load()
+    if payload.get("deploy_tail") and not before_load():
+        log.warning("the checkpoint %s was written inside a deploy tail this run does not have: starting afresh",
+                    path)
+        return None
     device = next(iter(qmodel.parameters())).device
     load_model_state(qmodel, {k: v.to(device) for k, v in payload["model"].items()})
     optimizer.load_state_dict(payload["optimizer"])

@@ -85,6 +85,16 @@ def test_tail_trains_through_the_rounding(float_model, digits):
     assert res.final_accuracy > 80.0
 
 
+def test_a_tail_checkpoint_resumed_without_the_tail_starts_afresh(float_model, digits, tmp_path):
+    data = _subset(digits, 256)  # 4 steps an epoch, the tail from step 4 (epoch 2)
+    cfg = FinetuneConfig(epochs=2, lr=0.05, batch_size=64, deploy_tail=0.5, checkpoint_dir=str(tmp_path))
+    q0 = _quantized(float_model, data, cfg)
+    finetune(copy.deepcopy(q0), float_model, data, cfg, progress=False)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["deploy_tail"] is True
+    res = finetune(copy.deepcopy(q0), float_model, data, cfg.replace(deploy_tail=0.0), progress=False)
+    assert res.resumed_from is None and len(res.metrics) == 2  # not a load error: a fresh run
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), "half"])
 def test_deploy_tail_must_be_a_fraction(bad):
     with pytest.raises(ValueError, match="deploy_tail"):
