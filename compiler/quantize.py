@@ -394,6 +394,13 @@ class BiasQuantizer(nn.Module):
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         return _RoundToGrid.apply(b, self.scale())
 
+    @torch.no_grad()
+    def error(self, b: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """round(b; gain · s_in · s_w) − b: what the grid does to ``b`` once the conv's weight rows (and step
+        sizes) are scaled by the positive per-channel ``gain``, as folding a normalisation does."""
+        grid = self.scale() * gain.detach().float()
+        return (_int32_codes(b, grid).float() * grid).to(b.dtype) - b.detach()
+
 
 CONV_TARGETS = {"conv1d", "conv2d", "conv3d", "convolution"}
 

@@ -246,8 +246,9 @@ def _finetune_html(info: dict) -> str:
             f"{_fmt(info.get('final_accuracy'))} % top-1 on the validation split after fine-tuning")
     tail = info.get("deploy_tail")
     if tail:
-        text += (f". The last {tail.get('steps')} steps trained the exported form (<code>--deploy-tail</code>): "
-                 f"batch statistics folded and {tail.get('biases_on_grid')} conv biases on the int32 grid "
+        how = ("batch statistics folded, " if tail.get("form") == "folded" else "")
+        text += (f". The last {tail.get('steps')} steps trained against the exported bias rounding "
+                 f"(<code>--deploy-tail</code>): {how}{tail.get('biases_on_grid')} conv biases on the int32 grid "
                  f"s<sub>in</sub>·s<sub>w</sub> by straight-through, so the fake-quant accuracy above is what the "
                  f"integer kernels compute up to the export's residual-add quantizers")
     return text + ".</p>"

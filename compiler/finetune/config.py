@@ -219,8 +219,8 @@ class FinetuneConfig:
     (one process otherwise). ``device``: "auto" (CUDA when available), "cpu" or "cuda". ``batch_stats`` (LSQ):
     normalise each folded conv's output with batch statistics while training, folded back at the end
     (:mod:`.renorm`): what training-mode BN gives a network that was captured with BN folded. ``deploy_tail``
-    (LSQ): the last fraction of the steps trains the form the export writes, batch statistics folded and conv
-    biases on the int32 accumulator grid by straight-through (:mod:`.deploy_tail`); 0 (default) turns it off.
+    (LSQ): the last fraction of the steps trains with the conv biases the export writes, rounded onto the int32
+    accumulator grid by straight-through (:mod:`.deploy_tail`); 0 (default) turns it off.
     """
 
     epochs: int = 5

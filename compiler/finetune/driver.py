@@ -484,8 +484,8 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
         state = None
         if path and config.resume and os.path.isfile(path):
             state = _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
-                            lambda: tail is not None and (tail.enter() or True))
-            if tail is not None and tail.active:
+                            lambda form: tail is not None and form == tail.form and (tail.enter() or True))
+            if tail is not None and tail.changes_graph:
                 student = wrap()
         if state is not None:
             start, metrics = state
@@ -505,7 +505,7 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
                     if ctx.is_main:
                         save_checkpoint(path, _payload(epoch + 1, qmodel, optimizer, scheduler, objective,
                                                        config, metrics, signature,
-                                                       tail is not None and tail.active))
+                                                       tail.form if tail is not None and tail.active else False))
                     ddp.barrier(ctx)
                 if callback:
                     callback("epoch", dict(metrics[-1]))
@@ -537,8 +537,8 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
 
 def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sampler, teacher, data, config, ctx,
                  bar, callback, tail=None, wrap=None) -> tuple[dict, nn.Module]:
-    """One epoch; returns its metrics and the student (wrapped anew if the deploy tail began in it: DDP
-    must not wait for the gradients of the folded-away batch statistics)."""
+    """One epoch; returns its metrics and the student (wrapped anew if the deploy tail began in it and put
+    modules into the graph)."""
     t0 = time.perf_counter()
     qmodel = objective.q
     sampler.set_epoch(epoch)
@@ -551,11 +551,10 @@ def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sample
     n = done = 0
     for step, (x, y) in enumerate(loader):
         if tail is not None and tail.due(epoch * len(loader) + step):
-            was = qmodel.training
             tail.enter()
-            qmodel.train(was)
-            student = wrap()
-            log.info("deploy tail from epoch %d, step %d: batch statistics folded, biases on the int32 grid",
+            if tail.changes_graph:
+                student = wrap()
+            log.info("deploy tail (%s form) from epoch %d, step %d: conv biases on the int32 grid", tail.form,
                      epoch + 1, step + 1)
         x = augment_batch(x.to(ctx.device, non_blocking=True), data.augment, gen)
         y = y.to(ctx.device, non_blocking=True)
@@ -595,8 +594,8 @@ def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sample
     return row, student
 
 
-def _payload(epoch, qmodel, optimizer, scheduler, objective, config, metrics, signature, in_tail=False) -> dict:
-    return {"deploy_tail": bool(in_tail),
+def _payload(epoch, qmodel, optimizer, scheduler, objective, config, metrics, signature, tail_form=False) -> dict:
+    return {"deploy_tail": tail_form,
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "method": config.method.value,
             "config": config.to_dict(), "model": {k: v.detach().cpu() for k, v in qmodel.state_dict().items()},
             "precision": signature, "optimizer": optimizer.state_dict(),
@@ -605,9 +604,9 @@ def _payload(epoch, qmodel, optimizer, scheduler, objective, config, metrics, si
 
 
 def _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
-            before_load: Callable[[], bool] = lambda: False) -> tuple[int, list[dict]] | None:
-    """Load the checkpoint at ``path`` into the run; ``before_load()`` first brings the model into the deploy
-    tail's form when the checkpoint was written in it (False: this run has no tail, so start afresh)."""
+            before_load: Callable[[str], bool] = lambda form: False) -> tuple[int, list[dict]] | None:
+    """Load the checkpoint at ``path`` into the run; ``before_load(form)`` first puts the model into the deploy
+    tail when the checkpoint was written in one of that form (False: this run has no such tail, start afresh)."""
     try:
         payload = load_checkpoint(path)
     except (OSError, RuntimeError, EOFError) as e:
@@ -626,9 +625,10 @@ def _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
         return None
     if changed:
         log.warning("resuming with changed settings: %s", ", ".join(changed))
-    if payload.get("deploy_tail") and not before_load():
-        log.warning("the checkpoint %s was written inside a deploy tail this run does not have: starting afresh",
-                    path)
+    form = payload.get("deploy_tail")
+    if form and not before_load(form if isinstance(form, str) else "folded"):
+        log.warning("the checkpoint %s was written inside a deploy tail (%s form) this run does not have: "
+                    "starting afresh", path, form)
         return None
     device = next(iter(qmodel.parameters())).device
     load_model_state(qmodel, {k: v.to(device) for k, v in payload["model"].items()})

@@ -16,6 +16,8 @@ eval-mode model did, on the graph that was captured.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -40,6 +42,9 @@ class BatchRenorm(nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
         self.observing = False
         self._stats: list[torch.Tensor] | None = None
+        # a per-channel offset added to the output, computed from the module each forward (the deploy tail's
+        # bias rounding, :mod:`.deploy_tail`); a plain attribute, so it adds no state
+        self.offset: Callable[[BatchRenorm], torch.Tensor] | None = None
 
     @staticmethod
     def _dims(z: torch.Tensor) -> list[int]:
@@ -63,7 +68,10 @@ class BatchRenorm(nn.Module):
         else:
             mean, var = self.running_mean, self.running_var
         zn = (z - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-        return zn * self.gain.abs().reshape(shape) + self.bias.reshape(shape)
+        y = zn * self.gain.abs().reshape(shape) + self.bias.reshape(shape)
+        if self.offset is not None:
+            y = y + self.offset(self).to(y.dtype).reshape(shape)
+        return y
 
     def start_from_observed(self) -> None:
         """Running statistics from the observed sums; gain and bias so that eval mode is the identity."""

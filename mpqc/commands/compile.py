@@ -39,8 +39,8 @@ def add_arguments(p) -> None:
                    help="LSQ: normalise the BN-folded convs with batch statistics while fine-tuning, folded back "
                         "afterwards (default on)")
     t.add_argument("--deploy-tail", type=float, default=0.0, metavar="F",
-                   help="LSQ: the last fraction F of the fine-tuning steps trains the exported form, batch "
-                        "statistics folded and conv biases on the int32 grid (default 0 = off; e.g. 0.1)")
+                   help="LSQ: the last fraction F of the fine-tuning steps trains with the conv biases rounded "
+                        "onto the int32 grid the export writes (default 0 = off; e.g. 0.1)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--finetune-method", choices=("lsq", "pdqat", "energy", "dxmax"),
                    help="default: lsq; analog targets: noise-aware training at the planned energies")

@@ -12,7 +12,8 @@ from mpqc.compiler.capture import capture
 from mpqc.compiler.data import DataSplits
 from mpqc.compiler.export.qdq import _quantize_conv_biases
 from mpqc.compiler.finetune import FinetuneConfig, finetune, prepare
-from mpqc.compiler.finetune.deploy_tail import tail_start
+from mpqc.compiler.finetune.deploy_tail import DeployTail, tail_start
+from mpqc.compiler.finetune.renorm import Renormalizer
 from mpqc.compiler.quantize import LayerQuant, conv_bias_sites
 from mpqc.compiler.train import evaluate
 
@@ -38,25 +39,65 @@ def _export_rounding_changes(q, x) -> float:
         return float((q2(x) - before).abs().max())
 
 
-def test_tail_begins_at_its_step_and_leaves_the_model_the_export_computes(float_model, digits):
+def _in_tail(q) -> bool:
+    """Whether the tail is on: an offset in the batch renormalisation (stats form) or quantizers in the graph."""
+    renorm = getattr(q.gm, "renorm", {})
+    return hasattr(q.gm, "tail_bq") or any(m.offset is not None for m in renorm.values())
+
+
+def _on_grid(q) -> bool:
+    for _, bias, _, act, weight in conv_bias_sites(q.gm):
+        codes = q._param(str(bias.target)).detach() / (act.scale.detach().abs() * weight.scale.detach().abs())
+        if not torch.allclose(codes, codes.round(), atol=1e-3):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("batch_stats,form", [(True, "stats"), (False, "folded")])
+def test_tail_begins_at_its_step_and_leaves_the_model_the_export_computes(float_model, digits, batch_stats, form):
     data = _subset(digits, 512)
-    cfg = FinetuneConfig(epochs=2, lr=0.05, batch_size=64, deploy_tail=0.25)
+    cfg = FinetuneConfig(epochs=2, lr=0.05 if batch_stats else 0.01, batch_size=64, deploy_tail=0.25,
+                         batch_stats=batch_stats)
     q = _quantized(float_model, data, cfg)
     keys = set(q.state_dict())
     convs = [op.name for op in q.graph_ir.layers() if op.kind.value == "conv"]
     assert [key for _, _, key, _, _ in conv_bias_sites(q.gm)] == convs  # every conv: quantized, BN-folded bias
     seen = []
     res = finetune(q, float_model, data, cfg, progress=False,
-                   callback=lambda ev, info: seen.append(hasattr(q.gm, "tail_bq")) if ev == "step" else None)
+                   callback=lambda ev, info: seen.append(_in_tail(q)) if ev == "step" else None)
     total = 2 * 8
     assert seen.index(True) == tail_start(0.25, total) == 12 and all(seen[12:])
-    assert res.summary["deploy_tail"] == {"from_step": 12, "steps": 4, "biases_on_grid": len(convs)}
-    assert set(q.state_dict()) == keys and not hasattr(q.gm, "tail_bq")  # back on the captured graph
-    for _, bias, _, act, weight in conv_bias_sites(q.gm):
-        codes = q._param(str(bias.target)).detach() / (act.scale.detach().abs() * weight.scale.detach().abs())
-        assert torch.allclose(codes, codes.round(), atol=1e-3)  # on the s_in·s_w grid
+    assert res.summary["deploy_tail"] == {"from_step": 12, "steps": 4, "form": form, "biases_on_grid": len(convs)}
+    assert set(q.state_dict()) == keys and not _in_tail(q)  # back on the captured graph
+    assert _on_grid(q)
     x = digits.val.tensors[0][:256]
     assert _export_rounding_changes(q, x) < 1e-5  # the deploy graph's bias rounding is a no-op now
+    assert res.final_accuracy == pytest.approx(evaluate(q, digits.val))
+
+
+def test_stats_form_evaluates_what_the_folded_rounded_model_computes(float_model, digits):
+    # the offset is the fold's rounding error: the eval-mode model inside the tail is the exported one
+    torch.manual_seed(1)
+    q = _quantized(float_model, digits, FinetuneConfig())
+    renorm = Renormalizer(q)
+    renorm.calibrate([digits.calib.tensors[0][:256]], "cpu")
+    with torch.no_grad():  # move the maps away from the identity start, as training does
+        for m in renorm.modules.values():
+            m.gain.mul_(1 + 0.3 * torch.rand_like(m.gain))
+            m.bias.add_(0.2 * torch.randn_like(m.bias))
+            m.running_var.mul_(1 + 0.5 * torch.rand_like(m.running_var))
+    x = digits.val.tensors[0][:256]
+    q.eval()
+    with torch.no_grad():
+        plain = q(x)
+        tail = DeployTail(q, renorm, 0)
+        tail.enter()
+        inside = q(x)
+        tail.leave()
+        after = q(x)
+    assert not hasattr(q.gm, "renorm") and _on_grid(q)
+    assert torch.allclose(inside, after, atol=1e-4)
+    assert (inside - plain).abs().max() > 1e-2  # at 2 bits the rounding moves the outputs, so the match means it
 
 
 def test_without_the_tail_the_export_moves_the_outputs(float_model, digits):
@@ -82,7 +123,9 @@ def test_tail_trains_through_the_rounding(float_model, digits):
     res = finetune(q, float_model, data, cfg, progress=False, callback=grab)
     assert any(not torch.equal(snaps[0][k], snaps[7][k]) for k in snaps[0])
     assert res.final_accuracy == pytest.approx(evaluate(q, digits.val))
-    assert res.final_accuracy > 80.0
+    plain = finetune(_quantized(float_model, data, cfg), float_model, data, cfg.replace(deploy_tail=0.0),
+                     progress=False)
+    assert res.final_accuracy > plain.final_accuracy - 5.0  # half the run on the grid costs little
 
 
 def test_a_tail_checkpoint_resumed_without_the_tail_starts_afresh(float_model, digits, tmp_path):
@@ -90,7 +133,7 @@ def test_a_tail_checkpoint_resumed_without_the_tail_starts_afresh(float_model, d
     cfg = FinetuneConfig(epochs=2, lr=0.05, batch_size=64, deploy_tail=0.5, checkpoint_dir=str(tmp_path))
     q0 = _quantized(float_model, data, cfg)
     finetune(copy.deepcopy(q0), float_model, data, cfg, progress=False)
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["deploy_tail"] is True
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["deploy_tail"] == "stats"
     res = finetune(copy.deepcopy(q0), float_model, data, cfg.replace(deploy_tail=0.0), progress=False)
     assert res.resumed_from is None and len(res.metrics) == 2  # not a load error: a fresh run
 
