@@ -7,16 +7,21 @@ weights and folding afterwards changes every quantized value.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
 _BN_TARGETS = {"batch_norm", "_native_batch_norm_legit_no_training"}
 
 
-def _packet(node: torch.fx.Node) -> str:
+def packet(node: torch.fx.Node) -> str:
+    """The op's name without overload (``aten.conv2d.default`` -> ``conv2d``; ``operator.add`` -> ``add``)."""
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
         return t._overloadpacket.__name__
+    if t is operator.add or t is operator.iadd:
+        return "add"
     return getattr(t, "__name__", str(t))
 
 
@@ -46,18 +51,18 @@ def fold_batchnorm(gm: torch.fx.GraphModule) -> int:
     """
     folded = 0
     for bn in list(gm.graph.nodes):
-        if bn.op == "call_function" and _packet(bn) in _BN_TARGETS:
+        if bn.op == "call_function" and packet(bn) in _BN_TARGETS:
             args = list(bn.args)
-            if _packet(bn) == "batch_norm" and (len(args) < 6 or args[5] is not False):
+            if packet(bn) == "batch_norm" and (len(args) < 6 or args[5] is not False):
                 continue  # training-mode BN: statistics come from the batch, nothing to fold
             conv = args[0]
             if not isinstance(conv, torch.fx.Node) or conv.op != "call_function" or len(conv.users) != 1 \
-                    or _packet(conv) not in {"conv1d", "conv2d", "conv3d", "convolution", "linear"}:
+                    or packet(conv) not in {"conv1d", "conv2d", "conv3d", "convolution", "linear"}:
                 continue
-            if _packet(conv) == "convolution" and conv.args[6]:
+            if packet(conv) == "convolution" and conv.args[6]:
                 continue  # transposed
             gamma, beta, mean, var = (_get_attr(gm, a) for a in args[1:5])
-            eps = args[7] if _packet(bn) == "batch_norm" else args[6]
+            eps = args[7] if packet(bn) == "batch_norm" else args[6]
             w_node = conv.args[1]
             w = _get_attr(gm, w_node)
             if w is None or mean is None or var is None:

@@ -24,6 +24,7 @@ from mpqc.kernels import fake_quant
 
 from .capture import Captured
 from .ir import Graph, OpKind
+from .passes import packet
 
 
 class RangeMethod(str, enum.Enum):
@@ -405,20 +406,13 @@ class BiasQuantizer(nn.Module):
 CONV_TARGETS = {"conv1d", "conv2d", "conv3d", "convolution"}
 
 
-def _packet_name(node: torch.fx.Node) -> str:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t._overloadpacket.__name__
-    return getattr(t, "__name__", str(t))
-
-
 def conv_bias_sites(gm: torch.fx.GraphModule, act_prefixes=("aq.",)):
     """``(conv node, bias node, key, act quantizer, weight quantizer)`` of every conv whose input (through a
     quantizer module named ``<act_prefix>...``) and weight (``wq.<key>``) are quantized by enabled
     Act/WeightQuantizers and whose bias is a parameter: the biases an integer kernel adds on the s_in·s_w grid."""
     out = []
     for n in gm.graph.nodes:
-        if n.op != "call_function" or _packet_name(n) not in CONV_TARGETS:
+        if n.op != "call_function" or packet(n) not in CONV_TARGETS:
             continue
         args = list(n.args)
         if len(args) < 3 or not isinstance(args[2], torch.fx.Node) or args[2].op != "get_attr":

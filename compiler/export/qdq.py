@@ -33,7 +33,6 @@ import copy
 import enum
 import json
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -46,6 +45,7 @@ import torch.fx
 from onnx.defs import OpSchema
 from torch import nn
 
+from mpqc.compiler.passes import packet
 from mpqc.compiler.quantize import (
     ActQuantizer,
     BiasQuantizer,
@@ -153,15 +153,6 @@ def _tensor_keys(qm: QuantizedModel) -> dict[str, list[str]]:
 _WEIGHTED = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "addmm", "matmul", "bmm", "mm"}
 _MAXPOOL = {"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d"}
 _ADD = {"add", "add_"}
-
-
-def _packet(node: torch.fx.Node) -> str:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t._overloadpacket.__name__
-    if t is operator.add or t is operator.iadd:
-        return "add"
-    return getattr(t, "__name__", str(t))
 
 
 def _is_quantizer(node, prefixes=("wq.", "aq.", "rq.", "bq.")) -> bool:
@@ -303,7 +294,7 @@ def _prequantize_maxpools(gm: torch.fx.GraphModule, nodes: list, notes: list[str
         if not (_is_quantizer(n, ("aq.",)) and _active(gm, n)):
             continue
         pool = n.args[0]
-        if not (isinstance(pool, torch.fx.Node) and pool.op == "call_function" and _packet(pool) in _MAXPOOL):
+        if not (isinstance(pool, torch.fx.Node) and pool.op == "call_function" and packet(pool) in _MAXPOOL):
             continue
         src = pool.args[0]
         if not isinstance(src, torch.fx.Node) or any(_is_quantizer(u) for u in src.users):
@@ -315,7 +306,7 @@ def _prequantize_maxpools(gm: torch.fx.GraphModule, nodes: list, notes: list[str
 
 
 def _weighted_producer(n) -> bool:
-    return isinstance(n, torch.fx.Node) and n.op == "call_function" and _packet(n) in _WEIGHTED
+    return isinstance(n, torch.fx.Node) and n.op == "call_function" and packet(n) in _WEIGHTED
 
 
 def _quantize_residual_adds(gm: torch.fx.GraphModule, qm: QuantizedModel, profile: Profile,
@@ -333,7 +324,7 @@ def _quantize_residual_adds(gm: torch.fx.GraphModule, qm: QuantizedModel, profil
     nonneg = {op.attrs.get("node"): qm.graph_ir.tensors[op.output].nonnegative for op in qm.graph_ir.ops.values()}
     added: list[str] = []
     for add in list(gm.graph.nodes):
-        if add.op != "call_function" or _packet(add) not in _ADD or len(add.args) < 2:
+        if add.op != "call_function" or packet(add) not in _ADD or len(add.args) < 2:
             continue
         ins = [a for a in add.args[:2] if isinstance(a, torch.fx.Node)]
         if len(ins) != 2 or not any(_weighted_producer(a) for a in ins):
