@@ -358,12 +358,16 @@ def _int32_codes(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(b.detach().float() / scale), -lim, lim).to(torch.int32)
 
 
+def _to_grid(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (_int32_codes(b, scale).float() * scale).to(b.dtype)
+
+
 class _RoundToGrid(torch.autograd.Function):
     """round(b / s) · s (clamped to int32 codes) forward, identity backward (straight-through)."""
 
     @staticmethod
     def forward(ctx, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return (_int32_codes(b, scale).float() * scale).to(b.dtype)
+        return _to_grid(b, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
@@ -399,8 +403,7 @@ class BiasQuantizer(nn.Module):
     def error(self, b: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         """round(b; gain · s_in · s_w) − b: what the grid does to ``b`` once the conv's weight rows (and step
         sizes) are scaled by the positive per-channel ``gain``, as folding a normalisation does."""
-        grid = self.scale() * gain.detach().float()
-        return (_int32_codes(b, grid).float() * grid).to(b.dtype) - b.detach()
+        return _to_grid(b, self.scale() * gain.detach().float()) - b.detach()
 
 
 CONV_TARGETS = {"conv1d", "conv2d", "conv3d", "convolution"}

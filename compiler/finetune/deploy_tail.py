@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from mpqc.compiler.quantize import BiasQuantizer, QuantizedModel, _key, conv_bias_sites
+from mpqc.compiler.quantize import BiasQuantizer, QuantizedModel, conv_bias_sites
 
 from .graph_taps import insert_after, remove_inserted
 
@@ -77,15 +77,18 @@ class DeployTail:
         if self.active:
             return
         gm = self.q.gm
-        renorms = {_key(name): mod for name, mod in self.renorm.modules.items()} if self.renorm is not None else {}
+        # a site's renorm module is the one after the conv whose weight quantizer the site reads
+        renorms = ({id(self.q.weight_quantizer(name)): mod for name, mod in self.renorm.modules.items()}
+                   if self.renorm is not None else {})
         mods = torch.nn.ModuleDict()
         gm.add_submodule(ATTR, mods)
         for _conv, bias, key, act, weight in conv_bias_sites(gm):
             bq = self.quantizers[key] = BiasQuantizer(act, weight)
             self._biases[key] = self.q._param(str(bias.target))
-            if key in renorms:
-                renorms[key].offset = _FoldRounding(self._biases[key], bq)
-                self._renorms.append(renorms[key])
+            renorm = renorms.get(id(weight))
+            if renorm is not None:
+                renorm.offset = _FoldRounding(self._biases[key], bq)
+                self._renorms.append(renorm)
             else:
                 mods[key] = bq
                 self._nodes.append(insert_after(gm, bias, f"{ATTR}.{key}"))

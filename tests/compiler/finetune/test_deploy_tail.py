@@ -92,6 +92,7 @@ def test_stats_form_evaluates_what_the_folded_rounded_model_computes(float_model
         plain = q(x)
         tail = DeployTail(q, renorm, 0)
         tail.enter()
+        assert not tail.changes_graph and len(tail._renorms) == len(renorm.modules)  # every conv via its renorm
         inside = q(x)
         tail.leave()
         after = q(x)
