@@ -208,6 +208,7 @@ def run_job(job: dict, common: dict) -> dict:
     fix = ("conv1=8", "fc=8") if job["fix_ends"] else ()
     kw = dict(fix=fix, epochs=common["qat_epochs"], lr=job["lr"], optimizer=job.get("opt", "sgd"),
               batch_size=common["batch_size"], deploy_tail=common.get("deploy_tail", 0.0),
+              residual_quant=common.get("residual_quant", True),
               sensitivity=job["sensitivity"], granularity=job["granularity"], samples=common["samples"],
               progress=False, device=common["device"], **job["budget"])
     if not job["uniform"] and common.get("weight_alpha", 1.0) != 1.0:
@@ -431,6 +432,8 @@ def main(argv=None) -> int:
     p.add_argument("--probe-steps", type=int, default=100, help="--weight-alpha auto: batches per probe")
     p.add_argument("--deploy-tail", type=float, default=0.0,
                    help="every compile: last fraction of the QAT steps on the exported form (0 = off)")
+    p.add_argument("--residual-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="every compile: fine-tune with the export's 8-bit residual-add quantizers (default on)")
     args = p.parse_args(argv)
     t_start = time.time()
     if args.merge:
@@ -496,7 +499,8 @@ def main(argv=None) -> int:
     common = {"model": model_path, "arch": ARCH, "target": args.target, "spec": spec, "out": args.out,
               "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "samples": args.samples,
               "device": args.device, "threads": threads, "weight_alpha": args.weight_alpha,
-              "probe_steps": args.probe_steps, "deploy_tail": args.deploy_tail}
+              "probe_steps": args.probe_steps, "deploy_tail": args.deploy_tail,
+              "residual_quant": args.residual_quant}
     meta = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version(), "threads_per_job": threads,
             "args": vars(args), "train": len(data.train), "test": len(data.val),

@@ -71,6 +71,7 @@ class CompileOptions:
     optimizer: str = "sgd"  # sgd (Nesterov momentum), adam, adamw
     batch_stats: bool = True  # LSQ: batch statistics on the folded convs while fine-tuning (finetune/renorm.py)
     deploy_tail: float = 0.0  # LSQ: last fraction of the steps on the deploy form (finetune/deploy_tail.py)
+    residual_quant: bool = True  # fine-tune with the profile's 8-bit residual-add quantizers (compiler/residual.py)
     batch_size: int = 64
     finetune_method: str | None = None  # default: lsq (digital), energy with a fixed allocation (analog)
     profile: str = "ort"
@@ -197,6 +198,10 @@ class _Run:
         plan = plan if plan is not None else self.plan()
         q = prepare(copy.deepcopy(self.captured), {}, self.data, FinetuneConfig(), act_groups=plan.act_groups_mode)
         emac = apply_plan(q, plan)
+        if self.o.residual_quant:
+            from .residual import quantize_residuals_for
+
+            quantize_residuals_for(q, self.o.profile)
         from .data import make_loader
 
         q.calibrate(make_loader(self.data.calib, 256))
@@ -421,11 +426,30 @@ def _stage_finetune(r: _Run) -> dict:
 
         cfg["energy"] = EnergyConfig(mode="fixed")
     config = FinetuneConfig(**cfg)
+    _drop_stale_checkpoint(config, q)
     res = finetune(q, r.teacher, r.data, config, progress=o.progress, emac=emac or None)
     atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save({"model": q.state_dict()}, tmp))
     return {"epochs": o.epochs, "method": method, "final_accuracy": res.final_accuracy,
             "resumed_from": res.resumed_from, **({"deploy_tail": res.summary["deploy_tail"]}
                                                  if "deploy_tail" in res.summary else {})}
+
+
+def _drop_stale_checkpoint(config, q) -> None:
+    """Remove a fine-tuning checkpoint written for other quantizers (the plan or the residual placement changed
+    since): the stage re-runs because its inputs changed, and resuming is only for a run cut off midway."""
+    from .finetune import checkpoint_path, load_checkpoint
+    from .finetune.driver import precision_signature
+
+    path = checkpoint_path(config)
+    if not path or not os.path.exists(path):
+        return
+    try:
+        stale = load_checkpoint(path).get("precision") != precision_signature(q)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        stale = True
+    if stale:
+        log.info("the fine-tuning checkpoint %s was written for other quantizers: starting afresh", path)
+        os.remove(path)
 
 
 def _stage_export(r: _Run) -> dict:
@@ -548,17 +572,21 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
         ("search", {**common, **{k: v for k, v in opts.items() if k not in ("epochs", "lr", "batch_size", "profile",
                                                                               "finetune_method", "optimizer",
                                                                               "device", "batch_stats",
-                                                                              "deploy_tail", "probe_steps")},
+                                                                              "deploy_tail", "probe_steps",
+                                                                              "residual_quant")},
                     **(probe_in if o.weight_alpha == "auto" else {}), "_files": plan_in},
          ["plan.json"] + (["pareto.csv"] if o.pareto else []) + (["recovery.json"] if o.weight_alpha == "auto" else []),
          _stage_search),
         ("finetune", {**common, "epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer,
                       "batch_size": o.batch_size, "batch_stats": o.batch_stats, "deploy_tail": o.deploy_tail,
-                      "method": o.finetune_method, "_files": {"plan": "plan.json"}}, ["model_q.pt"],
+                      "method": o.finetune_method, "_files": {"plan": "plan.json"},
+                      **({"residual_quant": o.profile} if o.residual_quant else {})}, ["model_q.pt"],
          _stage_finetune),
-        ("export", {**common, "profile": o.profile, "_files": {"plan": "plan.json", "state": "model_q.pt"}},
+        ("export", {**common, "profile": o.profile, "residual_quant": o.residual_quant,
+                    "_files": {"plan": "plan.json", "state": "model_q.pt"}},
          ["model.onnx", "parity.json"], _stage_export),
-        ("evaluate", {**common, "_files": {"plan": "plan.json", "state": "model_q.pt", "onnx": "model.onnx"}},
+        ("evaluate", {**common, "residual_quant": o.residual_quant and o.profile,
+                      "_files": {"plan": "plan.json", "state": "model_q.pt", "onnx": "model.onnx"}},
          ["metrics.json"], _stage_evaluate),
         ("report", {"_files": {"plan": "plan.json", "metrics": "metrics.json"}}, ["report.html"], _stage_report),
     ]

@@ -204,6 +204,7 @@ class QuantizedModel(nn.Module):
         self.gm = gm
         self.wq = nn.ModuleDict()
         self.aq = nn.ModuleDict()
+        self.rq = nn.ModuleDict()  # on residual-add inputs (compiler/residual.py); empty until placed
         self.act_keys: dict[str, list[str]] = {}  # layer -> activation quantizer keys it reads through
         self._insert(method)
 
@@ -221,6 +222,7 @@ class QuantizedModel(nn.Module):
         # the quantizers live on this module; the GraphModule reaches them through the same objects
         gm.add_submodule("wq", self.wq)
         gm.add_submodule("aq", self.aq)
+        gm.add_submodule("rq", self.rq)
         for op in ir.layers():
             node = nodes[op.attrs["node"]]
             if op.kind in (OpKind.CONV, OpKind.LINEAR, OpKind.EMBEDDING) and op.weight_fqn:
@@ -263,6 +265,10 @@ class QuantizedModel(nn.Module):
 
     def act_quantizers(self, layer: str) -> list[ActQuantizer]:
         return [self.aq[k] for k in self.act_keys.get(layer, [])]
+
+    def act_quantizers_all(self) -> list[ActQuantizer]:
+        """Every activation quantizer: the layers' inputs, then the residual-add inputs."""
+        return list(self.aq.values()) + list(self.rq.values())
 
     def set_precision(self, layer: str, *, w_bits=..., a_bits=...) -> None:
         """Set one layer's weight and/or input precision (``None`` = float; omitted = unchanged)."""
@@ -308,7 +314,7 @@ class QuantizedModel(nn.Module):
     @torch.no_grad()
     def calibrate(self, batches: Iterable, *, method: RangeMethod | None = None, max_batches: int = 8) -> None:
         """Observe activations on float data, then set every enabled activation quantizer's step size."""
-        for aq in self.aq.values():
+        for aq in self.act_quantizers_all():
             aq.observing = True
             aq.absmax.zero_()
             aq.sample = torch.zeros(0)
@@ -324,7 +330,7 @@ class QuantizedModel(nn.Module):
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 self.gm(x)
         finally:
-            for aq in self.aq.values():
+            for aq in self.act_quantizers_all():
                 aq.observing = False
                 aq.init_scale(method)
             for k, q in self.wq.items():
@@ -335,7 +341,7 @@ class QuantizedModel(nn.Module):
         """Switch the quantizers (and modules that ask to follow, ``follows_train_mode``) only: the captured graph
         is an inference graph (BN statistics frozen)."""
         self.training = mode
-        for m in list(self.wq.modules()) + list(self.aq.modules()):
+        for m in list(self.wq.modules()) + list(self.aq.modules()) + list(self.rq.modules()):
             m.training = mode
         for m in self.gm.modules():
             if getattr(m, "follows_train_mode", False):
@@ -346,7 +352,7 @@ class QuantizedModel(nn.Module):
         return self.gm(*args)
 
     def quant_parameters(self) -> list[nn.Parameter]:
-        return [q.scale for q in list(self.wq.values()) + list(self.aq.values())]
+        return [q.scale for q in list(self.wq.values()) + self.act_quantizers_all()]
 
     def model_parameters(self) -> list[nn.Parameter]:
         qs = {id(p) for p in self.quant_parameters()}

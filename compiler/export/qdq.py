@@ -55,6 +55,7 @@ from mpqc.compiler.quantize import (
     conv_bias_sites,
     weight_codes,
 )
+from mpqc.compiler.residual import RESIDUAL_BITS, active, is_quantizer, nonnegative_nodes, quantize_residual_adds
 from mpqc.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ MARKER_DOMAIN = "mpqc.export"
 DEFAULT_OPSET = 21  # int4 and blocked Q/DQ (formats.md §1.1); TensorRT 10.x parsers read it
 FORMATS = ("int", "fp8", "bf16", "fp16")  # int: integer Q/DQ; fp8: FLOAT8E4M3FN Q/DQ; bf16/fp16: left float
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value; Q saturates to it
-RESIDUAL_BITS = 8  # precision of the quantizers the exporter adds on residual-add inputs
 
 
 class Profile(str, enum.Enum):
@@ -150,13 +150,7 @@ def _tensor_keys(qm: QuantizedModel) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------------------------------------------
 # step 1: the deploy graph
-_WEIGHTED = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "addmm", "matmul", "bmm", "mm"}
 _MAXPOOL = {"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d"}
-_ADD = {"add", "add_"}
-
-
-def _is_quantizer(node, prefixes=("wq.", "aq.", "rq.", "bq.")) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_module" and str(node.target).startswith(prefixes)
 
 
 @dataclass
@@ -164,11 +158,6 @@ class _Deploy:
     gm: torch.fx.GraphModule
     notes: list[str]
     residual: list[str]  # keys of the residual quantizers added
-
-
-def _active(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    m = gm.get_submodule(str(node.target))
-    return bool(m.enabled)
 
 
 class FP8WeightQuantizer(nn.Module):
@@ -291,13 +280,13 @@ def _quantize_conv_biases(gm: torch.fx.GraphModule, notes: list[str]) -> None:
 def _prequantize_maxpools(gm: torch.fx.GraphModule, nodes: list, notes: list[str]) -> None:
     """Apply the quantizer that follows a MaxPool also to its input (exact: max commutes with rounding)."""
     for n in nodes:
-        if not (_is_quantizer(n, ("aq.",)) and _active(gm, n)):
+        if not (is_quantizer(n, ("aq.",)) and active(gm, n)):
             continue
         pool = n.args[0]
         if not (isinstance(pool, torch.fx.Node) and pool.op == "call_function" and packet(pool) in _MAXPOOL):
             continue
         src = pool.args[0]
-        if not isinstance(src, torch.fx.Node) or any(_is_quantizer(u) for u in src.users):
+        if not isinstance(src, torch.fx.Node) or any(is_quantizer(u) for u in src.users):
             continue
         with gm.graph.inserting_after(src):
             q = gm.graph.call_module(str(n.target), (src,))
@@ -305,66 +294,30 @@ def _prequantize_maxpools(gm: torch.fx.GraphModule, nodes: list, notes: list[str
         notes.append(f"{n.target}: also applied before {pool.name} so the conv before the pool fuses (exact)")
 
 
-def _weighted_producer(n) -> bool:
-    return isinstance(n, torch.fx.Node) and n.op == "call_function" and packet(n) in _WEIGHTED
-
-
 def _quantize_residual_adds(gm: torch.fx.GraphModule, qm: QuantizedModel, profile: Profile,
                             notes: list[str]) -> list[str]:
-    """Make residual adds read quantized inputs; returns the keys of the quantizers that had to be added.
-
-    TRT: every input but one weighted-op output (the one the add fuses into); ORT: every input (QLinearAdd).
-    Adds next to float layers are left alone.
+    """Make residual adds read quantized inputs (compiler/residual.py); returns the keys of the quantizers that
+    had to be added here, that is, that fine-tuning did not already train. TRT: every input but one weighted-op
+    output (the one the add fuses into); ORT: every input (QLinearAdd). Adds next to float layers are left alone.
     """
     if profile == Profile.QCDQ:
         return []
     if "rq" not in dict(gm.named_children()):
         gm.add_submodule("rq", nn.ModuleDict())
-    rq: nn.ModuleDict = gm.get_submodule("rq")
-    nonneg = {op.attrs.get("node"): qm.graph_ir.tensors[op.output].nonnegative for op in qm.graph_ir.ops.values()}
-    added: list[str] = []
-    for add in list(gm.graph.nodes):
-        if add.op != "call_function" or packet(add) not in _ADD or len(add.args) < 2:
-            continue
-        ins = [a for a in add.args[:2] if isinstance(a, torch.fx.Node)]
-        if len(ins) != 2 or not any(_weighted_producer(a) for a in ins):
-            continue
-        if not any(_quantized_layer(gm, a) for a in ins if _weighted_producer(a)):
-            continue
-        keep = next((a for a in ins if _weighted_producer(a)), None) if profile == Profile.TRT else None
-        for a in ins:
-            if a is keep:
-                continue
-            quantizers = [u for u in a.users if _is_quantizer(u, ("aq.", "rq.")) and _active(gm, u)]
-            existing = next((u for u in quantizers if _at_least(gm, u, RESIDUAL_BITS)), None)
-            if existing is None:
-                key = f"res_{len(rq)}_{a.name}"
-                rq[key] = ActQuantizer(signed=not nonneg.get(a.name, False), bits=RESIDUAL_BITS)
-                with gm.graph.inserting_after(a):
-                    existing = gm.graph.call_module(f"rq.{key}", (a,))
-                added.append(f"rq.{key}")
-                notes.append(f"rq.{key}: new {RESIDUAL_BITS}-bit quantizer on {a.name}, an input of the residual "
-                             f"add {add.name}")
-                # a narrower quantizer on the same tensor (the next conv reading a block input at 2 bits) is not
-                # reused: fine-tuning added the skip path in float, and 2-bit codes there cost ResNet-20 at W2A2
-                # 15 points. It requantizes the 8-bit codes instead, so the tensor still has one quantizer (and
-                # onnxruntime still fuses the add that produced it); the double rounding is recorded
-                for u in quantizers:
-                    u.replace_input_with(a, existing)
-                    notes.append(f"{u.target}: requantizes the {RESIDUAL_BITS}-bit codes of rq.{key} (the add "
-                                 f"{add.name} reads {a.name} at {RESIDUAL_BITS} bits, not at its narrower width)")
-            add.replace_input_with(a, existing)
-    return added
-
-
-def _at_least(gm: torch.fx.GraphModule, node: torch.fx.Node, bits: int) -> bool:
-    """The quantizer at ``node`` keeps ``bits`` or more (an fp8 quantizer, with no integer width, counts)."""
-    b = getattr(gm.get_submodule(str(node.target)), "bits", None)
-    return b is None or int(b) >= bits
-
-
-def _quantized_layer(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
-    return any(_is_quantizer(a) and _active(gm, a) for a in n.all_input_nodes)
+    trained = len(qm.rq)
+    added = quantize_residual_adds(gm, gm.get_submodule("rq"), nonnegative_nodes(qm),
+                                   fuse_one=profile == Profile.TRT)
+    if trained:
+        notes.append(f"{trained} residual-add quantizers at {RESIDUAL_BITS} bits were trained with the model")
+    for r in added:
+        notes.append(f"{r.key}: new {RESIDUAL_BITS}-bit quantizer on {r.tensor}, an input of the residual add "
+                     f"{r.add} (fine-tuning did not place it; calibrated here)")
+        # a narrower quantizer on the same tensor (the next conv reading a block input at 2 bits) requantizes the
+        # 8-bit codes, so the tensor keeps one quantizer (and onnxruntime still fuses the add that produced it)
+        for u in r.requantizing:
+            notes.append(f"{u}: requantizes the {RESIDUAL_BITS}-bit codes of {r.key} (the add {r.add} reads "
+                         f"{r.tensor} at {RESIDUAL_BITS} bits, not at its narrower width)")
+    return [r.key for r in added]
 
 
 @torch.no_grad()
@@ -393,7 +346,7 @@ def _marker_graph(deploy: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, d
     gm = copy.deepcopy(deploy)
     weights: dict[str, str] = {}
     for n in list(gm.graph.nodes):
-        if _is_quantizer(n):
+        if is_quantizer(n):
             src = n.args[0]
             if str(n.target).startswith("wq.") and src.op == "get_attr":
                 weights[str(n.target)] = str(src.target)

@@ -174,7 +174,7 @@ class Objective:
     # -- parameters ------------------------------------------------------------------------------------
     def quantizers(self) -> list[nn.Module]:
         """Every weight and activation quantizer module of the model."""
-        return list(self.q.wq.values()) + list(self.q.aq.values())
+        return list(self.q.wq.values()) + self.q.act_quantizers_all()
 
     def quant_params(self) -> list[nn.Parameter]:
         """Quantizer parameters being learned (step sizes, or d and x_max), enabled quantizers only."""
@@ -317,6 +317,8 @@ def precision_signature(q: QuantizedModel) -> dict:
         sig[f"wq.{k}"] = [bool(m.enabled), [int(b) for b in m.bits]]
     for k, m in q.aq.items():
         sig[f"aq.{k}"] = m.bits
+    for k, m in q.rq.items():
+        sig[f"rq.{k}"] = m.bits
     return sig
 
 

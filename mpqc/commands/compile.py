@@ -41,6 +41,9 @@ def add_arguments(p) -> None:
     t.add_argument("--deploy-tail", type=float, default=0.0, metavar="F",
                    help="LSQ: the last fraction F of the fine-tuning steps trains with the conv biases rounded "
                         "onto the int32 grid the export writes (default 0 = off; e.g. 0.1)")
+    t.add_argument("--residual-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="fine-tune with the 8-bit quantizers the --profile puts on residual-add inputs, so the "
+                        "export computes what was trained (default on)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--finetune-method", choices=("lsq", "pdqat", "energy", "dxmax"),
                    help="default: lsq; analog targets: noise-aware training at the planned energies")
@@ -65,7 +68,7 @@ def run(args):
         act_groups=args.act_groups, solver=args.solver,
         time_limit=args.time_limit, search=args.search, learn_steps=args.learn_steps, pareto=args.pareto,
         epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_stats=args.batch_stats,
-        deploy_tail=args.deploy_tail,
+        deploy_tail=args.deploy_tail, residual_quant=args.residual_quant,
         batch_size=args.batch_size, finetune_method=args.finetune_method, profile=args.profile, seed=args.seed,
         stop_after=args.stop_after, samples=args.samples, progress=not args.json,
         device=args.device)

@@ -60,7 +60,7 @@ def _check_args(args) -> str:
     return profile
 
 
-def _load_checkpoint(qm, path: str) -> None:
+def _load_checkpoint(qm, path: str, profile: str) -> None:
     """Load a fine-tuned QuantizedModel state dict (raw, or inside a fine-tuning checkpoint)."""
     import torch
 
@@ -73,6 +73,14 @@ def _load_checkpoint(qm, path: str) -> None:
         obj = obj.get("model", obj.get("state_dict", obj))
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"--checkpoint {path}: does not hold a state dict of the quantized model")
+    trained_rq = {k.split(".")[1] for k in obj if k.startswith("rq.")}
+    if trained_rq:  # fine-tuned with residual-add quantizers: place them the same way before loading
+        from mpqc.compiler.residual import quantize_residuals_for
+
+        quantize_residuals_for(qm, profile)
+        if set(qm.rq) != trained_rq:
+            raise UserError(f"--checkpoint {path} was fine-tuned with the residual-add quantizers of another "
+                            f"profile than --profile {profile}; pass the --profile it was fine-tuned with")
     own = dict(qm.named_buffers(remove_duplicate=False))
     for name, value in obj.items():  # calibration samples vary in size; resize before loading
         buf = own.get(name)
@@ -119,7 +127,7 @@ def run(args):
     formats = apply_plan(qm, plan)
     calib = [b[0] for b in make_loader(data.calib, 32)][:8]
     if args.checkpoint:
-        _load_checkpoint(qm, args.checkpoint)
+        _load_checkpoint(qm, args.checkpoint, profile)
     else:
         qm.calibrate(calib)
     exported = export_qdq(qm, profile, calib=calib, formats=formats, opset=args.opset)

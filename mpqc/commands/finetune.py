@@ -41,6 +41,12 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, help="seed of data order, augmentation and noise (default 0)")
     p.add_argument("--ddp", action="store_true", help="data-parallel when launched with torchrun")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--profile", choices=("ort", "trt", "qcdq"), default="ort",
+                   help="the export profile to train for: its 8-bit residual-add quantizers are trained with the "
+                        "model (ort: every add input; trt: all but the fused conv output; qcdq: none; default ort); "
+                        "pass the same --profile to `mpqc export`")
+    p.add_argument("--residual-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the profile's residual-add quantizers (default on)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_Q.pt",
                    help="where the fine-tuned QuantizedModel state dict is written")
 
@@ -138,6 +144,10 @@ def run(args):
     if tuple(data.input_shape[1:]) != tuple(cap.example_inputs[0].shape[1:]):
         raise UserError(f"--data {args.data}: samples of shape {data.input_shape[1:]} do not fit the model's input "
                         f"{list(cap.example_inputs[0].shape[1:])}")
+    if args.residual_quant:
+        from mpqc.compiler.residual import quantize_residuals_for
+
+        quantize_residuals_for(q, args.profile)
     q.calibrate(make_loader(data.calib, config.eval_batch_size), method=method, max_batches=config.calib_batches)
     calibrated = accuracy(q, data.val, batch_size=config.eval_batch_size)
     try:
