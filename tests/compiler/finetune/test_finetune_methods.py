@@ -140,10 +140,12 @@ def test_pdqat_duals_are_nonnegative_shrink_violations_and_rank_the_weak_layer_f
     v0 = [violation(row, 0.01, 0.02) for row in baseline]
     print(f"\nPD-QAT violations {[round(x, 4) for x in v]} (duals frozen: {[round(x, 4) for x in v0]}), "
           f"duals {result.duals}, accuracy {result.final_accuracy:.2f}%")
-    # layer duals start at 0 (the seed's default), so epoch 1 trains on the task alone; once they are positive
-    # the violations shrink, further than training without dual ascent takes them
-    assert v[-1] < v[1] < v[0]
-    assert v[-1] < v0[-1]
+    # layer duals start at 0 (the seed's default), so epoch 1 trains on the task alone, exactly as the frozen run
+    # does (whether that raises or lowers the violation is the task's business); once the duals are positive the
+    # violations shrink below epoch 1's and stay below the frozen run's at every later step
+    assert v[1] == pytest.approx(v0[1])
+    assert v[-1] < v[1]
+    assert all(a < b for a, b in zip(v[2:], v0[2:]))
     conv2 = [row["duals"]["conv2"] for row in history]
     assert conv2 == sorted(conv2) and conv2[-1] > 0  # the violated layer's dual only grows
     ranking = rank_layers(result.duals)
