@@ -202,8 +202,8 @@ def test_compile_fine_tunes_with_the_residual_quantizers_and_exports_them(cli_fi
     import mpqc
 
     kw = dict(arch=f"{__name__}:ResNetTiny", target="generic", data=f"npz:{cli_files / 'data.npz'}",
-              avg_bits="W4A4", input_shape=(1, 3, 12, 12), sensitivity="fisher", epochs=1, samples=32, batch_size=32, progress=False,
-              device="cpu")
+              avg_bits="W4A4", input_shape=(1, 3, 12, 12), sensitivity="fisher", epochs=1, samples=32,
+              batch_size=32, progress=False, device="cpu")
     out = tmp_path / "run"
     res = mpqc.compile(str(cli_files / "tiny.pt"), out=str(out), **kw)
     state = torch.load(out / "model_q.pt", weights_only=True)["model"]
