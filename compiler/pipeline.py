@@ -104,6 +104,8 @@ class CompileOptions:
         if (isinstance(self.deploy_tail, bool) or not isinstance(self.deploy_tail, (int, float))
                 or not 0 <= self.deploy_tail < 1):
             raise UserError(f"--deploy-tail {self.deploy_tail!r} must be a fraction in [0, 1) (0 turns it off)")
+        if self.profile not in ("ort", "trt", "qcdq"):  # the residual quantizers are placed for it before export
+            raise UserError(f"--profile {self.profile!r}: use ort, trt or qcdq")
         self.fix = tuple(self.fix)
 
 

@@ -86,6 +86,7 @@ CASES = [
     ({"weight_alpha": "auto", "probe_steps": 0}, "--probe-steps"),
     ({"deploy_tail": 1.0}, "--deploy-tail"),
     ({"deploy_tail": -0.2}, "--deploy-tail"),
+    ({"profile": "tensorrt"}, "--profile"),
     ({"target": "analog", "avg_bits": None, "emac": "10", "weight_alpha": "auto", "stop_after": "search"},
      "is analog"),
     ({"weight_alpha": "auto", "candidates": "4", "stop_after": "search"}, "one candidate width"),
