@@ -200,10 +200,9 @@ class _Run:
         plan = plan if plan is not None else self.plan()
         q = prepare(copy.deepcopy(self.captured), {}, self.data, FinetuneConfig(), act_groups=plan.act_groups_mode)
         emac = apply_plan(q, plan)
-        if self.o.residual_quant:
-            from .residual import quantize_residuals_for
+        from .deploy_grid import fit_to_profile
 
-            quantize_residuals_for(q, self.o.profile)
+        fit_to_profile(q, self.o.profile, residual_quant=self.o.residual_quant)
         from .data import make_loader
 
         q.calibrate(make_loader(self.data.calib, 256))
@@ -211,6 +210,12 @@ class _Run:
             sd = torch.load(self.path("model_q.pt"), map_location="cpu", weights_only=True)
             q.load_state_dict(sd.get("model", sd), strict=False)
         return q, emac
+
+    def checkpoint(self, q) -> dict:
+        """model_q.pt: the state dict and the grid it was trained on (``mpqc export --checkpoint`` reads both)."""
+        from .deploy_grid import trained_for
+
+        return {"model": q.state_dict(), "trained_for": trained_for(self.o.profile, self.o.residual_quant)}
 
     def finetune_method(self) -> str:
         if self.o.finetune_method:
@@ -416,7 +421,7 @@ def _stage_finetune(r: _Run) -> dict:
     o = r.o
     q, emac = r.quantized(state=False)
     if o.epochs == 0:
-        atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save({"model": q.state_dict()}, tmp))
+        atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save(r.checkpoint(q), tmp))
         return {"epochs": 0}
     method = r.finetune_method()
     cfg = {"epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer, "batch_size": o.batch_size, "seed": o.seed,
@@ -430,7 +435,7 @@ def _stage_finetune(r: _Run) -> dict:
     config = FinetuneConfig(**cfg)
     _drop_stale_checkpoint(config, q)
     res = finetune(q, r.teacher, r.data, config, progress=o.progress, emac=emac or None)
-    atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save({"model": q.state_dict()}, tmp))
+    atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save(r.checkpoint(q), tmp))
     return {"epochs": o.epochs, "method": method, "final_accuracy": res.final_accuracy,
             "resumed_from": res.resumed_from, **({"deploy_tail": res.summary["deploy_tail"]}
                                                  if "deploy_tail" in res.summary else {})}
@@ -566,6 +571,9 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
     plan_in = {"sens": "sensitivity.json"}
     probe_in = {"probe": {k: getattr(o, k) for k in ("lr", "batch_size", "optimizer", "batch_stats",
                                                             "probe_steps")}}
+    from .deploy_grid import trained_for
+
+    grid = trained_for(o.profile, o.residual_quant)  # the grid fine-tuning trains on
     steps = [
         ("capture", {**common}, ["ir.json"], _stage_capture),
         ("sensitivity", {**common, "target": o.target, "method": o.sensitivity, "granularity": o.granularity,
@@ -582,12 +590,12 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
         ("finetune", {**common, "epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer,
                       "batch_size": o.batch_size, "batch_stats": o.batch_stats, "deploy_tail": o.deploy_tail,
                       "method": o.finetune_method, "_files": {"plan": "plan.json"},
-                      **({"residual_quant": o.profile} if o.residual_quant else {})}, ["model_q.pt"],
+                      "trained_for": grid}, ["model_q.pt"],
          _stage_finetune),
         ("export", {**common, "profile": o.profile, "residual_quant": o.residual_quant,
                     "_files": {"plan": "plan.json", "state": "model_q.pt"}},
          ["model.onnx", "parity.json"], _stage_export),
-        ("evaluate", {**common, "residual_quant": o.residual_quant and o.profile,
+        ("evaluate", {**common, "trained_for": grid,
                       "_files": {"plan": "plan.json", "state": "model_q.pt", "onnx": "model.onnx"}},
          ["metrics.json"], _stage_evaluate),
         ("report", {"_files": {"plan": "plan.json", "metrics": "metrics.json"}}, ["report.html"], _stage_report),

@@ -1,4 +1,4 @@
-"""Small models defined for the tests: a BERT-style encoder, a DLRM-like recommender, a digits CNN."""
+"""Small models defined for the tests: a BERT-style encoder, a DLRM-like recommender, a digits CNN, a tiny ResNet."""
 
 from __future__ import annotations
 
@@ -80,3 +80,52 @@ class TinyDLRM(nn.Module):
 
 
 from mpqc.compiler.zoo import DigitsCNN  # noqa: E402,F401  (re-exported for the tests)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNetTiny(nn.Module):
+    """A stem, an identity block (its input is read by a conv and by the add) and a downsampling block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1 = ResidualBlock(8, 8, 1)
+        self.block2 = ResidualBlock(8, 16, 2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def tiny_images(n: int, seed: int) -> torch.Tensor:
+    """Random inputs for ResNetTiny (3 x 12 x 12)."""
+    return torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
+
+
+def resnet_tiny() -> ResNetTiny:
+    """A seeded ResNetTiny in eval mode whose batch norms hold the statistics of 64 random images."""
+    torch.manual_seed(0)
+    m = ResNetTiny()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = None
+    m.train()
+    with torch.no_grad():
+        m(tiny_images(64, 1))
+    return m.eval()

@@ -45,6 +45,7 @@ import torch.fx
 from onnx.defs import OpSchema
 from torch import nn
 
+from mpqc.compiler.deploy_grid import narrow_unsigned_int8
 from mpqc.compiler.passes import packet
 from mpqc.compiler.quantize import (
     ActQuantizer,
@@ -250,13 +251,9 @@ def _deploy_graph(qm: QuantizedModel, profile: Profile, calib: Iterable | None,
                             f"({len(residual)} new quantizers) and needs calibration data; pass --data")
         _calibrate_new(gm, residual, calib)
     if profile == Profile.TRT:
-        for name, m in gm.named_modules():
-            if isinstance(m, ActQuantizer) and m.enabled and not m.signed and m.bits == 8:
-                with torch.no_grad():
-                    m.scale.mul_(255.0 / 127.0)
-                m.bits = 7
-                notes.append(f"{name}: TensorRT has no uint8; the 8-bit unsigned activation is carried as 7 bits "
-                             "(codes 0..127 in int8) over the same range")
+        for name in narrow_unsigned_int8(gm.named_modules()):  # not trained so (compiler/deploy_grid.py)
+            notes.append(f"{name}: TensorRT has no uint8; the 8-bit unsigned activation is carried as 7 bits "
+                         "(codes 0..127 in int8) over the same range (fine-tuning did not train it so)")
     if profile == Profile.ORT:
         _quantize_conv_biases(gm, notes)
     g.lint()

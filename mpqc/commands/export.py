@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="output format (default onnx)")
     p.add_argument("--profile", choices=("ort", "trt", "qcdq"),
                    help="QDQ layout: ort (onnxruntime), trt (TensorRT rules) or qcdq (Brevitas-style); "
-                        "default ort, trt with --format tensorrt")
+                        "default: the one --checkpoint was fine-tuned for, else ort (trt with --format tensorrt)")
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="calibration and held-out samples: digits, cifar10:DIR, imagefolder:DIR or npz:FILE")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .onnx file (or the engine) to write")
@@ -60,8 +60,10 @@ def _check_args(args) -> str:
     return profile
 
 
-def _load_checkpoint(qm, path: str, profile: str) -> None:
-    """Load a fine-tuned QuantizedModel state dict (raw, or inside a fine-tuning checkpoint)."""
+def _load_checkpoint(qm, path: str, profile: str, *, fixed: bool = True) -> str:
+    """Load a fine-tuned QuantizedModel state dict (raw, or inside a fine-tuning checkpoint); returns the profile
+    to export with: the one the checkpoint was trained for when it records one and ``fixed`` (the user named a
+    profile or a TensorRT engine) is off."""
     import torch
 
     try:
@@ -69,12 +71,22 @@ def _load_checkpoint(qm, path: str, profile: str) -> None:
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise UserError(f"--checkpoint {path}: not a readable state dict ({str(e).strip().splitlines()[0][:200]})") \
             from None
+    grid = obj.get("trained_for") if isinstance(obj, dict) else None
     if isinstance(obj, dict):
         obj = obj.get("model", obj.get("state_dict", obj))
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"--checkpoint {path}: does not hold a state dict of the quantized model")
     trained_rq = {k.split(".")[1] for k in obj if k.startswith("rq.")}
-    if trained_rq:  # fine-tuned with residual-add quantizers: place them the same way before loading
+    if isinstance(grid, dict):  # it says which grid it was trained on: rebuild exactly that one
+        from mpqc.compiler.deploy_grid import fit_to_profile
+
+        if grid.get("profile") != profile and not fixed and grid.get("profile") in ("ort", "trt", "qcdq"):
+            profile = grid["profile"]
+        if grid.get("profile") != profile:
+            raise UserError(f"--checkpoint {path} was fine-tuned for --profile {grid.get('profile')}; export it "
+                            f"with that profile, or fine-tune again with --profile {profile}")
+        fit_to_profile(qm, profile, residual_quant=bool(grid.get("residual_quant")))
+    elif trained_rq:  # older file, fine-tuned with residual-add quantizers: place them the same way
         from mpqc.compiler.residual import quantize_residuals_for
 
         quantize_residuals_for(qm, profile)
@@ -93,6 +105,7 @@ def _load_checkpoint(qm, path: str, profile: str) -> None:
         raise UserError(f"--checkpoint {path} does not fit this model and plan "
                         f"({str(e).strip().splitlines()[0][:200]}); was it fine-tuned with the same --plan?") \
             from None
+    return profile
 
 
 def run(args):
@@ -127,7 +140,8 @@ def run(args):
     formats = apply_plan(qm, plan)
     calib = [b[0] for b in make_loader(data.calib, 32)][:8]
     if args.checkpoint:
-        _load_checkpoint(qm, args.checkpoint, profile)
+        profile = _load_checkpoint(qm, args.checkpoint, profile,
+                                   fixed=args.profile is not None or args.format == "tensorrt")
     else:
         qm.calibrate(calib)
     exported = export_qdq(qm, profile, calib=calib, formats=formats, opset=args.opset)

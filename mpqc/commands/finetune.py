@@ -43,8 +43,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--profile", choices=("ort", "trt", "qcdq"), default="ort",
                    help="the export profile to train for: its 8-bit residual-add quantizers are trained with the "
-                        "model (ort: every add input; trt: all but the fused conv output; qcdq: none; default ort); "
-                        "pass the same --profile to `mpqc export`")
+                        "model (ort: every add input; trt: all but the fused conv output; qcdq: none; default ort), "
+                        "and for trt unsigned 8-bit activations train as the 7 bits TensorRT carries them in; "
+                        "`mpqc export --checkpoint` reads the profile from the file")
     p.add_argument("--residual-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="train the profile's residual-add quantizers (default on)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_Q.pt",
@@ -144,10 +145,9 @@ def run(args):
     if tuple(data.input_shape[1:]) != tuple(cap.example_inputs[0].shape[1:]):
         raise UserError(f"--data {args.data}: samples of shape {data.input_shape[1:]} do not fit the model's input "
                         f"{list(cap.example_inputs[0].shape[1:])}")
-    if args.residual_quant:
-        from mpqc.compiler.residual import quantize_residuals_for
+    from mpqc.compiler.deploy_grid import fit_to_profile, trained_for
 
-        quantize_residuals_for(q, args.profile)
+    fit_to_profile(q, args.profile, residual_quant=args.residual_quant)
     q.calibrate(make_loader(data.calib, config.eval_batch_size), method=method, max_batches=config.calib_batches)
     calibrated = accuracy(q, data.val, batch_size=config.eval_batch_size)
     try:
@@ -157,7 +157,8 @@ def run(args):
         raise UserError(str(e)) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 writes and reports
-    atomic_write_with(args.output, lambda tmp: torch.save(q.state_dict(), tmp))
+    atomic_write_with(args.output, lambda tmp: torch.save(
+        {"model": q.state_dict(), "trained_for": trained_for(args.profile, args.residual_quant)}, tmp))
     plan_out = None
     if result.bits or result.emac:
         plan_out = os.path.splitext(args.output)[0] + ".plan.json"

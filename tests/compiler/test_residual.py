@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from mpqc import cli
 from mpqc.compiler.capture import capture
@@ -18,53 +17,9 @@ from mpqc.compiler.passes import packet
 from mpqc.compiler.plan import uniform_plan
 from mpqc.compiler.quantize import LayerQuant, QuantizedModel, RangeMethod
 from mpqc.compiler.residual import is_quantizer, quantize_residuals_for
+from tests.models import resnet_tiny, tiny_images
 
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-class ResNetTiny(nn.Module):
-    """A stem, an identity block (its input is read by a conv and by the add) and a downsampling block."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.block1 = _Block(8, 8, 1)
-        self.block2 = _Block(8, 16, 2)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = self.block2(self.block1(self.stem(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
-
-
-def _model() -> ResNetTiny:
-    torch.manual_seed(0)
-    m = ResNetTiny()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.momentum = None
-    m.train()
-    with torch.no_grad():
-        m(_images(64, 1))
-    return m.eval()
+_images, _model = tiny_images, resnet_tiny
 
 
 def _quantized(bits: int = 4, a_bits: dict | None = None) -> QuantizedModel:
@@ -179,7 +134,7 @@ def cli_files(tmp_path_factory):
 
 
 def _export_cli(d, capsys, *extra):
-    code = cli.main(["export", str(d / "tiny.pt"), "--arch", f"{__name__}:ResNetTiny", "--plan",
+    code = cli.main(["export", str(d / "tiny.pt"), "--arch", "tests.models:ResNetTiny", "--plan",
                      str(d / "plan.json"), "--data", f"npz:{d / 'data.npz'}", "--checkpoint", str(d / "model_q.pt"),
                      "--no-speed", "--samples", "32", *extra])
     out, err = capsys.readouterr()
@@ -201,15 +156,19 @@ def test_export_cli_with_another_profile_than_fine_tuning_exits_2(cli_files, cap
 def test_compile_fine_tunes_with_the_residual_quantizers_and_exports_them(cli_files, tmp_path):
     import mpqc
 
-    kw = dict(arch=f"{__name__}:ResNetTiny", target="generic", data=f"npz:{cli_files / 'data.npz'}",
+    kw = dict(arch="tests.models:ResNetTiny", target="generic", data=f"npz:{cli_files / 'data.npz'}",
               avg_bits="W4A4", input_shape=(1, 3, 12, 12), sensitivity="fisher", epochs=1, samples=32,
               batch_size=32, progress=False, device="cpu")
     out = tmp_path / "run"
     res = mpqc.compile(str(cli_files / "tiny.pt"), out=str(out), **kw)
-    state = torch.load(out / "model_q.pt", weights_only=True)["model"]
+    saved = torch.load(out / "model_q.pt", weights_only=True)
+    assert saved["trained_for"] == {"profile": "ort", "residual_quant": True}
+    state = saved["model"]
     assert len([k for k in state if k.startswith("rq.") and k.endswith(".scale")]) == 4  # ort: every add input
     assert os.path.exists(res.paths["model.onnx"])
     off = mpqc.compile(str(cli_files / "tiny.pt"), out=str(out), residual_quant=False, **kw)
     assert "finetune" not in off.reused and "search" in off.reused
-    state = torch.load(out / "model_q.pt", weights_only=True)["model"]
+    saved = torch.load(out / "model_q.pt", weights_only=True)
+    assert saved["trained_for"] == {"profile": "ort", "residual_quant": False}
+    state = saved["model"]
     assert not any(k.startswith("rq.") for k in state)

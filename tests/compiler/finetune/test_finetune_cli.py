@@ -95,6 +95,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(files, tmp_pat
     clean = str(tmp_path / "clean.pt")
     assert _run(_args(files, *common, out=clean)) == 0
     a, b = torch.load(killed, weights_only=True), torch.load(clean, weights_only=True)
+    assert a["trained_for"] == b["trained_for"] == {"profile": "ort", "residual_quant": True}
+    a, b = a["model"], b["model"]
     assert sorted(a) == sorted(b)
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
     assert diff < 1e-4, diff
