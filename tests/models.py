@@ -129,3 +129,15 @@ def resnet_tiny() -> ResNetTiny:
     with torch.no_grad():
         m(tiny_images(64, 1))
     return m.eval()
+
+
+def write_resnet_tiny_files(folder, n: int) -> ResNetTiny:
+    """Save resnet_tiny()'s weights as tiny.pt and ``n`` random labelled uint8 images as data.npz (npz:FILE data)
+    in ``folder``, for the command-line tests; returns the model."""
+    import numpy as np
+
+    model = resnet_tiny()
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    rng = np.random.default_rng(0)
+    np.savez(folder / "data.npz", x=rng.integers(0, 256, (n, 12, 12, 3), dtype=np.uint8), y=rng.integers(0, 10, n))
+    return model

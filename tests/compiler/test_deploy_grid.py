@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,7 @@ from mpqc.compiler.export.parity import check_parity
 from mpqc.compiler.plan import uniform_plan
 from mpqc.compiler.quantize import LayerQuant, QuantizedModel, RangeMethod
 from mpqc.compiler.residual import quantize_residuals_for
-from tests.models import resnet_tiny, tiny_images
+from tests.models import resnet_tiny, tiny_images, write_resnet_tiny_files
 
 
 def _quantized(bits: int = 8) -> QuantizedModel:
@@ -86,10 +85,7 @@ def test_a_model_trained_for_trt_is_exported_as_it_was_trained():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("deploy_grid_cli")
-    model = resnet_tiny()
-    torch.save(model.state_dict(), d / "tiny.pt")
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.integers(0, 256, (96, 12, 12, 3), dtype=np.uint8), y=rng.integers(0, 10, 96))
+    model = write_resnet_tiny_files(d, 96)
     cap = capture(model, (tiny_images(1, 0),), fold_bn=True)
     uniform_plan(cap.graph, 8, 8, "generic").save(d / "plan.json")
     return d

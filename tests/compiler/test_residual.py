@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,7 @@ from mpqc.compiler.passes import packet
 from mpqc.compiler.plan import uniform_plan
 from mpqc.compiler.quantize import LayerQuant, QuantizedModel, RangeMethod
 from mpqc.compiler.residual import is_quantizer, quantize_residuals_for
-from tests.models import resnet_tiny, tiny_images
+from tests.models import resnet_tiny, tiny_images, write_resnet_tiny_files
 
 _images, _model = tiny_images, resnet_tiny
 
@@ -117,11 +116,7 @@ def test_export_finds_the_trained_quantizers_and_adds_none(profile):
 @pytest.fixture(scope="module")
 def cli_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("residual_cli")
-    model = _model()
-    torch.save(model.state_dict(), d / "tiny.pt")
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.integers(0, 256, (160, 12, 12, 3), dtype=np.uint8),
-             y=rng.integers(0, 10, 160))
+    model = write_resnet_tiny_files(d, 160)
     cap = capture(model, (_images(1, 0),), fold_bn=True)
     plan = uniform_plan(cap.graph, 4, 4, "generic")
     plan.save(d / "plan.json")
