@@ -99,7 +99,7 @@ def train_fp(data, *, epochs: int, lr: float, batch_size: int, wd: float, device
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     train_float(model, data, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=wd, seed=seed,
-                progress=progress, device=device)
+                progress=progress, device=device, channels_last=True)  # also on the CPU (bench_train_step.py)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
