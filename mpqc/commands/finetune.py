@@ -2,10 +2,10 @@
 
 The model is captured with BatchNorm folded into the convolutions (what the integer graph computes), the plan's
 quantizers are inserted and calibrated on the calibration split, then trained; the QuantizedModel's state dict
-is written atomically to -o. A checkpoint is kept after every epoch (default: OUTPUT.ckpt/); running the same
-command again after an interruption resumes from it (--no-resume starts over). With --method dxmax the bits are
-learned and with --method energy the energy per MAC: the updated plan is written next to -o as
-OUTPUT.plan.json.
+and the profile it was trained for (``{"model", "trained_for"}``) are written atomically to -o. A checkpoint is
+kept after every epoch (default: OUTPUT.ckpt/); running the same command again after an interruption resumes
+from it (--no-resume starts over). With --method dxmax the bits are learned and with --method energy the energy
+per MAC: the updated plan is written next to -o as OUTPUT.plan.json.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
     p.add_argument("--residual-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="train the profile's residual-add quantizers (default on)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_Q.pt",
-                   help="where the fine-tuned QuantizedModel state dict is written")
+                   help="where the fine-tuned QuantizedModel state dict (and its profile) is written")
 
 
 def _config(args):
