@@ -19,7 +19,7 @@ def train_float(model: torch.nn.Module, data: DataSplits, *, epochs: int = 20, l
     On a CUDA ``device`` the training split is copied there once (crops and flips run there too) and the forward
     runs under bf16 autocast in channels-last: a ResNet-20 step is otherwise bound by data handling.
     ``channels_last`` (default: on CUDA only) also applies it on the CPU, where it makes a 2-core ResNet-20 step
-    about 1.5x faster (bench/RESULTS.md) but changes the seeded results the tests were tuned on. The model is
+    about 1.2x faster (bench/RESULTS.md) but changes the seeded results the tests were tuned on. The model is
     left on ``device`` (default: where it is), in eval mode. ``progress(epoch, mean loss)`` runs after each epoch.
     """
     torch.manual_seed(seed)
@@ -29,6 +29,7 @@ def train_float(model: torch.nn.Module, data: DataSplits, *, epochs: int = 20, l
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if cuda:
         loader = TensorBatches(data.train, batch_size, shuffle=True, seed=seed, drop_last=True, device=device)
     else:  # a DataLoader keeps the sample order seeded CPU runs always had
         loader = make_loader(data.train, batch_size, shuffle=True, seed=seed, drop_last=True)
