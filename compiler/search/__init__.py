@@ -18,7 +18,6 @@ from .problem import (
     MCKProblem,
     SearchOptions,
     SearchProblem,
-    SensitivityTable,
     Solution,
     SolveStatus,
     Unit,
@@ -38,7 +37,7 @@ from .solve import minimum_budgets, run_solver, search, solve
 
 __all__ = [
     "Budget", "BudgetRow", "LearnedAllocation", "MCKProblem", "ParetoPoint", "SearchOptions", "SearchProblem",
-    "SensitivityTable", "Solution", "SolveStatus", "Unit", "budgets_from_args", "build_problem", "cluster_channels",
+    "Solution", "SolveStatus", "Unit", "budgets_from_args", "build_problem", "cluster_channels",
     "greedy_search", "learned_energy_allocation", "mac_weighted_mean", "minimum_budgets", "monotone_repair",
     "parse_avg_bits", "parse_budgets", "parse_candidates", "parse_fix", "pareto_sweep", "proxy_sensitivity",
     "read_sensitivity", "run_solver", "score_plan", "search", "solve", "solve_mckp", "write_pareto",

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    from mpqc.compiler.sensitivity.table import SensitivityTable
 
 
 class SolveStatus(str, enum.Enum):
@@ -257,191 +261,24 @@ def padded(problem: MCKProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # =========================================================================================================
 # Sensitivity tables
 # =========================================================================================================
-@dataclass
-class SensitivityTable:
-    """Scores per layer and candidate (non-negative; larger = the model suffers more at that precision).
-
-    ``w``/``a``: layer -> {bits: score}; ``w_channel``: layer -> {bits: per-output-channel scores};
-    ``e``: layer -> {energy per MAC: score} (analog); ``e_channel``: layer -> {energy: per-channel scores}.
-    """
-
-    layers: dict[str, dict]
-    method: str = "unknown"
-    model_hash: str | None = None
-    source: str = "<table>"
-
-    def w(self, layer: str) -> dict[int, float]:
-        return self.layers.get(layer, {}).get("w", {})
-
-    def a(self, layer: str) -> dict[int, float]:
-        return self.layers.get(layer, {}).get("a", {})
-
-    def w_channel(self, layer: str) -> dict[int, np.ndarray]:
-        return self.layers.get(layer, {}).get("w_channel", {})
-
-    def e(self, layer: str) -> dict[float, float]:
-        return self.layers.get(layer, {}).get("e", {})
-
-    def e_channel(self, layer: str) -> dict[float, np.ndarray]:
-        return self.layers.get(layer, {}).get("e_channel", {})
-
-    def to_dict(self) -> dict:
-        def enc(d):
-            return {str(k): (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
-
-        return {"version": 1, "method": self.method, "model_hash": self.model_hash,
-                "layers": {n: {k: enc(v) for k, v in d.items()} for n, d in self.layers.items()}}
-
-
-def _score(value, where: str) -> float:
-    from mpqc.errors import UserError
-
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{where}: score {value!r} is not a number")
-    v = float(value)
-    if not np.isfinite(v) or v < 0:
-        raise UserError(f"{where}: score {value!r} must be a finite number >= 0")
-    return v
-
-
 def read_sensitivity(source, *, monotone: bool = False) -> SensitivityTable:
-    """Read a sensitivity table: a dict, a JSON file (mpqc format), or LIMPQ's indicator pickle.
+    """The search's sensitivity table, from a path (mpqc's JSON or LIMPQ's indicator pickle), a dict in either
+    format, or a table already read.
 
-    mpqc's format: ``{"version": 1, "method", "model_hash", "layers": {name: {"w": {"8": s, ...}, "a": {...},
-    "w_channel": {"4": [s_c0, ...]}, "e": {"100.0": s}, "e_channel": {"100.0": [s_c0, ...]}}}}``. LIMPQ's
-    pickle (``{"weight": {layer: {bits: s}}, "act": {...}, "layer_name": [...]}``, names prefixed ``module.``)
-    is read with an unpickler that admits builtin containers only. With ``monotone`` the scores are repaired
-    (:func:`monotone_repair`).
+    One reader for everyone: this is :mod:`mpqc.compiler.sensitivity.table` (its checks, its one-line errors).
+    With ``monotone`` the scores are repaired (:func:`monotone_repair`).
     """
-    from mpqc.compiler.sensitivity.table import _energy_key
-    from mpqc.errors import UserError
+    from mpqc.compiler.sensitivity.table import SensitivityTable as Table
+    from mpqc.compiler.sensitivity.table import load_table, table_from_limpq
 
-    where = "<table>"
-    if not isinstance(source, dict):
-        import os
-
-        where = os.fspath(source)
-        if not os.path.isfile(where):
-            raise UserError(f"sensitivity table {where} not found; write one with `mpqc sensitivity`")
-        raw = open(where, "rb").read()
-        if not raw.strip():
-            raise UserError(f"{where}: the sensitivity table is empty")
-        if raw[:1] == b"\x80":
-            source = _read_limpq_pickle(raw, where)
-        else:
-            import json
-
-            try:
-                source = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UserError(f"{where}: not a JSON sensitivity table ({str(e).splitlines()[0]})") from None
-    if not isinstance(source, dict):
-        raise UserError(f"{where}: a sensitivity table is a JSON object, not {type(source).__name__}")
-    if "weight" in source and "act" in source and "layers" not in source:
-        source = _from_limpq(source)
-    if source.get("version", 1) != 1:
-        raise UserError(f"{where}: sensitivity table version {source.get('version')!r} is not 1; re-run "
-                        "mpqc sensitivity")
-    layers = source.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise UserError(f"{where}: 'layers' must be a non-empty object of layer name -> scores")
-    out: dict[str, dict] = {}
-    for name, entry in layers.items():
-        key = name.removeprefix("module.")
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: layers[{name!r}] must be an object with 'w' and/or 'a' scores")
-        unknown = sorted(set(entry) - {"w", "a", "w_channel", "e", "e_channel"})
-        if unknown:
-            raise UserError(f"{where}: layers[{name!r}]: unknown key {unknown[0]!r} "
-                            "(expected w, a, w_channel, e, e_channel)")
-        d: dict = {}
-        entry = {k: v for k, v in entry.items() if v is not None}  # null = not scored
-        for part in ("w", "a"):
-            if part in entry and entry[part] != {}:
-                d[part] = _bits_dict(entry[part], f"{where}: layers[{name!r}].{part}")
-        if "w_channel" in entry:
-            wc = entry["w_channel"]
-            if not isinstance(wc, dict):
-                raise UserError(f"{where}: layers[{name!r}].w_channel must map bits to lists of scores")
-            d["w_channel"] = {}
-            lengths = set()
-            for b, arr in _bits_items(wc, f"{where}: layers[{name!r}].w_channel"):
-                if not isinstance(arr, list) or not arr:
-                    raise UserError(f"{where}: layers[{name!r}].w_channel[{b}] must be a non-empty list")
-                vals = np.array([_score(v, f"{where}: layers[{name!r}].w_channel[{b}]") for v in arr])
-                d["w_channel"][b] = vals
-                lengths.add(vals.size)
-            if len(lengths) > 1:
-                raise UserError(f"{where}: layers[{name!r}].w_channel lists have different lengths {sorted(lengths)}")
-        if "e" in entry and entry["e"] != {}:
-            e = entry["e"]
-            if not isinstance(e, dict):
-                raise UserError(f"{where}: layers[{name!r}].e must map energies per MAC to scores")
-            d["e"] = {}
-            for k, v in e.items():
-                d["e"][_energy_key(k, f"{where}: layers[{name!r}].e")] = _score(v, f"{where}: layers[{name!r}].e[{k}]")
-        if "e_channel" in entry:
-            ec = entry["e_channel"]
-            if not isinstance(ec, dict) or not ec:
-                raise UserError(f"{where}: layers[{name!r}].e_channel must map energies per MAC to lists of scores")
-            d["e_channel"] = {}
-            for k, arr in ec.items():
-                ek = _energy_key(k, f"{where}: layers[{name!r}].e_channel")
-                if not isinstance(arr, list) or not arr:
-                    raise UserError(f"{where}: layers[{name!r}].e_channel[{k}] must be a non-empty list")
-                d["e_channel"][ek] = np.array([_score(v, f"{where}: layers[{name!r}].e_channel[{k}]") for v in arr])
-            if len({v.size for v in d["e_channel"].values()}) > 1:
-                raise UserError(f"{where}: layers[{name!r}].e_channel lists have different lengths")
-        out[key] = d
-    model_hash = source.get("model_hash")
-    table = SensitivityTable(out, str(source.get("method", "unknown")),
-                             None if model_hash is None else str(model_hash), where)
+    if isinstance(source, Table):
+        table = source
+    elif isinstance(source, dict):
+        limpq = "weight" in source and "act" in source and "layers" not in source
+        table = table_from_limpq(source) if limpq else Table.from_dict(source, "<table>")
+    else:
+        table = load_table(source)
     return monotone_repair(table) if monotone else table
-
-
-def _bits_items(d: dict, where: str):
-    from mpqc.errors import UserError
-
-    for k, v in d.items():
-        try:
-            b = int(k)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: key {k!r} is not a bit-width") from None
-        if not 1 <= b <= 32 or str(k).strip() not in (str(b), f"{b}.0"):
-            raise UserError(f"{where}: key {k!r} is not a bit-width 1..32")
-        yield b, v
-
-
-def _bits_dict(d, where: str) -> dict[int, float]:
-    from mpqc.errors import UserError
-
-    if not isinstance(d, dict) or not d:
-        raise UserError(f"{where} must map bit-widths (\"8\", \"4\", ...) to scores")
-    return {b: _score(v, f"{where}[{b}]") for b, v in _bits_items(d, where)}
-
-
-def _read_limpq_pickle(raw: bytes, where: str) -> dict:
-    import io
-    import pickle
-
-    from mpqc.errors import UserError
-
-    class _Builtins(pickle.Unpickler):
-        def find_class(self, module, name):  # only plain containers: nothing in the file can run code
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
-
-    try:
-        return _Builtins(io.BytesIO(raw)).load()
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise UserError(f"{where}: not a LIMPQ indicator pickle of plain dicts ({e})") from None
-
-
-def _from_limpq(d: dict) -> dict:
-    layers: dict = {}
-    for part, key in (("weight", "w"), ("act", "a")):
-        for name, scores in d[part].items():
-            layers.setdefault(name, {})[key] = scores
-    return {"version": 1, "method": "limpq", "model_hash": None, "layers": layers}
 
 
 def monotone_repair(table: SensitivityTable) -> SensitivityTable:
@@ -451,32 +288,7 @@ def monotone_repair(table: SensitivityTable) -> SensitivityTable:
     "erase wired points" (which forbids the lower width outright) is not applied: it removes a cheaper choice
     on the strength of one noisy score. Without repair (``--no-monotone``) the scores are used as given.
     """
-    out: dict[str, dict] = {}
-    for name, d in table.layers.items():
-        nd: dict = {}
-        for part in ("w", "a"):
-            if part in d:
-                run, rep = -np.inf, {}
-                for b in sorted(d[part], reverse=True):
-                    run = max(run, d[part][b])
-                    rep[b] = float(run)
-                nd[part] = rep
-        for part in ("w_channel", "e_channel"):
-            if part in d:
-                run, rep = None, {}
-                for b in sorted(d[part], reverse=True):
-                    v = d[part][b]
-                    run = v.copy() if run is None else np.maximum(run, v)
-                    rep[b] = run.copy()
-                nd[part] = rep
-        if "e" in d:
-            run, rep = -np.inf, {}
-            for e in sorted(d["e"], reverse=True):
-                run = max(run, d["e"][e])
-                rep[e] = float(run)
-            nd["e"] = rep
-        out[name] = nd
-    return SensitivityTable(out, table.method, table.model_hash, table.source)
+    return table.monotone()
 
 
 def proxy_sensitivity(graph, weights: dict[str, np.ndarray], w_bits, a_bits, *, e_grid=None, analog=None,
@@ -494,28 +306,31 @@ def proxy_sensitivity(graph, weights: dict[str, np.ndarray], w_bits, a_bits, *, 
     It ranks layers by how badly rounding hurts their weights and knows nothing of the loss: a stand-in
     until a data-driven table (``mpqc sensitivity``) is available.
     """
-    layers: dict[str, dict] = {}
+    from mpqc.compiler.sensitivity.table import LayerScores
+    from mpqc.compiler.sensitivity.table import SensitivityTable as Table
+
+    layers: dict[str, LayerScores] = {}
     signed = {}
     for g in graph.act_groups():
         for c in g.consumers:
             signed[c] = signed.get(c, False) or g.signed
     for op in graph.layers():
-        d: dict = {}
+        ls = LayerScores()
         W = weights.get(op.name)
         if W is not None and op.weight_shape:
             per_c = {b: weight_noise(W, b) for b in w_bits}
-            d["w"] = {b: float(v.sum()) for b, v in per_c.items()}
+            ls.w = {b: float(v.sum()) for b, v in per_c.items()}
             if per_channel:
-                d["w_channel"] = per_c
+                ls.w_channel = {b: v.tolist() for b, v in per_c.items()}
         if op.act_inputs:
             r = 8.0 if signed.get(op.name, True) else 4.0
-            d["a"] = {b: r * r * 4.0 ** (-b) / 12.0 for b in a_bits}
+            ls.a = {b: r * r * 4.0 ** (-b) / 12.0 for b in a_bits}
         if e_grid is not None and analog is not None:
             c = {"thermal": 144.0 * analog.sigma_t ** 2, "shot": 1.0,
                  "weight": 12.0 * analog.weight_noise ** 2}[analog.noise]
-            d["e"] = {float(e): c / float(e) for e in e_grid}
-        layers[op.name] = d
-    return SensitivityTable(layers, "proxy", None, "<data-free proxy>")
+            ls.e = {float(e): c / float(e) for e in e_grid}
+        layers[op.name] = ls
+    return Table("proxy", "", "", {}, layers, source="<data-free proxy>")
 
 
 def weight_noise(W: np.ndarray, bits: int) -> np.ndarray:
@@ -985,7 +800,7 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
                     if not es:
                         raise UserError(f"{table.source}: layer {op.name} has energy scores at {keys.tolist()}, none "
                                         f"on the target's grid {grid[0]:g}..{grid[-1]:g} ({len(grid)} points)")
-                elif op.name not in table.layers or "e" not in table.layers[op.name]:
+                else:
                     missing.append(op.name)
                 opts = [(w, ab if op.act_inputs else None, "int", e) for e in es]
             cands[op.name] = opts

@@ -28,6 +28,8 @@ import pickle
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
+
 from mpqc.errors import UserError
 
 TABLE_VERSION = 1
@@ -63,6 +65,7 @@ class LayerScores:
         unknown = set(d) - {"w", "a", "w_channel", "e", "e_channel"}
         if unknown:
             raise UserError(f"{where}: unknown keys {sorted(unknown)}; allowed: w, a, w_channel, e, e_channel")
+        d = {k: v for k, v in d.items() if v is not None}  # null = not scored
         w = _bits_map(d.get("w", {}), f"{where}.w")
         a = _bits_map(d.get("a", {}), f"{where}.a")
         wc = _per_channel_map(d.get("w_channel"), f"{where}.w_channel", _bits_key, "bits")
@@ -101,7 +104,8 @@ def _per_channel_map(raw: Any, where: str, key: Callable[[Any, str], Any], what:
         out[kk] = [_score(x, f"{where}.{k}[{i}]") for i, x in enumerate(v)]
     lengths = {len(v) for v in out.values()}
     if len(lengths) > 1:
-        raise UserError(f"{where}: the keys list different channel counts {sorted(lengths)}")
+        raise UserError(f"{where}: the lists have different lengths {sorted(lengths)} (one score per output "
+                        "channel)")
     return out
 
 
@@ -171,8 +175,31 @@ class SensitivityTable:
     layers: dict[str, LayerScores]
     act_groups: dict[str, dict] = field(default_factory=dict)  # tensor -> {"consumers": [...], "a": {b: s}}
     meta: dict = field(default_factory=dict)
+    source: str = field(default="<table>", compare=False)  # the file it came from, for error messages
 
     # -- queries -----------------------------------------------------------------------------------------
+    # The search reads one layer at a time; a layer absent from the table has no scores ({}).
+    def w(self, layer: str) -> dict[int, float]:
+        ls = self.layers.get(layer)
+        return ls.w if ls is not None else {}
+
+    def a(self, layer: str) -> dict[int, float]:
+        ls = self.layers.get(layer)
+        return ls.a if ls is not None else {}
+
+    def e(self, layer: str) -> dict[float, float]:
+        ls = self.layers.get(layer)
+        return (ls.e or {}) if ls is not None else {}
+
+    def w_channel(self, layer: str) -> dict[int, np.ndarray]:
+        """bits -> one score per output channel (arrays, for the search's vector arithmetic)."""
+        ls = self.layers.get(layer)
+        return {k: np.asarray(v, dtype=float) for k, v in ((ls.w_channel or {}) if ls else {}).items()}
+
+    def e_channel(self, layer: str) -> dict[float, np.ndarray]:
+        ls = self.layers.get(layer)
+        return {k: np.asarray(v, dtype=float) for k, v in ((ls.e_channel or {}) if ls else {}).items()}
+
     def scores(self, kind: str, bits: int) -> dict[str, float]:
         """``{layer: score}`` of the weights (``kind="w"``) or input activations (``"a"``) at ``bits``."""
         if kind not in ("w", "a"):
@@ -250,8 +277,8 @@ class SensitivityTable:
         meta = d.get("meta") or {}
         if not isinstance(opts, dict) or not isinstance(meta, dict):
             raise UserError(f"{source}: \"options\" and \"meta\" must be objects")
-        return cls(d["method"], str(d.get("model_hash", "")), str(d.get("data_hash", "")), opts, layers, groups,
-                   meta)
+        return cls(d["method"], str(d.get("model_hash") or ""), str(d.get("data_hash") or ""), opts, layers, groups,
+                   meta, source)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -306,6 +333,11 @@ def read_limpq_pickle(path: str | os.PathLike) -> SensitivityTable:
         raise UserError(f"{path} is not a readable pickle ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: a LIMPQ indicator file holds a dict, not a {type(obj).__name__}")
+    return table_from_limpq(obj, path)
+
+
+def table_from_limpq(obj: dict, path: str = "<limpq>") -> SensitivityTable:
+    """LIMPQ's indicator dict (the unpickled file, see :func:`read_limpq_pickle`) as a table."""
     missing = [k for k in ("weight", "act", "layer_name") if k not in obj]
     if missing:
         raise UserError(f"{path}: the LIMPQ indicator dict has no {', '.join(map(repr, missing))} key "
@@ -331,19 +363,21 @@ def read_limpq_pickle(path: str | os.PathLike) -> SensitivityTable:
         layers[key] = LayerScores(_bits_map(obj["weight"][n], f"{path}: weight[{n!r}]"),
                                   _bits_map(obj["act"][n], f"{path}: act[{n!r}]"))
     return SensitivityTable("limpq", "", "", {"source": os.path.basename(path)}, layers,
-                            meta={"imported_from": "limpq-pickle"})
+                            meta={"imported_from": "limpq-pickle"}, source=path)
 
 
 def load_table(path: str | os.PathLike) -> SensitivityTable:
     """Read a sensitivity table: mpqc's JSON, or LIMPQ's indicator pickle (recognised by its first byte)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"sensitivity file {path} not found")
+        raise UserError(f"sensitivity table {path} not found; write one with `mpqc sensitivity`")
     with open(path, "rb") as f:
         head = f.read(1)
+    if not head:
+        raise UserError(f"{path}: the sensitivity table is empty; write one with `mpqc sensitivity`")
     if head == b"\x80":  # pickle protocol >= 2 opcode
         return read_limpq_pickle(path)
     return SensitivityTable.load(path)
 
 
-__all__ = ["TABLE_VERSION", "LayerScores", "SensitivityTable", "load_table", "read_limpq_pickle"]
+__all__ = ["TABLE_VERSION", "LayerScores", "SensitivityTable", "load_table", "read_limpq_pickle", "table_from_limpq"]

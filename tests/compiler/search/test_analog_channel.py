@@ -113,7 +113,7 @@ def test_channel_energy_scores_are_repaired_and_checked(graph):
     t = read_sensitivity(raw, monotone=True)
     assert t.e_channel(layer)[float(keys[0])][0] >= 1e9
     raw["layers"][layer]["e_channel"][keys[0]] = [1.0]  # wrong channel count
-    with pytest.raises(UserError, match="e_channel lists have different lengths"):
+    with pytest.raises(UserError, match="e_channel: the lists have different lengths"):
         read_sensitivity(raw)
     raw["layers"][layer]["e_channel"] = {"-1": [1.0]}
     with pytest.raises(UserError, match="must be a positive energy"):

@@ -62,7 +62,7 @@ def test_json_round_trip(tmp_path):
     ('{"version": 1, "method": "analog", "layers": {"c": {"e_channel": {"1.0": 0.5}}}}', "non-empty list"),
     ('{"version": 1, "method": "analog", "layers": {"c": {"e_channel": {"x": [0.5]}}}}', "not a number"),
     ('{"version": 1, "method": "analog", "layers": {"c": {"e_channel": {"1.0": [1], "2.0": [1, 2]}}}}',
-     "different channel counts"),
+     "different lengths"),
     ('{"version": 1, "method": "analog", "layers": {"c": {"e_channel": {"1.0": [-1.0]}}}}', ">= 0"),
 ])
 def test_malformed_tables_are_one_line_user_errors(tmp_path, content, words):
@@ -109,6 +109,30 @@ def test_limpq_pickle_strips_module_prefix(tmp_path):
     unprefixed = tmp_path / "plain.pkl"
     unprefixed.write_bytes(pickle.dumps(_limpq(("layer2.0.conv1",))))
     assert list(read_limpq_pickle(unprefixed).layers) == ["layer2.0.conv1"]
+
+
+def test_the_search_reads_tables_through_this_class(tmp_path):
+    """One reader: the search's ``read_sensitivity`` returns this table for mpqc's JSON, LIMPQ's pickle and the
+    unpickled dict, with the per-layer queries the ILP asks; a layer the table lacks has no scores."""
+    from mpqc.compiler.search.problem import read_sensitivity
+
+    t = _table()
+    p = tmp_path / "sens.json"
+    t.save(p)
+    got = read_sensitivity(p)
+    assert isinstance(got, SensitivityTable) and got == t and got.source == str(p)
+    assert got.w("conv1") == {8: 0.01, 4: 0.5, 2: 3.0} and got.a("layer1.0.conv1")[4] == 0.0
+    assert got.w_channel("conv1")[2].tolist() == [1.0, 2.0]
+    assert got.e("fc")[10.0] == 0.2
+    assert got.w("absent") == {} and got.e("conv1") == {} and got.e_channel("fc") == {}
+    pk = tmp_path / "indicators.pkl"
+    pk.write_bytes(pickle.dumps(_limpq()))
+    limpq = read_sensitivity(pk, monotone=True)
+    assert limpq.layers == read_limpq_pickle(pk).monotone().layers and limpq.meta["monotone"]
+    assert read_sensitivity(_limpq()).layers == read_limpq_pickle(pk).layers
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        read_sensitivity(tmp_path / "empty.json")
 
 
 class Evil:
