@@ -41,6 +41,7 @@ def narrow_unsigned_int8(quantizers: Iterable[tuple[str, ActQuantizer]]) -> list
             with torch.no_grad():
                 m.scale.mul_(255.0 / 127.0)
             m.bits = INT8_UNSIGNED_BITS
+            m.narrowed_from = 8  # the plan's width, so a report can say what was trained at 7 bits and why
             names.append(name)
     return names
 

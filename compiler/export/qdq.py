@@ -251,6 +251,10 @@ def _deploy_graph(qm: QuantizedModel, profile: Profile, calib: Iterable | None,
                             f"({len(residual)} new quantizers) and needs calibration data; pass --data")
         _calibrate_new(gm, residual, calib)
     if profile == Profile.TRT:
+        trained = sum(getattr(m, "narrowed_from", None) == 8 for m in gm.modules())
+        if trained:
+            notes.append(f"{trained} unsigned 8-bit activations were fine-tuned as 7 bits (codes 0..127 in int8), "
+                         "the grid TensorRT runs them on")
         for name in narrow_unsigned_int8(gm.named_modules()):  # not trained so (compiler/deploy_grid.py)
             notes.append(f"{name}: TensorRT has no uint8; the 8-bit unsigned activation is carried as 7 bits "
                          "(codes 0..127 in int8) over the same range (fine-tuning did not train it so)")

@@ -68,6 +68,8 @@ def test_a_model_trained_for_trt_is_exported_as_it_was_trained():
         want = trained(x)
     exported = export_qdq(trained, "trt", calib=calib)
     assert not any("carried as 7 bits" in n or "new 8-bit quantizer" in n for n in exported.notes)
+    n7 = len(fit_to_profile(_quantized(8), "trt").narrowed)
+    assert n7 > 0 and f"{n7} unsigned 8-bit activations were fine-tuned as 7 bits" in " ".join(exported.notes)
     with torch.no_grad():
         torch.testing.assert_close(exported.reference(x), want)  # the deploy graph is the trained network
     assert check_parity(exported.model, exported.reference, x).passed
@@ -77,7 +79,8 @@ def test_a_model_trained_for_trt_is_exported_as_it_was_trained():
     quantize_residuals_for(legacy, "trt")
     legacy.calibrate(calib)
     exported = export_qdq(legacy, "trt", calib=calib)
-    assert sum("carried as 7 bits" in n for n in exported.notes) == len(fit_to_profile(_quantized(8), "trt").narrowed)
+    assert sum("carried as 7 bits" in n for n in exported.notes) == n7
+    assert not any("fine-tuned as 7 bits" in n for n in exported.notes)
     with torch.no_grad():
         assert not torch.allclose(exported.reference(x), legacy(x))
 
