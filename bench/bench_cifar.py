@@ -33,6 +33,7 @@ import argparse
 import concurrent.futures as cf
 import glob
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -304,8 +305,10 @@ def fmt_table(fp_row: dict, rows: list[dict]) -> str:
     head = ("| model | top-1 fake-quant (%) | top-1 ONNX (%) | GBitOPs | weights (KB) | QAT lr | capture s "
             "| sensitivity s | search s | finetune s | export s | compile s |")
     lines = [head, "|" + "---|" * 12]
+    t = fp_row.get("train_s")
+    trained = f"train {t:.0f} s" if isinstance(t, (int, float)) and math.isfinite(t) else "loaded (--fp-model)"
     lines.append(f"| FP32 ResNet-20 ({fp_row['params'] / 1e6:.2f} M params) | {fp_row['acc']:.2f} | - | "
-                 f"{fp_row['gbitops']:.3f} | {fp_row['kb']:.1f} | - | train {fp_row['train_s']:.0f} s | | | | | |")
+                 f"{fp_row['gbitops']:.3f} | {fp_row['kb']:.1f} | - | {trained} | | | | | |")
     for r in rows:
         if r.get("error"):
             lines.append(f"| {r['label']} | {r['error']} |" + " |" * 10)
