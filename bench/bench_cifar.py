@@ -545,7 +545,8 @@ def main(argv=None) -> int:
     if args.weight_alpha != 1.0:
         for j in jobs:
             if not j["uniform"]:
-                j["label"] = j["label"].replace(", layer)", f", layer, weight-alpha {_alpha(args.weight_alpha)})")
+                for g in (", layer)", ", kernel-wise)"):  # every mixed row uses it, so every label says so
+                    j["label"] = j["label"].replace(g, f"{g[:-1]}, weight-alpha {_alpha(args.weight_alpha)})")
                 j["weight_alpha"] = args.weight_alpha
                 if j["group"] == "mixed":
                     j["group"] = "mixed_auto" if args.weight_alpha == "auto" else "mixed_alpha"
