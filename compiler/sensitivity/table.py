@@ -176,6 +176,8 @@ class SensitivityTable:
     act_groups: dict[str, dict] = field(default_factory=dict)  # tensor -> {"consumers": [...], "a": {b: s}}
     meta: dict = field(default_factory=dict)
     source: str = field(default="<table>", compare=False)  # the file it came from, for error messages
+    # per-channel scores as arrays, built once per layer: the greedy search asks for them on every move
+    _arrays: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- queries -----------------------------------------------------------------------------------------
     # The search reads one layer at a time; a layer absent from the table has no scores ({}).
@@ -193,12 +195,19 @@ class SensitivityTable:
 
     def w_channel(self, layer: str) -> dict[int, np.ndarray]:
         """bits -> one score per output channel (arrays, for the search's vector arithmetic)."""
-        ls = self.layers.get(layer)
-        return {k: np.asarray(v, dtype=float) for k, v in ((ls.w_channel or {}) if ls else {}).items()}
+        return self._channel_arrays("w_channel", layer)
 
     def e_channel(self, layer: str) -> dict[float, np.ndarray]:
-        ls = self.layers.get(layer)
-        return {k: np.asarray(v, dtype=float) for k, v in ((ls.e_channel or {}) if ls else {}).items()}
+        return self._channel_arrays("e_channel", layer)
+
+    def _channel_arrays(self, kind: str, layer: str) -> dict:
+        """A table is not changed once read (repairs return a copy), so the arrays are converted once."""
+        key = (kind, layer)
+        if key not in self._arrays:
+            ls = self.layers.get(layer)
+            raw = (getattr(ls, kind) or {}) if ls is not None else {}
+            self._arrays[key] = {k: np.asarray(v, dtype=float) for k, v in raw.items()}
+        return self._arrays[key]
 
     def scores(self, kind: str, bits: int) -> dict[str, float]:
         """``{layer: score}`` of the weights (``kind="w"``) or input activations (``"a"``) at ``bits``."""
