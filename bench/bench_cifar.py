@@ -194,9 +194,10 @@ def make_jobs(plans, lr: float, methods, extra: bool, bitops_of, opt: str = "sgd
     if (2, 4) in plans:
         for m in methods:
             add(f"w2a4_mixed_{m}", f"W2A4 BitOPs, mpqc mixed ({m}, layer)", w=2, a=4, sensitivity=m, group="methods")
-    if (2, 2) in plans:
-        add("w2a2_mixed_channel", "W2A2 BitOPs, mpqc mixed (fisher, kernel-wise)", w=2, a=2, granularity="channel",
-            group="kernel")
+    for w, a in [(3, 3), (2, 2)]:
+        if (w, a) in plans:
+            add(f"w{w}a{a}_mixed_channel", f"W{w}A{a} BitOPs, mpqc mixed (fisher, kernel-wise)", w=w, a=a,
+                granularity="channel", group="kernel")
     return jobs
 
 
