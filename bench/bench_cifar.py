@@ -13,7 +13,11 @@ bits) ``mpqc.compile`` forced to uniform precision (every ``layer*`` fixed at Wx
 wise; kernel-wise (per-channel weight bits) and the other sensitivity methods at the W2A4 BitOPs; Uhlich et al.'s
 weight-memory target (70.1 KB = 70.1·1024 bytes, largest activation 8.1 KB) layer- and kernel-wise; (4) a markdown
 table (OUT/table.md), the raw rows (OUT/results.json, rewritten after every job) and plots of accuracy against
-BitOPs and against weight size (OUT/cifar_bitops.png, OUT/cifar_size.png).
+BitOPs and against weight size (OUT/cifar_bitops.png, OUT/cifar_size.png), and each mixed row compared with
+the uniform row of its plan image by image on the exported models (OUT/paired.md: the images only one of them
+gets right, the paired standard error of the difference and McNemar's exact p; ``--paired DIR`` adds it to a
+finished run). That error is the test set's only: ``--seed`` re-runs the compiles with other calibration samples
+and another fine-tuning order, which is what measures the training's own spread.
 
     # the GPU run (issue 9)
     python bench/bench_cifar.py --device cuda --fp-epochs 100 --qat-epochs 15 --jobs 8 --out bench_out/cifar
@@ -212,7 +216,7 @@ def run_job(job: dict, common: dict) -> dict:
               batch_size=common["batch_size"], deploy_tail=common.get("deploy_tail", 0.0),
               residual_quant=common.get("residual_quant", True),
               sensitivity=job["sensitivity"], granularity=job["granularity"], samples=common["samples"],
-              progress=False, device=common["device"], **job["budget"])
+              progress=False, device=common["device"], seed=common.get("seed", 0), **job["budget"])
     if not job["uniform"] and common.get("weight_alpha", 1.0) != 1.0:
         kw["weight_alpha"] = common["weight_alpha"]
         if kw["weight_alpha"] == "auto":
@@ -325,6 +329,84 @@ def fmt_table(fp_row: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def onnx_correct(path: str, ds, threads: int) -> np.ndarray:
+    """Whether the exported model gets each test image right (onnxruntime, as the pipeline's ONNX accuracy)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x, y = ds.tensors
+    hits = [np.argmax(sess.run(None, {name: x[i:i + 256].numpy()})[0], -1) == y[i:i + 256].numpy()
+            for i in range(0, len(x), 256)]
+    return np.concatenate(hits)
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: the chance of a split at least this uneven of the b + c images on which
+    two models disagree, if each were equally likely to be the one that is right (binomial, p = 1/2)."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def paired_rows(rows: list[dict], ds, threads: int) -> list[dict]:
+    """Each mixed row against the uniform row of its plan, image by image on the same test set (ONNX).
+
+    The two models see the same images, so the test-sampling error of their difference comes from the images on
+    which they disagree only: se = sqrt(b + c - (b - c)^2 / n) / n for b images only the mixed model gets right
+    and c only the uniform one does. Seed-to-seed variation of the training is not in it.
+    """
+    ok = [r for r in rows if not r.get("error") and r.get("out") and r.get("w") is not None
+          and os.path.isfile(os.path.join(r["out"], "model.onnx"))]
+    base = {(r["w"], r["a"]): r for r in ok if r.get("uniform")}
+    cache: dict = {}
+
+    def correct(r):
+        if r["key"] not in cache:
+            cache[r["key"]] = onnx_correct(os.path.join(r["out"], "model.onnx"), ds, threads)
+        return cache[r["key"]]
+
+    pairs = []
+    for r in ok:
+        u = base.get((r["w"], r["a"]))
+        if r.get("uniform") or u is None:
+            continue
+        m, b0 = correct(r), correct(u)
+        n, b, c = len(m), int((m & ~b0).sum()), int((~m & b0).sum())
+        pairs.append({"key": r["key"], "label": r["label"], "uniform": u["key"], "n": n,
+                      "acc_mixed": 100.0 * m.mean(), "acc_uniform": 100.0 * b0.mean(),
+                      "both": int((m & b0).sum()), "mixed_only": b, "uniform_only": c,
+                      "diff": 100.0 * (b - c) / n, "se": 100.0 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n,
+                      "p": mcnemar_p(b, c)})
+    return pairs
+
+
+def fmt_paired(pairs: list[dict]) -> str:
+    lines = ["| mixed row (ONNX) | vs | both right | mixed only | uniform only | difference (points) | paired se "
+             "| McNemar p |", "|" + "---|" * 8]
+    for q in pairs:
+        lines.append(f"| {q['label']} | {q['uniform']} | {q['both']} | {q['mixed_only']} | {q['uniform_only']} | "
+                     f"{q['diff']:+.2f} | {q['se']:.2f} | {q['p']:.2g} |")
+    return "\n".join(lines)
+
+
+def write_paired(rows: list[dict], spec: str, out: str, threads: int) -> list[dict]:
+    """The paired comparison of a run's rows, written to OUT/paired.md (and returned for results.json)."""
+    from mpqc.compiler.data import load_data
+
+    ds = load_data(spec, seed=0).val  # the test split does not depend on the seed
+    pairs = paired_rows(rows, ds, threads)
+    if pairs:
+        table = fmt_paired(pairs)
+        _write_atomic(os.path.join(out, "paired.md"), table + "\n")
+        print(table)
+    return pairs
+
+
 def plot(rows: list[dict], fp_row: dict, out: str) -> list[str]:
     """Accuracy against BitOPs and against weight size: uniform vs mpqc (PNG files)."""
     import matplotlib
@@ -403,6 +485,22 @@ def merge(dirs: list[str], out: str) -> int:
     return 0
 
 
+def paired(dirs: list[str]) -> int:
+    """Add the paired comparison to finished runs (results.json gets meta.paired, and OUT/paired.md)."""
+    for d in dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            _bad(f"--paired {d}: no results.json there (run the bench with --out {d} first)")
+        with open(path) as f:
+            run = json.load(f)
+        args = run.get("meta", {}).get("args", {})
+        data = os.path.join(args["out"], "data") if args.get("train_limit") else os.path.abspath(args["data"])
+        spec = run["meta"].get("spec") or f"cifar10:{data}"  # runs from before the spec was recorded
+        run["meta"]["paired"] = write_paired(run["rows"], spec, d, os.cpu_count() or 1)
+        _write_atomic(path, json.dumps(run, indent=1, default=str))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
@@ -438,10 +536,16 @@ def main(argv=None) -> int:
                    help="every compile: last fraction of the QAT steps on the exported form (0 = off)")
     p.add_argument("--residual-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="every compile: fine-tune with the export's 8-bit residual-add quantizers (default on)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="every compile: calibration samples, sensitivity batches and fine-tuning order")
+    p.add_argument("--paired", nargs="+", default=None, metavar="DIR",
+                   help="only add the image-by-image mixed-vs-uniform comparison (ONNX) to these finished runs")
     args = p.parse_args(argv)
     t_start = time.time()
     if args.merge:
         return merge(args.merge, args.out)
+    if args.paired:
+        return paired(args.paired)
     from mpqc.commands.search import weight_alpha_arg
 
     try:
@@ -504,10 +608,10 @@ def main(argv=None) -> int:
               "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "samples": args.samples,
               "device": args.device, "threads": threads, "weight_alpha": args.weight_alpha,
               "probe_steps": args.probe_steps, "deploy_tail": args.deploy_tail,
-              "residual_quant": args.residual_quant}
+              "residual_quant": args.residual_quant, "seed": args.seed}
     meta = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version(), "threads_per_job": threads,
-            "args": vars(args), "train": len(data.train), "test": len(data.val),
+            "args": vars(args), "spec": spec, "train": len(data.train), "test": len(data.val),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     rows: list[dict] = []
 
@@ -555,9 +659,16 @@ def main(argv=None) -> int:
         if r.get("group") == "lr-sweep" and (r["opt"], r["lr"]) == (opt, lr) and not r.get("error"):
             rows.append({**r, "key": "w2a4_uniform", "label": "W2A4 uniform (LSQ QAT)", "group": "uniform"})
             jobs = [j for j in jobs if j["key"] != "w2a4_uniform"]
+    if args.seed:
+        for j in jobs:
+            j["label"] += f" [seed {args.seed}]"
     if keep is not None:
         jobs = [j for j in jobs if j["key"] in keep]
     run_jobs(jobs, common, args.jobs, deadline, lambda r: (rows.append(r), save(r)))
+    try:
+        meta["paired"] = write_paired(rows, spec, args.out, threads * max(1, args.jobs))
+    except Exception:  # noqa: BLE001 - the table matters more than the comparison
+        traceback.print_exc()
     save()
     final = [r for r in rows if r.get("group") != "lr-sweep"]
     sweep_rows = [r for r in rows if r.get("group") == "lr-sweep"]
