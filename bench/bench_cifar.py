@@ -361,7 +361,7 @@ def paired_rows(rows: list[dict], ds, threads: int) -> list[dict]:
     and c only the uniform one does. Seed-to-seed variation of the training is not in it.
     """
     ok = [r for r in rows if not r.get("error") and r.get("out") and r.get("w") is not None
-          and os.path.isfile(os.path.join(r["out"], "model.onnx"))]
+          and r.get("group") != "lr-sweep" and os.path.isfile(os.path.join(r["out"], "model.onnx"))]
     base = {(r["w"], r["a"]): r for r in ok if r.get("uniform")}
     cache: dict = {}
 
