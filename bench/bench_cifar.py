@@ -329,20 +329,6 @@ def fmt_table(fp_row: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def onnx_correct(path: str, ds, threads: int) -> np.ndarray:
-    """Whether the exported model gets each test image right (onnxruntime, as the pipeline's ONNX accuracy)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    x, y = ds.tensors
-    hits = [np.argmax(sess.run(None, {name: x[i:i + 256].numpy()})[0], -1) == y[i:i + 256].numpy()
-            for i in range(0, len(x), 256)]
-    return np.concatenate(hits)
-
-
 def mcnemar_p(b: int, c: int) -> float:
     """Exact two-sided McNemar p-value: the chance of a split at least this uneven of the b + c images on which
     two models disagree, if each were equally likely to be the one that is right (binomial, p = 1/2)."""
@@ -363,11 +349,13 @@ def paired_rows(rows: list[dict], ds, threads: int) -> list[dict]:
     ok = [r for r in rows if not r.get("error") and r.get("out") and r.get("w") is not None
           and r.get("group") != "lr-sweep" and os.path.isfile(os.path.join(r["out"], "model.onnx"))]
     base = {(r["w"], r["a"]): r for r in ok if r.get("uniform")}
+    from mpqc.compiler.pipeline import ort_hits
+
     cache: dict = {}
 
     def correct(r):
         if r["key"] not in cache:
-            cache[r["key"]] = onnx_correct(os.path.join(r["out"], "model.onnx"), ds, threads)
+            cache[r["key"]] = ort_hits(os.path.join(r["out"], "model.onnx"), ds, threads)
         return cache[r["key"]]
 
     pairs = []

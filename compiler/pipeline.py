@@ -473,20 +473,28 @@ def _stage_export(r: _Run) -> dict:
     return {"parity": report.summary() if hasattr(report, "summary") else None}
 
 
-def _ort_accuracy(path: str, ds) -> float:
+def ort_hits(path: str, ds, threads: int | None = None):
+    """Whether the exported ONNX model at ``path`` gets each sample of ``ds`` right (onnxruntime CPU, bool array).
+
+    Per sample, so that two exports can be compared image by image (bench_cifar's paired table); ``threads``
+    defaults to torch's thread count, not every core.
+    """
     import numpy as np
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch was given, not every core
+    so.intra_op_num_threads = threads or torch.get_num_threads()
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     x, y = ds.tensors
-    correct = 0
-    for i in range(0, len(x), 256):
-        out = sess.run(None, {name: x[i:i + 256].numpy()})[0]
-        correct += int((np.argmax(out, -1) == y[i:i + 256].numpy()).sum())
-    return 100.0 * correct / max(1, len(x))
+    hits = [np.argmax(sess.run(None, {name: x[i:i + 256].numpy()})[0], -1) == y[i:i + 256].numpy()
+            for i in range(0, len(x), 256)]
+    return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
+
+
+def _ort_accuracy(path: str, ds) -> float:
+    hits = ort_hits(path, ds)
+    return 100.0 * int(hits.sum()) / max(1, len(hits))
 
 
 def _stage_evaluate(r: _Run) -> dict:

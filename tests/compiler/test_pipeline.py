@@ -51,6 +51,18 @@ def test_bitserial_w3a4_keeps_accuracy_and_onnx_matches(demo):
     assert len(widths) > 1
 
 
+def test_ort_hits_marks_each_sample_and_reproduces_the_reported_onnx_accuracy(demo):
+    from mpqc.compiler.data import load_data
+    from mpqc.compiler.pipeline import ort_hits
+
+    out, summary = demo
+    val = load_data("digits", seed=0).val  # the demo's data and seed
+    hits = ort_hits(str(out / "bitserial" / "model.onnx"), val, threads=1)
+    assert hits.dtype == bool and hits.shape == (len(val),)
+    assert 0 < hits.sum() < len(val)  # a per-sample answer, not all right or all wrong
+    assert 100.0 * hits.mean() == pytest.approx(summary["runs"]["bitserial"]["accuracy"]["exported ONNX (onnxruntime)"])
+
+
 def test_analog_emac_100_respects_the_energy_budget(demo):
     out, summary = demo
     plan = json.loads((out / "analog" / "plan.json").read_text())
