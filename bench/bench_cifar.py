@@ -442,15 +442,27 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def merge(dirs: list[str], out: str) -> int:
-    """One table and one pair of plots from several runs on the same FP model (e.g. a weight-alpha variant)."""
+def _load_runs(dirs: list[str], option: str) -> list[dict]:
+    """Every run's results.json, all checked before any work: a bad one is a one-line error (exit 2)."""
     runs = []
     for d in dirs:
         path = os.path.join(d, "results.json")
         if not os.path.isfile(path):
-            _bad(f"--merge {d}: no results.json there (run the bench with --out {d} first)")
-        with open(path) as f:
-            runs.append(json.load(f))
+            _bad(f"{option} {d}: no results.json there (run the bench with --out {d} first)")
+        try:
+            with open(path) as f:
+                run = json.load(f)
+        except ValueError as e:
+            _bad(f"{option} {d}: results.json is not valid JSON ({e}); re-run the bench with --out {d}")
+        if not isinstance(run, dict) or not isinstance(run.get("rows"), list) or "fp" not in run:
+            _bad(f"{option} {d}: results.json has no 'fp' row and 'rows' list; it is not this bench's output")
+        runs.append(run)
+    return runs
+
+
+def merge(dirs: list[str], out: str) -> int:
+    """One table and one pair of plots from several runs on the same FP model (e.g. a weight-alpha variant)."""
+    runs = _load_runs(dirs, "--merge")
     fp_row = runs[0]["fp"]
     rows = []
     for run in runs:
@@ -475,17 +487,19 @@ def merge(dirs: list[str], out: str) -> int:
 
 def paired(dirs: list[str]) -> int:
     """Add the paired comparison to finished runs (results.json gets meta.paired, and OUT/paired.md)."""
-    for d in dirs:
-        path = os.path.join(d, "results.json")
-        if not os.path.isfile(path):
-            _bad(f"--paired {d}: no results.json there (run the bench with --out {d} first)")
-        with open(path) as f:
-            run = json.load(f)
-        args = run.get("meta", {}).get("args", {})
-        data = os.path.join(args["out"], "data") if args.get("train_limit") else os.path.abspath(args["data"])
-        spec = run["meta"].get("spec") or f"cifar10:{data}"  # runs from before the spec was recorded
-        run["meta"]["paired"] = write_paired(run["rows"], spec, d, os.cpu_count() or 1)
-        _write_atomic(path, json.dumps(run, indent=1, default=str))
+    for d, run in zip(dirs, _load_runs(dirs, "--paired")):
+        meta = run.setdefault("meta", {})
+        args = meta.get("args", {})
+        spec = meta.get("spec")
+        if not spec:  # runs from before the spec was recorded
+            if "data" not in args:
+                _bad(f"--paired {d}: results.json does not say which data the run used; re-run the bench")
+            data = os.path.join(args["out"], "data") if args.get("train_limit") else os.path.abspath(args["data"])
+            spec = f"cifar10:{data}"
+        meta["paired"] = write_paired(run["rows"], spec, d, os.cpu_count() or 1)
+        if not meta["paired"]:
+            print(f"{d}: no mixed row with a uniform row of the same plan and both exports present", file=sys.stderr)
+        _write_atomic(os.path.join(d, "results.json"), json.dumps(run, indent=1, default=str))
     return 0
 
 
@@ -540,6 +554,8 @@ def main(argv=None) -> int:
         args.weight_alpha = weight_alpha_arg(args.weight_alpha)
     except argparse.ArgumentTypeError as e:
         _bad(f"--weight-alpha {e} (1 = the search's default)")
+    if args.seed < 0:
+        _bad(f"--seed {args.seed} must be >= 0")
     if args.probe_steps < 1:
         _bad(f"--probe-steps {args.probe_steps} must be >= 1")
     if not 0 <= args.deploy_tail < 1:
