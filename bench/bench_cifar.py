@@ -16,8 +16,9 @@ table (OUT/table.md), the raw rows (OUT/results.json, rewritten after every job)
 BitOPs and against weight size (OUT/cifar_bitops.png, OUT/cifar_size.png), and each mixed row compared with
 the uniform row of its plan image by image on the exported models (OUT/paired.md: the images only one of them
 gets right, the paired standard error of the difference and McNemar's exact p; ``--paired DIR`` adds it to a
-finished run). That error is the test set's only: ``--seed`` re-runs the compiles with other calibration samples
-and another fine-tuning order, which is what measures the training's own spread.
+finished run, or to a ``--merge`` of runs on the same data: a mixed row of one run against the uniform row of
+the same plan and seed in another). That error is the test set's only: ``--seed`` re-runs the compiles with
+other calibration samples and another fine-tuning order, which is what measures the training's own spread.
 
     # the GPU run (issue 9)
     python bench/bench_cifar.py --device cuda --fp-epochs 100 --qat-epochs 15 --jobs 8 --out bench_out/cifar
@@ -348,24 +349,25 @@ def paired_rows(rows: list[dict], ds, threads: int) -> list[dict]:
     """
     ok = [r for r in rows if not r.get("error") and r.get("out") and r.get("w") is not None
           and r.get("group") != "lr-sweep" and os.path.isfile(os.path.join(r["out"], "model.onnx"))]
-    base = {(r["w"], r["a"]): r for r in ok if r.get("uniform")}
+    base = {(r["w"], r["a"], r.get("seed", 0)): r for r in ok if r.get("uniform")}
     from mpqc.compiler.pipeline import ort_hits
 
     cache: dict = {}
 
     def correct(r):
-        if r["key"] not in cache:
-            cache[r["key"]] = ort_hits(os.path.join(r["out"], "model.onnx"), ds, threads)
-        return cache[r["key"]]
+        if r["out"] not in cache:  # by directory: merged runs repeat keys
+            cache[r["out"]] = ort_hits(os.path.join(r["out"], "model.onnx"), ds, threads)
+        return cache[r["out"]]
 
     pairs = []
     for r in ok:
-        u = base.get((r["w"], r["a"]))
+        u = base.get((r["w"], r["a"], r.get("seed", 0)))
         if r.get("uniform") or u is None:
             continue
         m, b0 = correct(r), correct(u)
         n, b, c = len(m), int((m & ~b0).sum()), int((~m & b0).sum())
-        pairs.append({"key": r["key"], "label": r["label"], "uniform": u["key"], "n": n,
+        vs = u["key"] + (f" [seed {u['seed']}]" if u.get("seed") else "")
+        pairs.append({"key": r["key"], "label": r["label"], "uniform": vs, "n": n,
                       "acc_mixed": 100.0 * m.mean(), "acc_uniform": 100.0 * b0.mean(),
                       "both": int((m & b0).sum()), "mixed_only": b, "uniform_only": c,
                       "diff": 100.0 * (b - c) / n, "se": 100.0 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n,
@@ -460,14 +462,31 @@ def _load_runs(dirs: list[str], option: str) -> list[dict]:
     return runs
 
 
+def _run_spec(run: dict, d: str, option: str) -> str:
+    """The data spec a run's compiles used (recorded since session 11; rebuilt from its arguments before)."""
+    meta = run.get("meta", {})
+    if meta.get("spec"):
+        return meta["spec"]
+    args = meta.get("args", {})
+    if "data" not in args:
+        _bad(f"{option} {d}: results.json does not say which data the run used; re-run the bench")
+    data = os.path.join(args["out"], "data") if args.get("train_limit") else os.path.abspath(args["data"])
+    return f"cifar10:{data}"
+
+
 def merge(dirs: list[str], out: str) -> int:
     """One table and one pair of plots from several runs on the same FP model (e.g. a weight-alpha variant)."""
     runs = _load_runs(dirs, "--merge")
     fp_row = runs[0]["fp"]
+    specs = {_run_spec(run, d, "--merge") for d, run in zip(dirs, runs)}
+    if len(specs) > 1:
+        _bad(f"--merge: the runs used different data ({', '.join(sorted(specs))}); merge runs on one data set only")
     rows = []
     for run in runs:
         alpha = run.get("meta", {}).get("args", {}).get("weight_alpha", 1.0)
+        seed = run.get("meta", {}).get("args", {}).get("seed") or 0
         for r in run["rows"]:
+            r = {"seed": seed, **r}  # paired comparisons match a mixed row with the uniform row of its seed
             if r.get("group") == "lr-sweep":
                 continue
             if alpha != 1.0 and r.get("group") == "mixed":  # a run from before the group was set at launch
@@ -479,7 +498,8 @@ def merge(dirs: list[str], out: str) -> int:
     table = fmt_table(fp_row, rows)
     _write_atomic(os.path.join(out, "table.md"), table + "\n")
     _write_atomic(os.path.join(out, "results.json"),
-                  json.dumps({"meta": {"merged": dirs}, "fp": fp_row, "rows": rows}, indent=1, default=str))
+                  json.dumps({"meta": {"merged": dirs, "spec": specs.pop()}, "fp": fp_row, "rows": rows}, indent=1,
+                             default=str))
     plot(rows, fp_row, out)
     print(table)
     return 0
@@ -489,13 +509,7 @@ def paired(dirs: list[str]) -> int:
     """Add the paired comparison to finished runs (results.json gets meta.paired, and OUT/paired.md)."""
     for d, run in zip(dirs, _load_runs(dirs, "--paired")):
         meta = run.setdefault("meta", {})
-        args = meta.get("args", {})
-        spec = meta.get("spec")
-        if not spec:  # runs from before the spec was recorded
-            if "data" not in args:
-                _bad(f"--paired {d}: results.json does not say which data the run used; re-run the bench")
-            data = os.path.join(args["out"], "data") if args.get("train_limit") else os.path.abspath(args["data"])
-            spec = f"cifar10:{data}"
+        spec = _run_spec(run, d, "--paired")
         meta["paired"] = write_paired(run["rows"], spec, d, os.cpu_count() or 1)
         if not meta["paired"]:
             print(f"{d}: no mixed row with a uniform row of the same plan and both exports present", file=sys.stderr)
@@ -663,8 +677,9 @@ def main(argv=None) -> int:
         if r.get("group") == "lr-sweep" and (r["opt"], r["lr"]) == (opt, lr) and not r.get("error"):
             rows.append({**r, "key": "w2a4_uniform", "label": "W2A4 uniform (LSQ QAT)", "group": "uniform"})
             jobs = [j for j in jobs if j["key"] != "w2a4_uniform"]
-    if args.seed:
-        for j in jobs:
+    for j in jobs:
+        j["seed"] = args.seed
+        if args.seed:
             j["label"] += f" [seed {args.seed}]"
     if keep is not None:
         jobs = [j for j in jobs if j["key"] in keep]
