@@ -1,0 +1,107 @@
+"""bench_cifar's statistics and run bookkeeping: the paired comparison, McNemar's test and --merge.
+
+The bench itself needs CIFAR-10 and hours; these check the pieces that turn its runs into the numbers quoted in
+bench/RESULTS.md, on tiny ONNX classifiers run by the real onnxruntime.
+"""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from scipy.stats import binomtest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_cifar", os.path.join(ROOT, "bench", "bench_cifar.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _linear_onnx(path: str, w: np.ndarray) -> None:
+    """A classifier x -> x @ w, enough for onnxruntime to give per-sample answers."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w.shape[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w.shape[1]])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "lin", [x], [y],
+                              [numpy_helper.from_array(w.astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+@pytest.mark.parametrize("b,c", [(0, 0), (5, 5), (0, 7), (602, 473), (604, 459), (317, 262), (13, 2)])
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test(bench, b, c):
+    want = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
+    assert bench.mcnemar_p(b, c) == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_paired_rows_match_each_mixed_row_with_the_uniform_row_of_its_plan_and_seed(bench, tmp_path):
+    g = np.random.default_rng(0)
+    x = torch.from_numpy(g.standard_normal((300, 6)).astype(np.float32))
+    w_true = g.standard_normal((6, 4))
+    y = torch.from_numpy((x.numpy() @ w_true).argmax(1))
+    ds = torch.utils.data.TensorDataset(x, y)
+    weights = {"u0": w_true + 0.8 * g.standard_normal((6, 4)), "m0": w_true + 0.3 * g.standard_normal((6, 4)),
+               "u1": w_true + 1.0 * g.standard_normal((6, 4)), "m1": w_true + 0.5 * g.standard_normal((6, 4))}
+    hits = {}
+    for name, w in weights.items():
+        os.makedirs(tmp_path / name)
+        _linear_onnx(str(tmp_path / name / "model.onnx"), w)
+        hits[name] = (x.numpy() @ w).argmax(1) == y.numpy()
+    # a merge of a seed-0 run and a seed-1 run: the two mixed rows share a key, the uniform rows too
+    def row(key, uniform, w, seed, out):
+        return {"key": key, "label": key, "uniform": uniform, "w": w, "a": w, "seed": seed, "out": str(tmp_path / out)}
+
+    rows = [row("w2a2_uniform", True, 2, 0, "u0"), row("w2a2_mixed", False, 2, 0, "m0"),
+            row("w2a2_uniform", True, 2, 1, "u1"), row("w2a2_mixed", False, 2, 1, "m1"),
+            row("w3a3_mixed", False, 3, 0, "m0")]  # no W3A3 baseline: not paired
+    pairs = bench.paired_rows(rows, ds, threads=1)
+    assert [q["uniform"] for q in pairs] == ["w2a2_uniform", "w2a2_uniform [seed 1]"]
+    for q, (m, u) in zip(pairs, [("m0", "u0"), ("m1", "u1")]):
+        hm, hu = hits[m], hits[u]
+        b, c = int((hm & ~hu).sum()), int((~hm & hu).sum())
+        assert (q["both"], q["mixed_only"], q["uniform_only"]) == (int((hm & hu).sum()), b, c)
+        assert q["diff"] == pytest.approx(100.0 * (hm.mean() - hu.mean()))
+        assert q["acc_mixed"] == pytest.approx(100.0 * hm.mean())
+        assert q["se"] == pytest.approx(100.0 * np.sqrt(b + c - (b - c) ** 2 / 300) / 300)
+    assert pairs[0]["diff"] != pairs[1]["diff"]  # the seed-1 pair was not served the seed-0 models' answers
+
+
+FP = {"acc": 90.0, "params": 269722, "gbitops": 41.5, "kb": 1053.6}
+
+
+def _run(d, spec, seed, rows):
+    os.makedirs(d)
+    with open(os.path.join(d, "results.json"), "w") as f:
+        json.dump({"meta": {"spec": spec, "args": {"seed": seed}}, "fp": FP, "rows": rows}, f)
+
+
+def test_merge_keeps_the_data_spec_and_each_rows_seed(bench, tmp_path):
+    row = {"key": "w2a2_uniform", "label": "u", "uniform": True, "w": 2, "a": 2, "group": "uniform",
+           "acc_fq": 80.0, "acc_onnx": 80.0, "bitops": 1e8, "size": 1e4, "lr": 0.02,
+           "times": dict.fromkeys(bench.STAGES, 1.0)}
+    _run(tmp_path / "s0", "cifar10:/d", 0, [row])
+    _run(tmp_path / "s1", "cifar10:/d", 1, [row])
+    assert bench.merge([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "m")) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["meta"]["spec"] == "cifar10:/d"
+    assert [r["seed"] for r in merged["rows"]] == [0, 1]
+
+
+def test_merge_of_runs_on_different_data_is_a_one_line_error(bench, tmp_path, capsys):
+    _run(tmp_path / "a", "cifar10:/a", 0, [])
+    _run(tmp_path / "b", "cifar10:/b", 0, [])
+    with pytest.raises(SystemExit) as e:
+        bench.merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "m"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "different data" in err and "\n" not in err
+    assert not (tmp_path / "m").exists()
