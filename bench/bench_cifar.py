@@ -645,7 +645,8 @@ def main(argv=None) -> int:
     opt, lr = settings[0]
     if len(settings) > 1 and (2, 4) in plans:  # the optimizer / lr sweep on uniform W2A4
         sweep = [{**make_jobs([(2, 4)], v, [], False, lambda w, a: 0.0, o)[1], "key": f"w2a4_uniform_{o}{v:g}",
-                  "label": f"W2A4 uniform (LSQ QAT), {o} lr {v:g}", "group": "lr-sweep"} for o, v in settings]
+                  "label": f"W2A4 uniform (LSQ QAT), {o} lr {v:g}", "group": "lr-sweep", "seed": args.seed}
+                 for o, v in settings]  # the seed goes with the row: the chosen one is the W2A4 pairs' baseline
         swept = run_jobs(sweep, common, args.jobs, deadline, lambda r: (rows.append(r), save(r)))
         good = [r for r in swept if r.get("acc_fq") is not None]
         if good:
