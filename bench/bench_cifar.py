@@ -340,19 +340,20 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail / 2 ** n)
 
 
-def paired_rows(rows: list[dict], ds, threads: int) -> list[dict]:
+def paired_rows(rows: list[dict], ds, threads: int, hits: dict | None = None) -> list[dict]:
     """Each mixed row against the uniform row of its plan, image by image on the same test set (ONNX).
 
     The two models see the same images, so the test-sampling error of their difference comes from the images on
     which they disagree only: se = sqrt(b + c - (b - c)^2 / n) / n for b images only the mixed model gets right
-    and c only the uniform one does. Seed-to-seed variation of the training is not in it.
+    and c only the uniform one does. Seed-to-seed variation of the training is not in it. ``hits`` (directory ->
+    per-image right/wrong) is filled for ``seed_means``.
     """
     ok = [r for r in rows if not r.get("error") and r.get("out") and r.get("w") is not None
           and r.get("group") != "lr-sweep" and os.path.isfile(os.path.join(r["out"], "model.onnx"))]
     base = {(r["w"], r["a"], r.get("seed", 0)): r for r in ok if r.get("uniform")}
     from mpqc.compiler.pipeline import ort_hits
 
-    cache: dict = {}
+    cache: dict = {} if hits is None else hits
 
     def correct(r):
         if r["out"] not in cache:  # by directory: merged runs repeat keys
@@ -367,7 +368,9 @@ def paired_rows(rows: list[dict], ds, threads: int) -> list[dict]:
         m, b0 = correct(r), correct(u)
         n, b, c = len(m), int((m & ~b0).sum()), int((~m & b0).sum())
         vs = u["key"] + (f" [seed {u['seed']}]" if u.get("seed") else "")
-        pairs.append({"key": r["key"], "label": r["label"], "uniform": vs, "n": n,
+        fq = (r["acc_fq"] - u["acc_fq"]) if r.get("acc_fq") is not None and u.get("acc_fq") is not None else None
+        pairs.append({"key": r["key"], "label": r["label"], "uniform": vs, "n": n, "seed": r.get("seed", 0),
+                      "mixed_out": r["out"], "uniform_out": u["out"], "fq_diff": fq,
                       "acc_mixed": 100.0 * m.mean(), "acc_uniform": 100.0 * b0.mean(),
                       "both": int((m & b0).sum()), "mixed_only": b, "uniform_only": c,
                       "diff": 100.0 * (b - c) / n, "se": 100.0 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n,
@@ -375,12 +378,44 @@ def paired_rows(rows: list[dict], ds, threads: int) -> list[dict]:
     return pairs
 
 
-def fmt_paired(pairs: list[dict]) -> str:
+def seed_means(pairs: list[dict], hits: dict) -> list[dict]:
+    """The gain of each mixed plan averaged over the seeds it was run with (plans run with two seeds or more).
+
+    Two spreads, because they answer different questions: ``se_images`` is the test-sampling error of the mean
+    gain with the trained models held fixed (per image, the seed-averaged difference of right answers), and
+    ``sd_seeds`` is how much the gain moves from one training seed to the next.
+    """
+    groups: dict = {}
+    for q in pairs:
+        groups.setdefault(q["label"], {})[q["seed"]] = q
+    out = []
+    for label, by_seed in groups.items():
+        if len(by_seed) < 2:
+            continue
+        qs = [by_seed[s] for s in sorted(by_seed)]
+        d = np.mean([hits[q["mixed_out"]].astype(np.float64) - hits[q["uniform_out"]] for q in qs], axis=0)
+        diffs = [q["diff"] for q in qs]
+        fqs = [q["fq_diff"] for q in qs]
+        out.append({"label": label, "seeds": sorted(by_seed), "diff": float(np.mean(diffs)),
+                    "se_images": 100.0 * float(d.std()) / math.sqrt(len(d)),
+                    "sd_seeds": float(np.std(diffs, ddof=1)),
+                    "fq_diff": None if None in fqs else float(np.mean(fqs))})
+    return out
+
+
+def fmt_paired(pairs: list[dict], means: list[dict] = ()) -> str:
     lines = ["| mixed row (ONNX) | vs | both right | mixed only | uniform only | difference (points) | paired se "
              "| McNemar p |", "|" + "---|" * 8]
     for q in pairs:
         lines.append(f"| {q['label']} | {q['uniform']} | {q['both']} | {q['mixed_only']} | {q['uniform_only']} | "
                      f"{q['diff']:+.2f} | {q['se']:.2f} | {q['p']:.2g} |")
+    if means:
+        lines += ["", "| mixed plan, mean over seeds | seeds | difference ONNX (points) | image se | seed sd "
+                  "| difference fake-quant (points) |", "|" + "---|" * 6]
+        for q in means:
+            fq = "" if q["fq_diff"] is None else f"{q['fq_diff']:+.2f}"
+            lines.append(f"| {q['label']} | {', '.join(map(str, q['seeds']))} | {q['diff']:+.2f} | "
+                         f"{q['se_images']:.2f} | {q['sd_seeds']:.2f} | {fq} |")
     return "\n".join(lines)
 
 
@@ -389,9 +424,10 @@ def write_paired(rows: list[dict], spec: str, out: str, threads: int) -> list[di
     from mpqc.compiler.data import load_data
 
     ds = load_data(spec, seed=0).val  # the test split does not depend on the seed
-    pairs = paired_rows(rows, ds, threads)
+    hits: dict = {}
+    pairs = paired_rows(rows, ds, threads, hits)
     if pairs:
-        table = fmt_paired(pairs)
+        table = fmt_paired(pairs, seed_means(pairs, hits))
         _write_atomic(os.path.join(out, "paired.md"), table + "\n")
         print(table)
     return pairs

@@ -75,6 +75,37 @@ def test_paired_rows_match_each_mixed_row_with_the_uniform_row_of_its_plan_and_s
     assert pairs[0]["diff"] != pairs[1]["diff"]  # the seed-1 pair was not served the seed-0 models' answers
 
 
+def test_seed_means_average_each_plans_gain_over_its_seeds(bench, tmp_path):
+    g = np.random.default_rng(1)
+    x = torch.from_numpy(g.standard_normal((400, 5)).astype(np.float32))
+    w_true = g.standard_normal((5, 3))
+    y = torch.from_numpy((x.numpy() @ w_true).argmax(1))
+    ds = torch.utils.data.TensorDataset(x, y)
+    hits, rows = {}, []
+    for seed in range(3):
+        for name, noise, uniform in [("u", 1.0, True), ("m", 0.4, False), ("lone", 0.6, False)]:
+            if name == "lone" and seed:
+                continue  # a plan run on one seed only gets no mean
+            w = w_true + noise * g.standard_normal((5, 3))
+            d = tmp_path / f"{name}{seed}"
+            os.makedirs(d)
+            _linear_onnx(str(d / "model.onnx"), w)
+            hits[name, seed] = (x.numpy() @ w).argmax(1) == y.numpy()
+            rows.append({"key": "w2a2_uniform" if uniform else f"w2a2_{name}", "label": name, "uniform": uniform,
+                         "w": 2, "a": 2, "seed": seed, "out": str(d), "acc_fq": 80.0 + seed + (0 if uniform else 1.5)})
+    found: dict = {}
+    pairs = bench.paired_rows(rows, ds, threads=1, hits=found)
+    means = bench.seed_means(pairs, found)
+    assert [q["label"] for q in means] == ["m"] and means[0]["seeds"] == [0, 1, 2]
+    gains = [100.0 * (hits["m", s].mean() - hits["u", s].mean()) for s in range(3)]
+    assert means[0]["diff"] == pytest.approx(np.mean(gains))
+    assert means[0]["sd_seeds"] == pytest.approx(np.std(gains, ddof=1))
+    d = np.mean([hits["m", s].astype(float) - hits["u", s] for s in range(3)], axis=0)
+    assert means[0]["se_images"] == pytest.approx(100.0 * d.std() / np.sqrt(400))
+    assert means[0]["fq_diff"] == pytest.approx(1.5)
+    assert "mean over seeds" in bench.fmt_paired(pairs, means)
+
+
 FP = {"acc": 90.0, "params": 269722, "gbitops": 41.5, "kb": 1053.6}
 
 
