@@ -42,6 +42,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -371,6 +372,7 @@ def paired_rows(rows: list[dict], ds, threads: int, hits: dict | None = None) ->
         fq = (r["acc_fq"] - u["acc_fq"]) if r.get("acc_fq") is not None and u.get("acc_fq") is not None else None
         pairs.append({"key": r["key"], "label": r["label"], "uniform": vs, "n": n, "seed": r.get("seed", 0),
                       "mixed_out": r["out"], "uniform_out": u["out"], "fq_diff": fq,
+                      "plan": [r["key"], r.get("sensitivity"), r.get("granularity"), r.get("weight_alpha")],
                       "acc_mixed": 100.0 * m.mean(), "acc_uniform": 100.0 * b0.mean(),
                       "both": int((m & b0).sum()), "mixed_only": b, "uniform_only": c,
                       "diff": 100.0 * (b - c) / n, "se": 100.0 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n,
@@ -386,16 +388,17 @@ def seed_means(pairs: list[dict], hits: dict) -> list[dict]:
     ``sd_seeds`` is how much the gain moves from one training seed to the next.
     """
     groups: dict = {}
-    for q in pairs:
-        groups.setdefault(q["label"], {})[q["seed"]] = q
+    for q in pairs:  # the same plan settings; labels differ by their "[seed N]" and by the bench's version
+        groups.setdefault(json.dumps(q["plan"]), {})[q["seed"]] = q
     out = []
-    for label, by_seed in groups.items():
+    for by_seed in groups.values():
         if len(by_seed) < 2:
             continue
         qs = [by_seed[s] for s in sorted(by_seed)]
         d = np.mean([hits[q["mixed_out"]].astype(np.float64) - hits[q["uniform_out"]] for q in qs], axis=0)
         diffs = [q["diff"] for q in qs]
         fqs = [q["fq_diff"] for q in qs]
+        label = re.sub(r" \[seed \d+\]$", "", qs[0]["label"])
         out.append({"label": label, "seeds": sorted(by_seed), "diff": float(np.mean(diffs)),
                     "se_images": 100.0 * float(d.std()) / math.sqrt(len(d)),
                     "sd_seeds": float(np.std(diffs, ddof=1)),

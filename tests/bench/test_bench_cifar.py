@@ -91,8 +91,11 @@ def test_seed_means_average_each_plans_gain_over_its_seeds(bench, tmp_path):
             os.makedirs(d)
             _linear_onnx(str(d / "model.onnx"), w)
             hits[name, seed] = (x.numpy() @ w).argmax(1) == y.numpy()
-            rows.append({"key": "w2a2_uniform" if uniform else f"w2a2_{name}", "label": name, "uniform": uniform,
-                         "w": 2, "a": 2, "seed": seed, "out": str(d), "acc_fq": 80.0 + seed + (0 if uniform else 1.5)})
+            label = name + (f" [seed {seed}]" if seed else "")  # as the bench labels a --seed N run's rows
+            # "lone" is the same row key at another weight-alpha: a different plan, not pooled with "m"
+            rows.append({"key": "w2a2_uniform" if uniform else "w2a2_mixed", "label": label, "uniform": uniform,
+                         "w": 2, "a": 2, "seed": seed, "out": str(d), "acc_fq": 80.0 + seed + (0 if uniform else 1.5),
+                         "weight_alpha": 0.03 if name == "lone" else 0.4})
     found: dict = {}
     pairs = bench.paired_rows(rows, ds, threads=1, hits=found)
     means = bench.seed_means(pairs, found)
