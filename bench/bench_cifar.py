@@ -18,7 +18,8 @@ the uniform row of its plan image by image on the exported models (OUT/paired.md
 gets right, the paired standard error of the difference and McNemar's exact p; ``--paired DIR`` adds it to a
 finished run, or to a ``--merge`` of runs on the same data: a mixed row of one run against the uniform row of
 the same plan and seed in another). That error is the test set's only: ``--seed`` re-runs the compiles with
-other calibration samples and another fine-tuning order, which is what measures the training's own spread.
+other calibration samples and another fine-tuning order, which is what measures the training's own spread; a
+plan found at two seeds or more also gets a mean-over-seeds row (mean gain, its test-image se, the seed sd).
 
     # the GPU run (issue 9)
     python bench/bench_cifar.py --device cuda --fp-epochs 100 --qat-epochs 15 --jobs 8 --out bench_out/cifar
