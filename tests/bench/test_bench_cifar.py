@@ -37,6 +37,15 @@ def _linear_onnx(path: str, w: np.ndarray) -> None:
     onnx.save(model, path)
 
 
+def _toy_task(seed: int, n: int, d: int, k: int):
+    """n random inputs labelled by a random linear map: noisy copies of the map are classifiers of known quality."""
+    g = np.random.default_rng(seed)
+    x = torch.from_numpy(g.standard_normal((n, d)).astype(np.float32))
+    w_true = g.standard_normal((d, k))
+    y = torch.from_numpy((x.numpy() @ w_true).argmax(1))
+    return g, x, y, w_true, torch.utils.data.TensorDataset(x, y)
+
+
 @pytest.mark.parametrize("b,c", [(0, 0), (5, 5), (0, 7), (602, 473), (604, 459), (317, 262), (13, 2)])
 def test_mcnemar_p_is_the_exact_two_sided_binomial_test(bench, b, c):
     want = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
@@ -44,11 +53,7 @@ def test_mcnemar_p_is_the_exact_two_sided_binomial_test(bench, b, c):
 
 
 def test_paired_rows_match_each_mixed_row_with_the_uniform_row_of_its_plan_and_seed(bench, tmp_path):
-    g = np.random.default_rng(0)
-    x = torch.from_numpy(g.standard_normal((300, 6)).astype(np.float32))
-    w_true = g.standard_normal((6, 4))
-    y = torch.from_numpy((x.numpy() @ w_true).argmax(1))
-    ds = torch.utils.data.TensorDataset(x, y)
+    g, x, y, w_true, ds = _toy_task(0, 300, 6, 4)
     weights = {"u0": w_true + 0.8 * g.standard_normal((6, 4)), "m0": w_true + 0.3 * g.standard_normal((6, 4)),
                "u1": w_true + 1.0 * g.standard_normal((6, 4)), "m1": w_true + 0.5 * g.standard_normal((6, 4))}
     hits = {}
@@ -76,11 +81,7 @@ def test_paired_rows_match_each_mixed_row_with_the_uniform_row_of_its_plan_and_s
 
 
 def test_seed_means_average_each_plans_gain_over_its_seeds(bench, tmp_path):
-    g = np.random.default_rng(1)
-    x = torch.from_numpy(g.standard_normal((400, 5)).astype(np.float32))
-    w_true = g.standard_normal((5, 3))
-    y = torch.from_numpy((x.numpy() @ w_true).argmax(1))
-    ds = torch.utils.data.TensorDataset(x, y)
+    g, x, y, w_true, ds = _toy_task(1, 400, 5, 3)
     hits, rows = {}, []
     for seed in range(3):
         for name, noise, uniform in [("u", 1.0, True), ("m", 0.4, False), ("lone", 0.6, False)]:
