@@ -10,7 +10,8 @@ them at once in separate processes (a ResNet-20 step is launch-bound, one proces
 priority order, none started after ``--deadline`` seconds: per uniform baseline WxAy (first conv and fc fixed at 8
 bits) ``mpqc.compile`` forced to uniform precision (every ``layer*`` fixed at WxAy, candidates {x, y}) and
 ``mpqc.compile`` mixed with the uniform row's BitOPs as budget (every layer free, candidates 2..8), fisher layer-
-wise; kernel-wise (per-channel weight bits) and the other sensitivity methods at the W2A4 BitOPs; Uhlich et al.'s
+wise (``--sensitivity`` scores every such row by another method); kernel-wise (per-channel weight bits) and the
+other sensitivity methods at the W2A4 BitOPs; Uhlich et al.'s
 weight-memory target (70.1 KB = 70.1·1024 bytes, largest activation 8.1 KB) layer- and kernel-wise; (4) a markdown
 table (OUT/table.md), the raw rows (OUT/results.json, rewritten after every job) and plots of accuracy against
 BitOPs and against weight size (OUT/cifar_bitops.png, OUT/cifar_size.png), and each mixed row compared with
@@ -206,6 +207,18 @@ def make_jobs(plans, lr: float, methods, extra: bool, bitops_of, opt: str = "sgd
             add(f"w{w}a{a}_mixed_channel", f"W{w}A{a} BitOPs, mpqc mixed (fisher, kernel-wise)", w=w, a=a,
                 granularity="channel", group="kernel")
     return jobs
+
+
+def with_method(jobs: list[dict], method: str) -> list[dict]:
+    """The jobs with every default-method (fisher) mixed row scored by ``method`` instead, its label saying so.
+
+    Rows that already name another method (the W2A4 method comparison) and the uniform rows keep theirs."""
+    out = []
+    for j in jobs:
+        if not j["uniform"] and j["sensitivity"] == "fisher" and method != "fisher":
+            j = {**j, "sensitivity": method, "label": j["label"].replace("(fisher,", f"({method},")}
+        out.append(j)
+    return out
 
 
 def run_job(job: dict, common: dict) -> dict:
@@ -578,6 +591,8 @@ def main(argv=None) -> int:
     p.add_argument("--plans", default="w2a4,w3a3,w2a2,w4a4,w8a8")
     p.add_argument("--methods", default="hutchinson,impq,eval,limpq",
                    help="other sensitivity methods compared at the W2A4 BitOPs")
+    p.add_argument("--sensitivity", default=None, metavar="METHOD",
+                   help="mixed rows that use fisher (the default) use this method instead, e.g. hutchinson or impq")
     p.add_argument("--rows", default=None, help="only these job keys (e.g. w2a4_uniform,w2a4_mixed)")
     p.add_argument("--no-extra", action="store_true", help="uniform and fisher layer-wise mixed rows only")
     p.add_argument("--target", default="generic")
@@ -610,6 +625,10 @@ def main(argv=None) -> int:
         _bad(f"--weight-alpha {e} (1 = the search's default)")
     if args.seed < 0:
         _bad(f"--seed {args.seed} must be >= 0")
+    from mpqc.compiler.sensitivity import METHODS
+
+    if args.sensitivity is not None and args.sensitivity not in METHODS:
+        _bad(f"--sensitivity {args.sensitivity!r} is not a method; use one of {', '.join(sorted(METHODS))}")
     if args.probe_steps < 1:
         _bad(f"--probe-steps {args.probe_steps} must be >= 1")
     if not 0 <= args.deploy_tail < 1:
@@ -714,6 +733,8 @@ def main(argv=None) -> int:
                 j["weight_alpha"] = args.weight_alpha
                 if j["group"] == "mixed":
                     j["group"] = "mixed_auto" if args.weight_alpha == "auto" else "mixed_alpha"
+    if args.sensitivity:
+        jobs = with_method(jobs, args.sensitivity)
     for r in list(rows):  # the sweep's run at the chosen setting is the uniform W2A4 row
         if r.get("group") == "lr-sweep" and (r["opt"], r["lr"]) == (opt, lr) and not r.get("error"):
             rows.append({**r, "key": "w2a4_uniform", "label": "W2A4 uniform (LSQ QAT)", "group": "uniform"})

@@ -140,3 +140,24 @@ def test_merge_of_runs_on_different_data_is_a_one_line_error(bench, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert "different data" in err and "\n" not in err
     assert not (tmp_path / "m").exists()
+
+
+def test_with_method_rescores_only_the_default_mixed_rows(bench):
+    jobs = bench.make_jobs([(3, 3), (2, 4)], 0.02, ["impq"], True, lambda w, a: 1e8 * w * a)
+    out = bench.with_method(jobs, "hutchinson")
+    by_key = {j["key"]: j for j in out}
+    assert by_key["w3a3_mixed_channel"]["sensitivity"] == "hutchinson"
+    assert "(hutchinson, kernel-wise)" in by_key["w3a3_mixed_channel"]["label"]
+    assert by_key["w3a3_uniform"]["sensitivity"] == "fisher"  # uniform rows search nothing
+    assert by_key["w2a4_mixed_impq"]["sensitivity"] == "impq"  # the method comparison keeps its own method
+    assert [j["key"] for j in out] == [j["key"] for j in jobs]
+    assert jobs[0]["sensitivity"] == "fisher"  # the input is not modified
+
+
+def test_an_unknown_sensitivity_method_is_a_one_line_error(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--sensitivity", "nope", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--sensitivity 'nope'" in err and "hutchinson" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
