@@ -92,3 +92,55 @@ def test_quadratic_form_matches_the_exact_second_order_term():
         d = weight_delta(qm, name, b)
         exact = float((x @ d.T).pow(2).sum(1).mean())  # ΔᵀHΔ = E‖Δx‖² for H = I ⊗ E[x xᵀ]
         assert abs(table.layers[name].w[b] - exact) / exact < 0.05, (b, table.layers[name].w[b], exact)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_weights_and_activations_get_separate_probes(split):
+    """y = Wx with a large residual: ∂²L/∂W∂x holds the residual, so a v shared by W and x buries Tr(WᵀW)."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(32, 8, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(8, 32, generator=g) * 0.1)
+    x = torch.randn(128, 32, generator=g)
+    t = torch.randn(128, 8, generator=g) * 20
+    table = run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t),
+                            {"candidates": (4,), "samples": len(x), "batch_size": 64, "probes": 16,
+                             "min_probes": 16, "isolate_probes": 0, "split": split}, loss_fn=half_squared_error)
+    a_true = float(model.weight.detach().pow(2).sum())
+    act = next(k for k in table.meta["traces"] if k != next(iter(table.layers)))
+    err = abs(table.meta["traces"][act] - a_true) / a_true
+    assert (err < 0.1) == split, (split, table.meta["traces"][act], a_true)
+
+
+def _confident_mlp():
+    """A wide first layer and a confident classifier: the last layer's trace, Σ(1 − ‖p‖²)‖h‖²/N, is tiny
+    beside the cross terms a shared probe picks up from the first layer's 8,192 weights."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(128, 64, generator=g) * 0.05)
+        model[2].weight.copy_(torch.randn(4, 128, generator=g) * 2.0)
+    x = torch.randn(256, 64, generator=g) * 2
+    with torch.no_grad():
+        p, h = model(x).softmax(-1), torch.relu(model[0](x))
+    exact = float(((1 - p.pow(2).sum(1)) * h.pow(2).sum(1)).mean())
+    return model, x, model(x).argmax(1).detach(), exact
+
+
+@pytest.mark.parametrize("isolate", [32, 0])
+def test_a_trace_the_shared_probes_leave_unresolved_gets_probes_of_its_own(isolate):
+    model, x, t, exact = _confident_mlp()
+    table = run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t),
+                            {"candidates": (4,), "samples": len(x), "batch_size": 64, "probes": 16,
+                             "min_probes": 16, "isolate_probes": isolate})
+    last = list(table.layers)[-1]
+    got = table.meta["traces"][last]
+    if isolate:
+        assert last in table.meta["isolated"]
+        assert abs(got - exact) / exact < 0.1, (got, exact)
+        assert table.layers[last].w[4] > 0  # not free for the search
+    else:  # what the shared probes alone give: the reason for the second pass
+        assert table.meta["isolated"] == {}
+        assert abs(got - exact) / exact > 0.5, (got, exact)
+    first = list(table.layers)[0]
+    assert first not in table.meta["isolated"]  # resolved traces keep the shared estimate
