@@ -776,6 +776,7 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     cands: dict[str, list[tuple]] = {}
     missing: list[str] = []
     dropped: dict[str, set] = {}
+    flat: list[str] = []
     digital_layers: set[str] = set()
     if analog:
         for pat in target.analog.digital_layers:
@@ -838,6 +839,9 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
                 missing.append(op.name)
                 continue
             sw, sa = table.w(op.name), table.a(op.name)
+            for kind, sc, free in (("weights", sw, w_free), ("inputs", sa, a_free)):
+                if free and len(sc) > 1 and max(sc.values()) <= 0:
+                    flat.append(f"{op.name} {kind}")
             keep = [o for o in opts if (not w_free or o[0] is None or o[0] in sw)
                     and (not a_free or o[1] is None or o[1] in sa)]
             if len(keep) < len(opts):
@@ -866,6 +870,11 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{table.source}: no scores for searchable layer(s) {', '.join(missing[:3])}{more}; re-run "
                         "mpqc sensitivity on this model, or fix them with --fix NAME=BITS")
+    if flat:  # a zero at every width makes the cheapest one free: usually an estimator that did not resolve
+        warnings.append(f"{table.source}: zero score at every candidate for {', '.join(flat[:3])}"
+                        + (f" and {len(flat) - 3} more" if len(flat) > 3 else "")
+                        + "; the search will give them the cheapest precision. Check the sensitivity table "
+                          "(more samples or probes), or fix them with --fix NAME=BITS")
     if dropped:
         some = ", ".join(f"{k} ({', '.join(sorted(v))})" for k, v in list(dropped.items())[:3])
         warnings.append(f"candidates without a score in the sensitivity table were dropped: {some}"

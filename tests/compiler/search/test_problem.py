@@ -1,11 +1,16 @@
-"""compiler/search/problem.py: the one check of --weight-alpha, shared by compile, search and SearchOptions."""
+"""compiler/search/problem.py: the one check of --weight-alpha (shared by compile, search and SearchOptions), and
+the warnings a sensitivity table can raise."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from mpqc.compiler.search.problem import parse_weight_alpha
+from mpqc.compiler.search.budgets import parse_budgets
+from mpqc.compiler.search.problem import build_problem, parse_weight_alpha, read_sensitivity
 from mpqc.errors import UserError
+from mpqc.targets import load_target
+from tests.compiler.search.helpers import branchy_graph, synthetic_table
 
 
 @pytest.mark.parametrize("value,expected", [("0.02", 0.02), (0, 0.0), (1, 1.0), (" AUTO ", "auto"), ("auto", "auto")])
@@ -24,3 +29,16 @@ def test_auto_is_refused_where_nothing_can_measure_it():
     with pytest.raises(UserError, match="mpqc compile"):
         parse_weight_alpha("auto", allow_auto=False)
     assert parse_weight_alpha(0.5, allow_auto=False) == 0.5
+
+
+def test_a_layer_scored_zero_at_every_width_is_named_in_a_warning():
+    """A zero everywhere makes the cheapest width free: the search must say so, not pass it on silently."""
+    graph = branchy_graph()
+    raw = synthetic_table(graph, (8, 4, 2), np.random.default_rng(0))
+    target = load_target("generic")
+    sp = build_problem(graph, target, parse_budgets(avg_bits="W4A4"), read_sensitivity(raw))
+    assert not any("zero score" in w for w in sp.warnings)
+    raw["layers"]["fc"]["a"] = {b: 0.0 for b in raw["layers"]["fc"]["a"]}
+    sp = build_problem(graph, target, parse_budgets(avg_bits="W4A4"), read_sensitivity(raw))
+    flat = [w for w in sp.warnings if "zero score" in w]
+    assert len(flat) == 1 and "fc inputs" in flat[0] and "conv_b" not in flat[0]
