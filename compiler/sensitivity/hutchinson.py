@@ -6,7 +6,7 @@ one v over all weights and one over all activation perturbations: the cross term
 expectation, so two Hessian-vector products estimate every block's trace (PyHessian shares one v over all
 weights). The weights and the activations get separate products (``split``, default) because their mixed
 second derivatives are not positive semi-definite (for y = Wx, ∂²L/∂W∂x holds ∂L/∂y itself) and swamped the
-activations' small traces: on the CIFAR-10 ResNet-20 seven of 19 activation traces came out negative with
+activations' small traces: on the CIFAR-10 ResNet-20 seven of 20 activation traces came out negative with
 one shared v, none with two. Probe k reads batch k mod (number of batches), so the data are cycled.
 
 Stopping: after ``min_probes``, when every group's standard error is below ``tol`` times its mean (groups whose
