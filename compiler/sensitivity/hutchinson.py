@@ -84,6 +84,8 @@ def run(ctx: Context) -> RawScores:
     probes, min_probes, tol = int(ctx.params["probes"]), int(ctx.params["min_probes"]), float(ctx.params["tol"])
     if probes < 1 or min_probes < 1 or not tol > 0:
         raise UserError("hutchinson: probes and min_probes must be >= 1 and tol > 0")
+    if int(ctx.params["isolate_probes"]) < 0:
+        raise UserError("hutchinson: isolate_probes must be >= 0 (0 turns the isolated pass off)")
     if ctx.params["form"] not in ("trace", "quadratic"):
         raise UserError(f"hutchinson: form must be trace or quadratic, not {ctx.params['form']!r}")
     if ctx.params["form"] == "quadratic":

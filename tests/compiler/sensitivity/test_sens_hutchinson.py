@@ -77,6 +77,8 @@ def test_bad_options_are_user_errors():
         run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t), {"probe": 3})
     with pytest.raises(UserError, match="tol"):
         run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t), {"tol": 0})
+    with pytest.raises(UserError, match="isolate_probes must be >= 0"):
+        run_sensitivity("hutchinson", capture(model, (x[:2],)), (x, t), {"isolate_probes": -1})
 
 
 def test_quadratic_form_matches_the_exact_second_order_term():
@@ -120,6 +122,8 @@ def _confident_mlp():
     with torch.no_grad():
         model[0].weight.copy_(torch.randn(128, 64, generator=g) * 0.05)
         model[2].weight.copy_(torch.randn(4, 128, generator=g) * 2.0)
+        model[0].bias.zero_()  # nothing from the global RNG: the test must not depend on what ran before it
+        model[2].bias.zero_()
     x = torch.randn(256, 64, generator=g) * 2
     with torch.no_grad():
         p, h = model(x).softmax(-1), torch.relu(model[0](x))
