@@ -81,6 +81,38 @@ def load_model(spec: str, *, arch: str | None = None, weights: str | None = None
     return LoadedModel(set_eval(module), example, source)
 
 
+def fit_to_data(loaded: LoadedModel, data, spec: str, *, shape_given: bool = False, classifier: bool = True) -> None:
+    """Give ``loaded`` example inputs of the data's sample shape and run it once on real samples.
+
+    A data set that does not fit the model otherwise fails much later, inside capture's shape guards or
+    calibration, as a traceback; here it is one line naming both shapes. Without an explicit
+    ``--input-shape`` (``shape_given``) the data decides the shape, as a user who passes ``--data`` expects;
+    with one, a mismatch is the user's to resolve. ``classifier``: the model must return [batch, classes] logits
+    covering the data's labels (every method that scores a loss needs that).
+    """
+    shape = list(data.input_shape[1:])
+    model_shape = loaded.input_shape[1:]
+    if model_shape != shape:
+        if shape_given:
+            raise UserError(f"--data {spec}: samples of shape {shape} do not fit --input-shape "
+                            f"{','.join(map(str, loaded.input_shape))}; pass a matching --input-shape or other data")
+        loaded.example_inputs = (torch.zeros(1, *shape),)
+    x = data.val.tensors[0][:2]
+    try:
+        with torch.no_grad():
+            out = loaded.module(x)
+    except Exception as e:  # noqa: BLE001 - whatever the model raises, the cause is the data's shape or dtype
+        raise UserError(f"the data set {spec} does not fit the model's input {model_shape} (samples of shape "
+                        f"{shape}: {_short(e)}); use data like the model was trained on") from None
+    if not classifier:
+        return
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UserError("mpqc scores and evaluates classifiers: the model must return [batch, classes] logits")
+    if out.shape[1] < data.num_classes:
+        raise UserError(f"--data {spec} has {data.num_classes} classes but the model outputs {out.shape[1]}; "
+                        "use matching data or model")
+
+
 def set_eval(module: torch.nn.Module) -> torch.nn.Module:
     """Put a model in inference mode; an unlifted torch.export module has no train/eval switch and stays as is."""
     try:

@@ -136,7 +136,7 @@ class _Run:
 
         from .capture import capture
         from .data import load_data
-        from .loading import load_model
+        from .loading import fit_to_data, load_model
 
         self.o = o
         self.out = o.out
@@ -148,12 +148,9 @@ class _Run:
         self.loaded = load_model(o.model, arch=o.arch, weights=o.weights, trust_pickle=o.trust_pickle,
                                  input_shape=o.input_shape)
         self.data = load_data(o.data, seed=o.seed)
-        in_shape = list(self.data.input_shape[1:])
-        if list(self.loaded.input_shape[1:]) != in_shape and o.input_shape is None:
-            self.loaded.example_inputs = (torch.zeros(1, *in_shape),)
+        fit_to_data(self.loaded, self.data, o.data, shape_given=o.input_shape is not None)
         self.teacher = self.loaded.module
         self.device = resolve_device(o.device)
-        self._check_data()
         self.captured = capture(copy.deepcopy(self.loaded.module), self.loaded.example_inputs, fold_bn=True)
         self.manifest = Manifest.load(o.out)
 
@@ -167,20 +164,6 @@ class _Run:
         if self.target.kind == "analog" and not any(b.kind == "emac" for b in budgets):
             raise UserError(f"target {self.target.name} is analog: give the energy budget --emac E")
         return budgets
-
-    def _check_data(self) -> None:
-        x, y = self.data.val.tensors
-        try:
-            with torch.no_grad():
-                logits = self.teacher(x[:2])
-        except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit the model
-            raise UserError(f"the data set {self.o.data} does not fit the model's input "
-                            f"(samples of shape {list(x.shape[1:])}): {str(e).splitlines()[0][:150]}") from None
-        if logits.dim() != 2:
-            raise UserError("mpqc compile evaluates classifiers: the model must return [batch, classes] logits")
-        if logits.shape[1] < self.data.num_classes:
-            raise UserError(f"the data set has {self.data.num_classes} classes but the model outputs "
-                            f"{logits.shape[1]}; use matching data or model")
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)

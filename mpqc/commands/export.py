@@ -119,7 +119,7 @@ def run(args):
         speed_report,
     )
     from mpqc.compiler.export.qdq import apply_plan
-    from mpqc.compiler.loading import load_model
+    from mpqc.compiler.loading import fit_to_data, load_model
     from mpqc.compiler.plan import Plan
     from mpqc.compiler.quantize import QuantizedModel
 
@@ -132,9 +132,7 @@ def run(args):
     data = load_data(args.data)
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape or tuple(data.input_shape))
-    if tuple(loaded.example_inputs[0].shape[1:]) != tuple(data.input_shape[1:]):
-        raise UserError(f"--data {args.data}: samples of shape {data.input_shape[1:]} do not fit the model's input "
-                        f"{list(loaded.example_inputs[0].shape[1:])}; pass a matching --input-shape")
+    fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None, classifier=False)
     cap = capture(loaded.module, loaded.example_inputs, fold_bn=True)
     qm = QuantizedModel(cap, act_groups=plan.act_groups_mode)
     formats = apply_plan(qm, plan)

@@ -122,7 +122,7 @@ def run(args):
     from mpqc.compiler.capture import capture
     from mpqc.compiler.data import load_data, make_loader
     from mpqc.compiler.finetune import accuracy, apply_plan, finetune
-    from mpqc.compiler.loading import load_model
+    from mpqc.compiler.loading import fit_to_data, load_model
     from mpqc.compiler.plan import Plan
     from mpqc.compiler.quantize import QuantizedModel, RangeMethod
 
@@ -132,6 +132,7 @@ def run(args):
     data = load_data(args.data)
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape)
+    fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None)
     teacher = loaded.module
     cap = capture(teacher, loaded.example_inputs, fold_bn=True)
     method = RangeMethod(config.range_init.value)
@@ -142,9 +143,6 @@ def run(args):
         raise UserError(f"--plan {args.plan}: {e.args[0]}; was it made for this model?") from None
     except ValueError as e:
         raise UserError(f"--plan {args.plan}: {e}") from None
-    if tuple(data.input_shape[1:]) != tuple(cap.example_inputs[0].shape[1:]):
-        raise UserError(f"--data {args.data}: samples of shape {data.input_shape[1:]} do not fit the model's input "
-                        f"{list(cap.example_inputs[0].shape[1:])}")
     from mpqc.compiler.deploy_grid import fit_to_profile, trained_for
 
     fit_to_profile(q, args.profile, residual_quant=args.residual_quant)

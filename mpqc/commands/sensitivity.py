@@ -121,7 +121,7 @@ def print_table(table, candidates: tuple[int, ...]) -> None:
 def run(args):
     from mpqc.compiler.capture import capture
     from mpqc.compiler.data import load_data
-    from mpqc.compiler.loading import load_model
+    from mpqc.compiler.loading import fit_to_data, load_model
     from mpqc.compiler.sensitivity import SensitivityCache, SensitivityOptions, run_sensitivity
 
     candidates = parse_candidates(args.candidates)
@@ -134,6 +134,7 @@ def run(args):
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape)
     data = load_data(args.data)
+    fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None)
     captured = capture(loaded.module, loaded.example_inputs, fold_bn=True)
     cache = None if args.no_cache else SensitivityCache(args.cache_dir)
     with _Progress() as progress:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,8 @@ def files(tmp_path_factory):
     other.save(d / "other_plan.json")
     (d / "bad.toml").write_text("epochs = = 3\n")
     (d / "unknown.toml").write_text("epoch = 3\n")
+    rng = np.random.default_rng(0)
+    np.savez(d / "rgb.npz", x=rng.random((40, 3, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 40))
     return d
 
 
@@ -57,9 +60,11 @@ def _run(argv) -> int:
     (["--config", "unknown.toml"], "unknown config key 'epoch'"),
     (["--config", "missing.toml"], "cannot read it"),
     (["--plan", "other_plan.json"], "model does not have"),
+    (["--data", "rgb.npz"], "does not fit the model's input [1, 8, 8] (samples of shape [3, 8, 8]"),
 ], ids=lambda v: v if isinstance(v, str) else "_".join(v)[:30])
 def test_bad_input_exits_2_with_one_line(files, capsys, extra, message):
-    extra = [str(files / e) if e.endswith((".toml", "_plan.json")) else e for e in extra]
+    extra = [str(files / e) if e.endswith((".toml", "_plan.json")) else f"npz:{files / e}" if e.endswith(".npz")
+             else e for e in extra]
     assert _run(_args(files, *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err

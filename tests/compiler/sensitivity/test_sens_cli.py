@@ -12,7 +12,7 @@ import torch
 from mpqc.cli import main
 from mpqc.commands.sensitivity import METHOD_NAMES
 from mpqc.compiler.sensitivity import METHODS, SensitivityTable
-from mpqc.compiler.zoo import digits_cnn
+from mpqc.compiler.zoo import digits_cnn, resnet20
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,26 @@ def test_bad_model_and_data_exit_2(state_dict, tmp_path, capsys):
     assert main(["sensitivity", state_dict, "--arch", "mpqc.compiler.zoo:digits_cnn", "--data", "mnist",
                  "-o", str(tmp_path / "x")]) == 2
     assert "unknown data set" in capsys.readouterr().err
+
+
+def test_data_that_does_not_fit_the_model_is_one_line_before_any_work(tmp_path, capsys):
+    """A 3-channel CIFAR model scored on 1-channel digits once died in capture's shape guard with a traceback."""
+    torch.manual_seed(0)
+    model = tmp_path / "r20.pt"
+    torch.save(resnet20().state_dict(), model)
+    out = tmp_path / "x.json"
+    assert main(["sensitivity", str(model), "--arch", "mpqc.compiler.zoo:resnet20", "--data", "digits",
+                 "-o", str(out), "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "does not fit the model's input [3, 32, 32]" in err and "[1, 8, 8]" in err, err
+    assert not out.exists()
+
+    # an explicit --input-shape that disagrees with the data names both
+    assert main(["sensitivity", str(model), "--arch", "mpqc.compiler.zoo:resnet20", "--data", "digits",
+                 "--input-shape", "1,3,32,32", "-o", str(out), "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--input-shape 1,3,32,32" in err and "[1, 8, 8]" in err, err
 
 
 def test_unknown_method_is_an_argparse_error_in_a_subprocess(state_dict, tmp_path):
