@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# The issue-9 GPU run of 2026-11-23 as it was launched on the device machine (one H100), in the background, after the CIFAR-10
-# shards were copied to DATA one per call (the transfer limit). Everything runs from a copy of the repo in RUN/src
-# (the working tree is laid anew on each call) and writes to RUN; RUN/progress.log says what is running.
+# The issue-9 GPU run, launched on the device machine (one H100) in the background once the CIFAR-10 shards are in
+# DATA (copied there one per call: the transfer limit). Everything runs from a copy of the repo in RUN/src (the
+# working tree is laid anew on each call) and writes to RUN; RUN/progress.log says what is running.
 #
 #   setsid nohup bash bench/gpu_run.sh $HOME/cifar10 $HOME/run > $HOME/run.log 2>&1 &
 #
-# Budget: the device time of one session (30 min, start and transfers included), so compiles start no later than
-# --deadline seconds after the ResNet-20 bench starts, and the analog and PD-QAT benches run beside it.
+# Budget: the device time of one session (30 min, start and transfers included), so no compile starts later than
+# --deadline seconds after its bench starts, and the goal rows come first:
+#   - float ResNet-20 (100 epochs), then W2A4 and W3A3: uniform, fisher kernel-wise and layer-wise at the
+#     probe-measured weight-alpha 0.151 (sessions 5, 11-13);
+#   - once the float model exists, W2A2 uniform and kernel-wise at weight-alpha 0.4 (sessions 12-13: at W2A2 the only
+#     bits to spend are conv1's, and weight bits are the better buy there);
+#   - the analog and PD-QAT benches beside them.
+# QAT: SGD lr 0.02 cosine, the setting the CPU rows use since fine-tuning keeps batch statistics (renorm.py); the
+# 2026-11-23 run swept 0.01..0.001 on the BN-folded graph (this script at f72e24a).
+# More seeds for the paired means: a second run with SEED=1 (its own RUN) and CIFAR_ROWS / W2A2_ROWS trimmed.
 set -u
 DATA=$1
 RUN=$2
@@ -22,12 +30,20 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
     > "$RUN/versions.txt" 2>&1
 echo "start $(date -u +%T)" >> "$RUN/progress.log"
 
-python3 bench/bench_cifar.py --device cuda --data "$DATA" --fp-epochs 100 --qat-epochs 15 --jobs 8 \
-    --qat-lrs 0.01,0.005,0.002,0.001 --deadline "${CIFAR_DEADLINE:-720}" --out "$RUN/cifar" > "$RUN/cifar.log" 2>&1 &
+SEED=${SEED:-0}
+python3 bench/bench_cifar.py --device cuda --data "$DATA" --fp-epochs 100 --qat-epochs 15 --qat-lrs 0.02 --jobs 6 \
+    --plans w2a4,w3a3 --rows "${CIFAR_ROWS:-w2a4_uniform,w2a4_mixed_channel,w3a3_uniform,w3a3_mixed_channel,w2a4_mixed,w3a3_mixed}" \
+    --weight-alpha 0.151 --seed "$SEED" --deadline "${CIFAR_DEADLINE:-720}" --out "$RUN/cifar" > "$RUN/cifar.log" 2>&1 &
 CIFAR=$!
 
 wait_fp() { while [ ! -f "$RUN/cifar/fp.done" ]; do
     kill -0 "$CIFAR" 2>/dev/null || return 1; sleep 3; done; }
+
+( wait_fp && python3 bench/bench_cifar.py --device cuda --data "$DATA" --fp-model "$RUN/cifar/resnet20_fp.pt" \
+       --qat-epochs 15 --qat-lrs 0.02 --jobs 2 --plans w2a2 --rows "${W2A2_ROWS:-w2a2_uniform,w2a2_mixed_channel}" \
+       --weight-alpha 0.4 --seed "$SEED" --deadline "${CIFAR_DEADLINE:-720}" --out "$RUN/cifar_w2a2" \
+       > "$RUN/cifar_w2a2.log" 2>&1
+  echo "w2a2 exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
 
 ( wait_fp && echo "fp done $(date -u +%T)" >> "$RUN/progress.log" \
   && python3 bench/bench_analog.py --model "$RUN/cifar/resnet20_fp.pt" --arch mpqc.compiler.zoo:resnet20 \
@@ -48,5 +64,6 @@ wait
 echo "all done $(date -u +%T)" >> "$RUN/progress.log"
 
 # what comes back (run from the device call that collects):
+#   (then bench_cifar.py --merge $RUN/cifar $RUN/cifar_w2a2 --out M && bench_cifar.py --paired M)
 #   cd $RUN && tar czf $OUT/run.tgz --exclude=src --exclude=site --exclude=finetune_ckpt --exclude=.cache \
 #       --exclude='*.pt' --exclude=data .
