@@ -148,3 +148,35 @@ def test_a_trace_the_shared_probes_leave_unresolved_gets_probes_of_its_own(isola
         assert abs(got - exact) / exact > 0.5, (got, exact)
     first = list(table.layers)[0]
     assert first not in table.meta["isolated"]  # resolved traces keep the shared estimate
+
+
+@pytest.mark.parametrize("isolate", [16, 0])
+def test_quadratic_form_recomputes_an_unresolved_term_exactly_on_its_own(isolate):
+    """Shared signs leave the classifier's 2-bit term of this MLP within two standard errors of zero; confined to
+    its group the direction gives Δᵀ(HΔ) exactly, and over equal batches that is the closed form."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(128, 64, generator=g))
+        model[2].weight.copy_(torch.randn(4, 128, generator=g) * 4)
+        model[0].bias.zero_()
+        model[2].bias.zero_()
+    x = torch.randn(256, 64, generator=g) * 2
+    t = model(x).argmax(1).detach()
+    qm = QuantizedModel(capture(model, (x[:2],)))
+    table = run_sensitivity("hutchinson", qm, (x, t), {"candidates": (4, 2), "samples": len(x), "batch_size": 64,
+                                                        "form": "quadratic", "probes": 16, "min_probes": 16,
+                                                        "activations": False, "isolate_probes": isolate})
+    first, last = list(table.layers)
+    with torch.no_grad():  # softmax cross-entropy: per sample ΔᵀHΔ = zᵀ(diag p − ppᵀ)z with z = Δh
+        p, h = model(x).softmax(-1), torch.relu(model[0](x))
+        z = h @ weight_delta(qm, last, 2).T
+        exact = float(((p * z * z).sum(1) - (p * z).sum(1).pow(2)).mean())
+    got = table.layers[last].w[2]
+    if isolate:
+        assert 2 in table.meta["isolated"][last]
+        assert got == pytest.approx(exact, rel=1e-4)
+    else:
+        assert table.meta["isolated"] == {}
+        assert abs(got - exact) / exact > 0.05, (got, exact)
+    assert 2 not in table.meta["isolated"].get(first, [])  # a resolved term keeps the shared estimate
