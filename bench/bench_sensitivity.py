@@ -117,7 +117,8 @@ def run(args) -> dict:
         rows.append({"method": method, "wall_s": round(wall, 2), "method_s": table.meta.get("time_s"),
                      "peak_gib": None if peak is None else round(peak, 2),
                      "options": {k: v for k, v in opts.get(method, {}).items()},
-                     "meta": {k: table.meta[k] for k in keep if k in table.meta}})
+                     "meta": {**{k: table.meta[k] for k in keep if k in table.meta},
+                              **({"isolated": len(table.meta["isolated"])} if "isolated" in table.meta else {})}})
         print(f"{method:11s} {wall:8.2f} s  {rows[-1]['meta']}", flush=True)
     return {"device": device_name(device), "resolution": args.resolution, "samples": args.samples,
             "batch_size": args.batch_size, "data": args.data, "candidates": args.candidates,
@@ -157,9 +158,11 @@ def section(res: dict, label: str) -> str:
         peak = f", peak {r['peak_gib']} GiB" if r.get("peak_gib") is not None else ""
         lines.append(f"| {r['method']} | {r['wall_s']} | {r['method_s']} | {what}{peak} |")
     lines += ["", "Cost structure (what scales with what): fisher = one batch backward + per-sample weight gradients "
-              "(torch.func.vmap, chunks of 32) per batch, all candidates in one einsum; hutchinson = one double "
-              "backward per probe (probe k reads batch k mod n_batches; stops at `probes` or when every group's "
-              "relative standard error < `tol`); impq = per-sample Jacobians of the 4 competitor margins; eval = "
+              "(torch.func.vmap, chunks of 32) per batch, all candidates in one einsum; hutchinson = two double "
+              "backwards per probe, weights and activations apart (probe k reads batch k mod n_batches; stops at "
+              "`probes` or when every group's relative standard error < `tol`), then one per isolated probe of each "
+              "group whose trace is within two standard errors of zero; impq = per-sample Jacobians of the 4 "
+              "competitor margins; eval = "
               "one downstream-cone re-run per (group, candidate, batch); limpq = (candidates + 1) forward/backward "
               "passes per step; dual = per candidate bit-width and epoch, one HP step + one LP interpreter pass "
               "per batch; analog = one backward.", "",
