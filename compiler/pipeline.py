@@ -280,6 +280,8 @@ def _stage_search(r: _Run) -> dict:
     plan = sp.to_plan(sol, sensitivity="sensitivity.json", lut=lut,
                       meta={"model": r.loaded.source, "search": o.search, "weight_alpha": alpha,
                             **({"recovery": recovery} if recovery else {})})
+    for w in sp.warnings:  # kept in plan.json too; said here so that a compile's user sees them as they happen
+        log.warning(w)
     if o.search == "learned":
         plan = _learn_energies(r, plan, table)
     if r.target.kind != "analog":

@@ -149,7 +149,7 @@ def search(graph, target, budgets: list, table, options=None, *, solver: str = "
         layer_sp = build_problem(graph, target, budgets, table, replace(options, granularity="layer", clusters=None),
                                  lut=lut)
         first = run_solver(layer_sp.problem, solver="auto", time_limit=time_limit, gap=gap)
-        start = None
+        start, coupled = None, None
         if first.ok:
             asg = layer_sp.assignment(first.choice)["layers"]
             start = start_choice(sp, asg)
@@ -163,7 +163,7 @@ def search(graph, target, budgets: list, table, options=None, *, solver: str = "
             if sol is not None and sol.status == SolveStatus.OPTIMAL:
                 return sp, sol
             if sol is not None:  # gap target not proved: the MIP continues from this incumbent
-                start = sol.choice
+                start, coupled = sol.choice, sol
         from .solve_highs import solve_highs
 
         limit = time_limit if time_limit is not None else (COUPLED_MIP_LIMIT if start is not None else None)
@@ -172,5 +172,32 @@ def search(graph, target, budgets: list, table, options=None, *, solver: str = "
             sol = solve(problem, solver="highs", time_limit=time_limit, gap=gap, describe=sp.describe)
         elif sol.status == SolveStatus.NO_SOLUTION:
             raise UserError(f"no feasible assignment found within the time limit ({time_limit} s)")
-        return sp, sol
-    return sp, solve(problem, solver=solver, time_limit=time_limit, gap=gap, describe=sp.describe)
+        return sp, _noted(sp, _with_bound(problem, sol, coupled, gap), gap)
+    sol = solve(problem, solver=solver, time_limit=time_limit, gap=gap, describe=sp.describe)
+    return sp, _noted(sp, sol, gap)
+
+
+def _with_bound(problem, sol: Solution, coupled: Solution | None, gap: float) -> Solution:
+    """The MIP's answer with the decomposition's Lagrangian bound when that is the tighter one.
+
+    The MIP's own bound comes from the LP relaxation of the linearised weight x activation products, which is
+    far weaker: on a kernel-wise ResNet-20 (impq scores, W2A2 BitOPs) the decomposition proved its incumbent
+    within 0.3 % in 0.3 s, HiGHS then ran its 60 s from it without improving and reported a 29 % gap."""
+    if coupled is None or not sol.ok or not np.isfinite(coupled.bound) or coupled.bound <= sol.bound:
+        return sol
+    best = sol if sol.objective <= coupled.objective else coupled
+    var = best.objective - problem.obj_const
+    proved = (best.objective - coupled.bound) <= gap * max(abs(var), 1e-12)
+    info = {**best.info, "bound_from": "lagrangian (coupled decomposition)", "mip_bound": sol.bound}
+    return problem.finish(best.choice, best.aux, SolveStatus.OPTIMAL if proved else SolveStatus.FEASIBLE,
+                          coupled.bound, sol.time_s + coupled.time_s, best.solver, info)
+
+
+def _noted(sp, sol: Solution, gap: float) -> Solution:
+    """A plan not proved within the gap target says so, with how far from optimal it may be."""
+    if sol.status == SolveStatus.FEASIBLE and np.isfinite(sol.gap) and sol.gap > gap:
+        msg = (f"the search stopped before proving its plan optimal: the plan's objective is within "
+               f"{100 * sol.gap:.2g} % of the best possible; raise --time-limit for a tighter plan")
+        if msg not in sp.warnings:
+            sp.warnings.append(msg)
+    return sol
