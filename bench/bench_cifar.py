@@ -762,6 +762,10 @@ def main(argv=None) -> int:
         traceback.print_exc()
     print(table)
     print(f"total {time.time() - t_start:.0f} s", flush=True)
+    failed = [r["key"] for r in rows if r.get("error") and not str(r["error"]).startswith("not run")]
+    if failed:  # the table keeps them; the exit status tells a launching script
+        print(f"rows failed: {', '.join(failed)}", flush=True)
+        return 1
     return 0
 
 

@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--fp-lr", type=float, default=0.2)
     p.add_argument("--qat-epochs", type=int, default=8)
     p.add_argument("--qat-lr", type=float, default=0.005,
-                   help="the BN-folded graph trains without batch statistics: lower than a BN network's lr")
+                   help="SGD, cosine: the lr of the 2026-11-23 H100 rows (bench/RESULTS.md); set before fine-tuning "
+                        "kept batch statistics (renorm.py), not re-measured since (bench_cifar uses 0.02)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -258,6 +259,10 @@ def main(argv=None) -> int:
     table = write()
     log(f"total {timings['total_s']:.0f} s")
     print(table, flush=True)
+    failed = [k for k, r in rows.items() if r.get("error")]
+    if failed:  # the table keeps them; the exit status tells a launching script
+        log(f"rows failed: {', '.join(failed)}")
+        return 1
     return 0
 
 

@@ -15,23 +15,36 @@
 # QAT: SGD lr 0.02 cosine, the setting the CPU rows use since fine-tuning keeps batch statistics (renorm.py); the
 # 2026-11-23 run swept 0.01..0.001 on the BN-folded graph (this script at f72e24a).
 # More seeds for the paired means: a second run with SEED=1 (its own RUN) and CIFAR_ROWS / W2A2_ROWS trimmed.
+#
+# Rehearsal on any machine (every bench, every hand-off, in minutes; no GPU needed):
+#   DEVICE=cpu LIMIT=512 FP_EPOCHS=1 QAT_EPOCHS=1 PDQAT_FP_EPOCHS=1 PDQAT_QAT_EPOCHS=1 \
+#       bash bench/gpu_run.sh $PWD/../shared/data/cifar10 /tmp/rehearsal
+# LIMIT passes --train-limit to the CIFAR benches and --limit --quick --seeds 1 to the analog ones. On a 24 GiB
+# machine add CIFAR_JOBS=2 W2A2_JOBS=1 PDQAT_JOBS=1: thirteen CPU processes of ~2.8 GB each get OOM-killed.
 set -u
 DATA=$1
 RUN=$2
 mkdir -p "$RUN"
-rm -rf "$RUN/src" && mkdir -p "$RUN/src" && tar cf - --exclude=./.cifar --exclude=./.whl . | tar xf - -C "$RUN/src"
+rm -rf "$RUN/src" && mkdir -p "$RUN/src" && tar cf - --exclude=./.cifar --exclude=./.whl --exclude=./.venv --exclude=./bench_out . | tar xf - -C "$RUN/src"
 cd "$RUN/src" || exit 1
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 OMP_NUM_THREADS=2  # 13 GPU processes share 16 cores
+DEVICE=${DEVICE:-cuda}
+FP_EPOCHS=${FP_EPOCHS:-100}
+QAT_EPOCHS=${QAT_EPOCHS:-15}
+SEED=${SEED:-0}
+CL=() AL=()
+if [ -n "${LIMIT:-}" ]; then CL=(--train-limit "$LIMIT"); AL=(--limit "$LIMIT" --quick --seeds 1); fi
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2  # 13 GPU processes share 16 cores
+if [ "$DEVICE" = cpu ]; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
 # a plain (non-editable) install of this tree; PuLP and highspy came as wheels into a folder on PYTHONPATH
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$RUN/site" . || exit 1
 export PYTHONPATH="$RUN/site:${PYTHONPATH:-}"
 nvidia-smi > "$RUN/nvidia-smi.txt" 2>&1
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" \
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" \
     > "$RUN/versions.txt" 2>&1
 echo "start $(date -u +%T)" >> "$RUN/progress.log"
 
-SEED=${SEED:-0}
-python3 bench/bench_cifar.py --device cuda --data "$DATA" --fp-epochs 100 --qat-epochs 15 --qat-lrs 0.02 --jobs 6 \
+python3 bench/bench_cifar.py --device "$DEVICE" --data "$DATA" --fp-epochs "$FP_EPOCHS" --qat-epochs "$QAT_EPOCHS" \
+    --qat-lrs 0.02 --jobs "${CIFAR_JOBS:-6}" "${CL[@]}" \
     --plans w2a4,w3a3 --rows "${CIFAR_ROWS:-w2a4_uniform,w2a4_mixed_channel,w3a3_uniform,w3a3_mixed_channel,w2a4_mixed,w3a3_mixed}" \
     --weight-alpha 0.151 --seed "$SEED" --deadline "${CIFAR_DEADLINE:-720}" --out "$RUN/cifar" > "$RUN/cifar.log" 2>&1 &
 CIFAR=$!
@@ -39,23 +52,24 @@ CIFAR=$!
 wait_fp() { while [ ! -f "$RUN/cifar/fp.done" ]; do
     kill -0 "$CIFAR" 2>/dev/null || return 1; sleep 3; done; }
 
-( wait_fp && python3 bench/bench_cifar.py --device cuda --data "$DATA" --fp-model "$RUN/cifar/resnet20_fp.pt" \
-       --qat-epochs 15 --qat-lrs 0.02 --jobs 2 --plans w2a2 --rows "${W2A2_ROWS:-w2a2_uniform,w2a2_mixed_channel}" \
+( wait_fp && python3 bench/bench_cifar.py --device "$DEVICE" --data "$DATA" --fp-model "$RUN/cifar/resnet20_fp.pt" \
+       --qat-epochs "$QAT_EPOCHS" --qat-lrs 0.02 --jobs "${W2A2_JOBS:-2}" "${CL[@]}" \
+       --plans w2a2 --rows "${W2A2_ROWS:-w2a2_uniform,w2a2_mixed_channel}" \
        --weight-alpha 0.4 --seed "$SEED" --deadline "${CIFAR_DEADLINE:-720}" --out "$RUN/cifar_w2a2" \
        > "$RUN/cifar_w2a2.log" 2>&1
   echo "w2a2 exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
 
 ( wait_fp && echo "fp done $(date -u +%T)" >> "$RUN/progress.log" \
   && python3 bench/bench_analog.py --model "$RUN/cifar/resnet20_fp.pt" --arch mpqc.compiler.zoo:resnet20 \
-       --data "cifar10:$DATA" --device cuda --seeds 3 --all-analog --out "$RUN/analog_all" > "$RUN/analog_all.log" 2>&1
+       --data "cifar10:$DATA" --device "$DEVICE" --seeds 3 "${AL[@]}" --all-analog --out "$RUN/analog_all" > "$RUN/analog_all.log" 2>&1
   echo "analog_all exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
 
 ( wait_fp && python3 bench/bench_analog.py --model "$RUN/cifar/resnet20_fp.pt" --arch mpqc.compiler.zoo:resnet20 \
-       --data "cifar10:$DATA" --device cuda --seeds 3 --train-ebars 0 --out "$RUN/analog" > "$RUN/analog.log" 2>&1
+       --data "cifar10:$DATA" --device "$DEVICE" --seeds 3 "${AL[@]}" --train-ebars 0 --out "$RUN/analog" > "$RUN/analog.log" 2>&1
   echo "analog exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
 
-( python3 bench/bench_pdqat.py --device cuda --data "$DATA" --fp-epochs "${PDQAT_FP_EPOCHS:-30}" \
-       --qat-epochs "${PDQAT_QAT_EPOCHS:-8}" --jobs 3 --out "$RUN/pdqat" > "$RUN/pdqat.log" 2>&1
+( python3 bench/bench_pdqat.py --device "$DEVICE" --data "$DATA" --fp-epochs "${PDQAT_FP_EPOCHS:-30}" \
+       --qat-epochs "${PDQAT_QAT_EPOCHS:-8}" --jobs "${PDQAT_JOBS:-3}" "${CL[@]}" --out "$RUN/pdqat" > "$RUN/pdqat.log" 2>&1
   echo "pdqat exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
 
 wait "$CIFAR"
