@@ -28,6 +28,7 @@ from .problem import MCKProblem, Solution, SolveStatus, infeasible_solution, pad
 
 log = logging.getLogger(__name__)
 
+LOCAL_SEARCH_LIMIT = 30.0  # seconds of activation-width local search in solve_coupled without a time limit
 LP_DUAL_MAX_VARS = 4_000  # HiGHS LP (presolve off) up to here: 2 ms at 1.3k binaries, but 0.4 s at 35k where
 # the cutting planes take 0.05 s
 RESIDUAL_MAX_VARS = 60_000
@@ -596,6 +597,31 @@ class _CoupledOracle:
     def _col_use(self, cols: np.ndarray) -> np.ndarray:
         return np.asarray(self.A[:, cols].sum(axis=1)).ravel() if (self.m and cols.size) else np.zeros(self.m)
 
+    def _unit_values(self, u: str, r: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        """Unit ``u``'s priced cost at each of its activation widths (``r``: the priced column costs)."""
+        ptr = self.P.group_ptr
+        A_u = len(self.bits[u])
+        gy = self.y_group[u]
+        val = r[ptr[gy]:ptr[gy + 1]].copy()  # (A_u,)
+        if u in self.coupled:
+            cols, starts, rows = self.coupled[u]
+            E = r[cols][:, None] + sum(lam[i] * coef for i, coef in rows.items()) if rows else \
+                np.repeat(r[cols][:, None], A_u, 1)
+            val += np.minimum.reduceat(E, starts, axis=0).sum(axis=0)
+        for g, ak in self.ties[u]:
+            seg = r[ptr[g]:ptr[g + 1]]
+            val += np.array([seg[ak == k].min() if np.any(ak == k) else np.inf for k in range(A_u)])
+        return val
+
+    def regrets(self, lam: np.ndarray) -> dict[str, np.ndarray]:
+        """Per unit, how much more each activation width costs than the unit's best at prices ``lam``."""
+        r = self.P.obj + (self.A.T @ lam if self.m else 0.0)
+        out = {}
+        for u in self.units:
+            val = self._unit_values(u, r, lam)
+            out[u] = val - val.min()
+        return out
+
     def evaluate(self, lam: np.ndarray):
         """(L(lam), activation choice per unit, row use of the argmin assignment)."""
         P = self.P
@@ -613,21 +639,11 @@ class _CoupledOracle:
         use = np.zeros(self.m)
         acts: dict[str, int] = {}
         for u in self.units:
-            A_u = len(self.bits[u])
-            gy = self.y_group[u]
-            val = r[ptr[gy]:ptr[gy + 1]].copy()  # (A_u,)
-            if u in self.coupled:
-                cols, starts, rows = self.coupled[u]
-                E = r[cols][:, None] + sum(lam[i] * coef for i, coef in rows.items()) if rows else \
-                    np.repeat(r[cols][:, None], A_u, 1)
-                val += np.minimum.reduceat(E, starts, axis=0).sum(axis=0)
-            for g, ak in self.ties[u]:
-                seg = r[ptr[g]:ptr[g + 1]]
-                val += np.array([seg[ak == k].min() if np.any(ak == k) else np.inf for k in range(A_u)])
+            val = self._unit_values(u, r, lam)
             k = int(np.argmin(val))
             acts[u] = k
             total += float(val[k])
-            picked.append(np.array([ptr[gy] + k]))
+            picked.append(np.array([ptr[self.y_group[u]] + k]))
             if u in self.coupled:
                 cols, starts, rows = self.coupled[u]
                 Ek = r[cols] + sum(lam[i] * coef[:, k] for i, coef in rows.items()) if rows else r[cols]
@@ -670,6 +686,34 @@ class _CoupledOracle:
         return sub, cols
 
 
+def _local_search(oracle: _CoupledOracle, lam: np.ndarray, acts: dict, tried: list, attempt, done, until: float) \
+        -> int:
+    """Move one unit's activation width at a time while that lowers the objective (first improvement), the moves
+    the final prices make cheapest first; stops when a pass finds none, the plan is proved, or at ``until``.
+    Returns the number of moves taken.
+
+    The decomposition solves the knapsack for a handful of activation choices only; when none meets its bound,
+    HiGHS' MIP from that incumbent did not improve it in 60 s on any case tried, while this search closed a
+    synthetic ResNet-20 case from 0.16 % to 0.07 % in 81 knapsacks (1.7 s)."""
+    regret = oracle.regrets(lam)
+    moves = 0
+    while not done() and time.perf_counter() < until:
+        order = sorted((regret[u][k] - regret[u][acts[u]], i, k) for i, u in enumerate(oracle.units)
+                       for k in range(len(oracle.bits[u])) if k != acts[u])
+        for _d, i, k in order:
+            if done() or time.perf_counter() >= until:
+                return moves
+            cand = {**acts, oracle.units[i]: k}
+            if cand in tried:
+                continue
+            if attempt(cand, until):
+                acts, moves = cand, moves + 1
+                break
+        else:
+            return moves
+    return moves
+
+
 def solve_coupled(sp, *, gap: float = 1e-3, time_limit: float | None = None, starts: list | None = None) \
         -> Solution | None:
     """Channel widths with searched activation widths, without big-M: a Lagrangian bound over the budget rows
@@ -693,25 +737,37 @@ def solve_coupled(sp, *, gap: float = 1e-3, time_limit: float | None = None, sta
     tries = [oracle.evaluate(lam * f)[1] for f in (1.0, 1.0 + 1e-3, 1.02)] + list(starts or []) + seen[::-1][:4]
     best = None
     tried: list[dict] = []
-    for acts in tries:
-        if acts in tried:
-            continue
+
+    def proved(obj: float) -> bool:
+        return (obj - (lb + P.obj_const)) <= gap * abs(obj - P.obj_const)
+
+    def attempt(acts: dict, until: float | None) -> bool:
+        """Solve the knapsack left by ``acts``; True when it beats the incumbent."""
+        nonlocal best
         tried.append(acts)
         r = oracle.restricted(acts)
         if r is None:
-            continue
+            return False
         sub, cols = r
-        remaining = None if deadline is None else max(deadline - time.perf_counter(), 0.1)
+        remaining = None if until is None else max(until - time.perf_counter(), 0.1)
         sol = solve_mckp(sub, gap=gap / 2, time_limit=remaining)
-        if not sol.ok:
-            continue
-        if best is None or sol.objective < best[0].objective:
-            best = (sol, sub, cols)
-        if (best[0].objective - (lb + P.obj_const)) <= gap * abs(best[0].objective - P.obj_const):
-            break
+        if not sol.ok or (best is not None and sol.objective >= best[0].objective):
+            return False
+        best = (sol, sub, cols, acts)
+        return True
+
+    for acts in tries:
+        if acts not in tried:
+            attempt(acts, deadline)
+            if best is not None and proved(best[0].objective):
+                break
     if best is None:
         return None
-    sol, sub, cols = best
+    if not proved(best[0].objective):
+        until = time.perf_counter() + LOCAL_SEARCH_LIMIT if deadline is None else deadline
+        info["local_moves"] = _local_search(oracle, lam, best[3], tried, attempt, lambda: proved(best[0].objective),
+                                            until)
+    sol, sub, cols, _acts = best
     choice = cols[sub.group_ptr[:-1] + sol.choice] - P.group_ptr[:-1]
     aux = P.best_aux(choice)
     info.update({"tried_act_choices": len(tried), "restricted_status": sol.status.value})

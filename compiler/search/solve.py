@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import numpy as np
@@ -14,7 +15,7 @@ from .problem import MCKProblem, Solution, SolveStatus
 log = logging.getLogger(__name__)
 
 SOLVERS = ("auto", "highs", "cbc", "mckp")
-COUPLED_MIP_LIMIT = 60.0  # seconds of MIP after the decomposition when no --time-limit is given
+COUPLED_MIP_LIMIT = 60.0  # seconds of MIP from the layer-wise start (solver="highs") when no --time-limit is given
 
 
 def run_solver(problem: MCKProblem, *, solver: str = "auto", time_limit: float | None = None,
@@ -133,8 +134,11 @@ def search(graph, target, budgets: list, table, options=None, *, solver: str = "
     ``gap`` defaults to 0 (prove optimality) at layer granularity and 1e-3 at channel granularity. With
     per-channel weights *and* more than one activation width, the costs couple the two: the default path is a
     Lagrangian decomposition over the activation widths (:func:`.mckp.solve_coupled`, seeded with the
-    layer-granularity optimum); when it cannot prove the gap, HiGHS' MIP (linearised products) continues from
-    its incumbent, for ``time_limit`` or, without one, :data:`COUPLED_MIP_LIMIT` seconds.
+    layer-granularity optimum, then a local search over the activation widths). When that cannot prove the gap,
+    its plan is returned with a warning, or, given a ``time_limit``, HiGHS' MIP (linearised products) goes on
+    from it for the time left and stops once its incumbent is within the gap of the decomposition's bound.
+    ``solver="highs"`` skips the decomposition: the MIP starts from the layer-granularity optimum and runs for
+    ``time_limit`` or :data:`COUPLED_MIP_LIMIT` seconds.
     """
     from dataclasses import replace
 
@@ -159,15 +163,20 @@ def search(graph, target, budgets: list, table, options=None, *, solver: str = "
             acts = None
             if start is not None:
                 acts = {u: int(start[g]) for u, g in sp.coupling["y_group"].items()}
+            t0 = time.perf_counter()
             sol = solve_coupled(sp, gap=gap, time_limit=time_limit, starts=[acts] if acts else None)
-            if sol is not None and sol.status == SolveStatus.OPTIMAL:
-                return sp, sol
-            if sol is not None:  # gap target not proved: the MIP continues from this incumbent
+            if sol is not None and (sol.status == SolveStatus.OPTIMAL or time_limit is None):
+                # not proved and no time limit: the MIP's bound on the linearised products is far too weak to
+                # finish the proof, and from this incumbent it improved nothing in 60 s on any case tried
+                return sp, _noted(sp, sol, gap)
+            if sol is not None:  # gap target not proved: the MIP goes on from this incumbent for the time left
                 start, coupled = sol.choice, sol
+                time_limit = max(time_limit - (time.perf_counter() - t0), 1.0)
         from .solve_highs import solve_highs
 
         limit = time_limit if time_limit is not None else (COUPLED_MIP_LIMIT if start is not None else None)
-        sol = solve_highs(problem, time_limit=limit, gap=gap, start=start)
+        sol = solve_highs(problem, time_limit=limit, gap=gap, start=start,
+                          bound=None if coupled is None else coupled.bound)
         if sol.status == SolveStatus.INFEASIBLE:
             sol = solve(problem, solver="highs", time_limit=time_limit, gap=gap, describe=sp.describe)
         elif sol.status == SolveStatus.NO_SOLUTION:
@@ -197,7 +206,7 @@ def _noted(sp, sol: Solution, gap: float) -> Solution:
     """A plan not proved within the gap target says so, with how far from optimal it may be."""
     if sol.status == SolveStatus.FEASIBLE and np.isfinite(sol.gap) and sol.gap > gap:
         msg = (f"the search stopped before proving its plan optimal: the plan's objective is within "
-               f"{100 * sol.gap:.2g} % of the best possible; raise --time-limit for a tighter plan")
+               f"{100 * sol.gap:.2g} % of the best possible; --time-limit S lets the search go on for a tighter plan")
         if msg not in sp.warnings:
             sp.warnings.append(msg)
     return sol

@@ -96,7 +96,7 @@ def _highs(time_limit: float | None, gap: float, threads: int | None = None) -> 
 
 
 def solve_highs(problem: MCKProblem, *, time_limit: float | None = None, gap: float = 0.0,
-                start: np.ndarray | None = None) -> Solution:
+                start: np.ndarray | None = None, bound: float | None = None) -> Solution:
     """Solve the problem as a MIP with HiGHS.
 
     Args:
@@ -104,11 +104,16 @@ def solve_highs(problem: MCKProblem, *, time_limit: float | None = None, gap: fl
         time_limit: seconds; on expiry the best solution found is returned with status FEASIBLE.
         gap: relative MIP gap at which HiGHS stops (0 = prove optimality).
         start: an optional starting choice (one index per group) handed to HiGHS as an incumbent.
+        bound: a lower bound on the objective proved elsewhere (the coupled decomposition's Lagrangian one):
+            HiGHS is interrupted as soon as its incumbent is within ``gap`` of it, since its own bound may
+            never get there. The returned status stays FEASIBLE; the caller pairs the plan with that bound.
     """
     t0 = time.perf_counter()
     h = _highs(time_limit, gap)
     S = _Scaled(problem)
     h.passModel(S.lp(True))
+    if bound is not None and np.isfinite(bound):
+        _stop_within(h, (bound - problem.obj_const) / S.obj_scale, gap)
     if start is not None:
         aux = problem.best_aux(start)
         sol = highspy.HighsSolution()
@@ -136,6 +141,17 @@ def solve_highs(problem: MCKProblem, *, time_limit: float | None = None, gap: fl
     bound = float(info.mip_dual_bound) * S.obj_scale + problem.obj_const
     return problem.finish(choice, aux, st, bound, dt, "highs",
                           {"highs_status": h.modelStatusToString(status), "nodes": int(info.mip_node_count)})
+
+
+def _stop_within(h: highspy.Highs, bound: float, gap: float) -> None:
+    """Interrupt the MIP once its incumbent (scaled objective, no constant) is within ``gap`` of ``bound``."""
+
+    def check(e) -> None:
+        inc = e.data_out.mip_primal_bound
+        if np.isfinite(inc) and inc - max(bound, e.data_out.mip_dual_bound) <= gap * max(abs(inc), 1e-12):
+            e.interrupt()
+
+    h.cbMipInterrupt.subscribe(check)
 
 
 def solve_lp(problem: MCKProblem, *, time_limit: float | None = None, obj: np.ndarray | None = None) \

@@ -350,3 +350,76 @@ def test_the_decompositions_bound_replaces_a_weaker_mip_bound_and_an_unproved_pl
     assert any("within 2 % of the best possible" in w for w in sp_.warnings), sp_.warnings
 
     assert _with_bound(P, mip, None, 1e-3) is mip  # no decomposition: the MIP's answer as it is
+
+
+@pytest.fixture(scope="module")
+def resnet20_graph():
+    import torch
+
+    from mpqc.compiler.capture import capture
+    from mpqc.compiler.zoo import resnet20
+
+    return capture(resnet20().eval(), (torch.randn(1, 3, 32, 32),)).graph
+
+
+def _coupled_resnet20(graph, seed: int, bits: tuple, **budgets):
+    """Kernel-wise ResNet-20 with searched activation widths (the coupled problem), synthetic scores."""
+    table = read_sensitivity(synthetic_table(graph, bits, np.random.default_rng(seed), channels=True))
+    options = SearchOptions(granularity="channel", w_candidates=bits, a_candidates=bits)
+    return table, options, build_problem(graph, load_target("generic"), parse_budgets(**budgets), table, options)
+
+
+def test_the_mip_stops_once_its_incumbent_is_within_the_gap_of_a_bound_proved_elsewhere(resnet20_graph):
+    """The MIP's LP bound on the linearised products stays far off (77 % after 30 s), so from the
+    decomposition's incumbent it would run its whole time; handed the Lagrangian bound, it stops at once and the
+    plan keeps that bound."""
+    from mpqc.compiler.search.mckp import solve_coupled
+    from mpqc.compiler.search.solve import _with_bound
+    from mpqc.compiler.search.solve_highs import solve_highs
+
+    _t, _o, sp_ = _coupled_resnet20(resnet20_graph, 0, (8, 6, 4, 2), avg_bits="W3A3")
+    P = sp_.problem
+    coupled = solve_coupled(sp_, gap=1e-3)
+    assert coupled.gap <= 1e-3
+
+    alone = solve_highs(P, time_limit=2.0, gap=1e-3, start=coupled.choice)
+    assert alone.info["highs_status"] == "Time limit reached" and alone.gap > 0.1
+
+    told = solve_highs(P, time_limit=60.0, gap=1e-3, start=coupled.choice, bound=coupled.bound)
+    assert told.info["highs_status"] == "Interrupted by user"
+    assert told.objective <= coupled.objective * (1 + 1e-9)
+    got = _with_bound(P, told, coupled, 1e-3)
+    assert got.status == SolveStatus.OPTIMAL and got.gap <= 1e-3
+
+
+def test_a_local_search_over_activation_widths_proves_what_the_decompositions_tries_could_not(resnet20_graph,
+                                                                                              monkeypatch):
+    """The knapsacks of the few activation choices the prices suggest leave this plan 0.16 % above the Lagrangian
+    bound; moving one unit's width (the cheapest move at the final prices first) closes it to under 0.1 %."""
+    from mpqc.compiler.search import mckp
+
+    _t, _o, sp_ = _coupled_resnet20(resnet20_graph, 7, (4, 3, 2), avg_bits="W3A3", compression=12)
+    searched = mckp.solve_coupled(sp_, gap=1e-3)
+    assert searched.status == SolveStatus.OPTIMAL and searched.gap <= 1e-3
+    assert searched.info["local_moves"] >= 1
+    assert sp_.problem.feasible(searched.choice, searched.aux, tol=1e-6)
+
+    monkeypatch.setattr(mckp, "LOCAL_SEARCH_LIMIT", 0.0)
+    tries_only = mckp.solve_coupled(sp_, gap=1e-3)
+    assert tries_only.status == SolveStatus.FEASIBLE and tries_only.gap > 1e-3
+    assert searched.objective < tries_only.objective
+
+
+def test_an_unproved_coupled_plan_skips_the_mip_unless_a_time_limit_asks_for_it(resnet20_graph):
+    """Here no activation choice reaches the bound (the local search finds no better move), so the plan comes
+    back with a warning at once; with --time-limit the MIP goes on from it and the plan keeps the tighter
+    Lagrangian bound."""
+    table, options, _sp = _coupled_resnet20(resnet20_graph, 5, (8, 6, 4, 2), avg_bits="W2A4")
+    budgets = parse_budgets(avg_bits="W2A4")
+    sp_, sol = search(resnet20_graph, load_target("generic"), budgets, table, options)
+    assert sol.solver == "mckp-coupled" and sol.status == SolveStatus.FEASIBLE and 1e-3 < sol.gap < 1e-2
+    assert any("within 0.11 % of the best possible" in w for w in sp_.warnings), sp_.warnings
+
+    sp2, timed = search(resnet20_graph, load_target("generic"), budgets, table, options, time_limit=2.0)
+    assert timed.solver == "highs" and timed.info["bound_from"].startswith("lagrangian")
+    assert timed.objective <= sol.objective * (1 + 1e-9) and timed.bound == pytest.approx(sol.bound)
