@@ -699,7 +699,7 @@ def _local_search(oracle: _CoupledOracle, lam: np.ndarray, acts: dict, tried: li
     moves = 0
     while not done() and time.perf_counter() < until:
         order = sorted((regret[u][k] - regret[u][acts[u]], i, k) for i, u in enumerate(oracle.units)
-                       for k in range(len(oracle.bits[u])) if k != acts[u])
+                       for k in range(len(oracle.bits[u])) if k != acts[u] and np.isfinite(regret[u][k]))
         for _d, i, k in order:
             if done() or time.perf_counter() >= until:
                 return moves

@@ -15,6 +15,7 @@ from .problem import MCKProblem, Solution, SolveStatus
 log = logging.getLogger(__name__)
 
 SOLVERS = ("auto", "highs", "cbc", "mckp")
+WARN_GAP = 0.01  # a plan further than this from its bound (and the gap target) gets a warning
 COUPLED_MIP_LIMIT = 60.0  # seconds of MIP from the layer-wise start (solver="highs") when no --time-limit is given
 
 
@@ -203,8 +204,13 @@ def _with_bound(problem, sol: Solution, coupled: Solution | None, gap: float) ->
 
 
 def _noted(sp, sol: Solution, gap: float) -> Solution:
-    """A plan not proved within the gap target says so, with how far from optimal it may be."""
-    if sol.status == SolveStatus.FEASIBLE and np.isfinite(sol.gap) and sol.gap > gap:
+    """A plan that may be more than :data:`WARN_GAP` (or the gap target) from optimal says so, with how far.
+
+    Closer than that it goes without a warning (plan.json still has the status and gap): the scores behind the
+    objective are estimates, far noisier than 1 %, and on real ResNet-20 tables 11 of 72 kernel-wise plans end
+    0.11-0.6 % from the Lagrangian bound, where 60 s more of MIP changed one plan's objective by 0.013 %
+    (bench/RESULTS.md, search section 4)."""
+    if sol.status == SolveStatus.FEASIBLE and np.isfinite(sol.gap) and sol.gap > max(gap, WARN_GAP):
         msg = (f"the search stopped before proving its plan optimal: the plan's objective is within "
                f"{100 * sol.gap:.2g} % of the best possible; --time-limit S lets the search go on for a tighter plan")
         if msg not in sp.warnings:

@@ -412,13 +412,13 @@ def test_a_local_search_over_activation_widths_proves_what_the_decompositions_tr
 
 def test_an_unproved_coupled_plan_skips_the_mip_unless_a_time_limit_asks_for_it(resnet20_graph):
     """Here no activation choice reaches the bound (the local search finds no better move), so the plan comes
-    back with a warning at once; with --time-limit the MIP goes on from it and the plan keeps the tighter
-    Lagrangian bound."""
+    back at once, feasible at its 0.11 % gap (under 1 %: no warning); with --time-limit the MIP goes on from it
+    and the plan keeps the tighter Lagrangian bound."""
     table, options, _sp = _coupled_resnet20(resnet20_graph, 5, (8, 6, 4, 2), avg_bits="W2A4")
     budgets = parse_budgets(avg_bits="W2A4")
     sp_, sol = search(resnet20_graph, load_target("generic"), budgets, table, options)
     assert sol.solver == "mckp-coupled" and sol.status == SolveStatus.FEASIBLE and 1e-3 < sol.gap < 1e-2
-    assert any("within 0.11 % of the best possible" in w for w in sp_.warnings), sp_.warnings
+    assert not any("stopped before proving" in w for w in sp_.warnings), sp_.warnings
 
     sp2, timed = search(resnet20_graph, load_target("generic"), budgets, table, options, time_limit=2.0)
     assert timed.solver == "highs" and timed.info["bound_from"].startswith("lagrangian")
