@@ -141,3 +141,16 @@ def write_resnet_tiny_files(folder, n: int) -> ResNetTiny:
     rng = np.random.default_rng(0)
     np.savez(folder / "data.npz", x=rng.integers(0, 256, (n, 12, 12, 3), dtype=np.uint8), y=rng.integers(0, 10, n))
     return model
+
+
+class DeadBranchDigits(nn.Module):
+    """A digits MLP with a branch whose output is multiplied by zero: its weights cannot matter to the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+        self.dead = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.fc2(torch.relu(self.fc1(x))) + 0.0 * self.dead(x)

@@ -182,3 +182,25 @@ def test_weight_alpha_auto_probes_recovery_and_searches_with_it(demo, tmp_path):
     errors = [line for line in bad.stderr.splitlines() if line.startswith("mpqc: error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "mpqc compile" in errors[0], bad.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+def test_compile_logs_the_searchs_warnings(tmp_path, caplog):
+    """A layer whose weights score zero at every width gets the cheapest one for free; the search says so, and the
+    compile must say it too as it happens, not only in plan.json."""
+    import logging
+
+    import torch
+
+    import mpqc
+    from tests.models import DeadBranchDigits
+
+    torch.manual_seed(0)
+    torch.save(DeadBranchDigits().state_dict(), tmp_path / "m.pt")
+    with caplog.at_level(logging.WARNING, logger="mpqc"):
+        mpqc.compile(str(tmp_path / "m.pt"), arch="tests.models:DeadBranchDigits", target="generic", data="digits",
+                     out=str(tmp_path / "out"), input_shape="1,1,8,8", avg_bits="W4A4", stop_after="search",
+                     progress=False)
+    said = [r.getMessage() for r in caplog.records if "zero score" in r.getMessage()]
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert said and "dead weights" in said[0], [r.getMessage() for r in caplog.records]
+    assert said[0] in plan["meta"]["warnings"]
