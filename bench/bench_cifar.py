@@ -527,11 +527,22 @@ def _run_spec(run: dict, d: str, option: str) -> str:
     return f"cifar10:{data}"
 
 
+def _data_key(run: dict, d: str, option: str) -> str:
+    """What makes two runs' data the same: the spec, or for a --train-limit run the source and the limits (each
+    such run writes its own identical copy, OUT/data, so the specs differ)."""
+    args = run.get("meta", {}).get("args", {})
+    if args.get("train_limit"):
+        n = int(args["train_limit"])
+        return (f"cifar10:{os.path.normpath(args['data'])} (first {n} training images, "
+                f"{args.get('test_limit') or max(1, n // 5)} test images)")
+    return _run_spec(run, d, option)
+
+
 def merge(dirs: list[str], out: str) -> int:
     """One table and one pair of plots from several runs on the same FP model (e.g. a weight-alpha variant)."""
     runs = _load_runs(dirs, "--merge")
     fp_row = runs[0]["fp"]
-    specs = {_run_spec(run, d, "--merge") for d, run in zip(dirs, runs)}
+    specs = {_data_key(run, d, "--merge") for d, run in zip(dirs, runs)}
     if len(specs) > 1:
         _bad(f"--merge: the runs used different data ({', '.join(sorted(specs))}); merge runs on one data set only")
     rows = []
@@ -551,7 +562,8 @@ def merge(dirs: list[str], out: str) -> int:
     table = fmt_table(fp_row, rows)
     _write_atomic(os.path.join(out, "table.md"), table + "\n")
     _write_atomic(os.path.join(out, "results.json"),
-                  json.dumps({"meta": {"merged": dirs, "spec": specs.pop()}, "fp": fp_row, "rows": rows}, indent=1,
+                  json.dumps({"meta": {"merged": dirs, "spec": _run_spec(runs[0], dirs[0], "--merge")}, "fp": fp_row,
+                              "rows": rows}, indent=1,
                              default=str))
     plot(rows, fp_row, out)
     print(table)

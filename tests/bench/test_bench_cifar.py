@@ -161,3 +161,24 @@ def test_an_unknown_sensitivity_method_is_a_one_line_error(bench, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "--sensitivity 'nope'" in err and "hutchinson" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_merge_takes_reduced_runs_of_the_same_source_and_limits_as_one_data_set(bench, tmp_path, capsys):
+    """Each --train-limit run writes its own identical copy (OUT/data), so their specs differ; the GPU script's
+    rehearsal merges two such runs. Different limits are still different data."""
+    def run(d, limit):
+        os.makedirs(d)
+        meta = {"spec": f"cifar10:{d}/data", "args": {"seed": 0, "data": "/src/cifar10", "train_limit": limit,
+                                                      "test_limit": None, "out": str(d)}}
+        (d / "results.json").write_text(json.dumps({"meta": meta, "fp": FP, "rows": []}))
+
+    run(tmp_path / "a", 256)
+    run(tmp_path / "b", 256)
+    assert bench.merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "m")) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["meta"]["spec"] == f"cifar10:{tmp_path / 'a'}/data"  # a spec --paired can load, not the key
+    capsys.readouterr()
+    run(tmp_path / "c", 512)
+    with pytest.raises(SystemExit) as e:
+        bench.merge([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "m2"))
+    assert e.value.code == 2 and "different data" in capsys.readouterr().err
