@@ -605,7 +605,8 @@ def main(argv=None) -> int:
                    help="other sensitivity methods compared at the W2A4 BitOPs")
     p.add_argument("--sensitivity", default=None, metavar="METHOD",
                    help="mixed rows that use fisher (the default) use this method instead, e.g. hutchinson or impq")
-    p.add_argument("--rows", default=None, help="only these job keys (e.g. w2a4_uniform,w2a4_mixed)")
+    p.add_argument("--rows", default=None, help="only these job keys (e.g. w2a4_uniform,w2a4_mixed; the lr sweep's "
+                                                "are w2a4_uniform_sgd0.01 and so on)")
     p.add_argument("--no-extra", action="store_true", help="uniform and fisher layer-wise mixed rows only")
     p.add_argument("--target", default="generic")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
@@ -718,7 +719,8 @@ def main(argv=None) -> int:
         sweep = [{**make_jobs([(2, 4)], v, [], False, lambda w, a: 0.0, o)[1], "key": f"w2a4_uniform_{o}{v:g}",
                   "label": f"W2A4 uniform (LSQ QAT), {o} lr {v:g}", "group": "lr-sweep", "seed": args.seed}
                  for o, v in settings]  # the seed goes with the row: the chosen one is the W2A4 pairs' baseline
-        swept = run_jobs(sweep, common, args.jobs, deadline, lambda r: (rows.append(r), save(r)))
+        sweep = [j for j in sweep if keep is None or j["key"] in keep]  # --rows names what runs, sweep included
+        swept = run_jobs(sweep, common, args.jobs, deadline, lambda r: (rows.append(r), save(r))) if sweep else []
         good = [r for r in swept if r.get("acc_fq") is not None]
         if good:
             best = max(good, key=lambda r: r["acc_fq"])
