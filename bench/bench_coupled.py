@@ -2,7 +2,7 @@
 ResNet-20 sensitivity tables: the default path against the one it replaced, on the same problems in the same run.
 
 - default (since session 16): the Lagrangian decomposition's tries, then a local search over activation widths
-  (``mckp._local_search``); a plan still unproved comes back as it is, with a warning;
+  (``mckp._local_search``); a plan still unproved comes back as it is (a warning beyond 1 %);
 - before: the decomposition's tries only, then, when they did not prove the gap, HiGHS' MIP from that incumbent
   for 60 s (``--mip-seconds``), the plan paired with the tighter of the two bounds.
 
@@ -19,7 +19,6 @@ unproved (on the others both paths run the same code), with a summary line.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import sys
@@ -28,14 +27,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
 
-
-def _bench_cifar():
-    spec = importlib.util.spec_from_file_location("bench_cifar", ROOT / "bench" / "bench_cifar.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import bench_cifar  # noqa: E402 - needs the bench folder on sys.path
 
 
 def previous_path(graph, target, budgets, table, options, gap: float, mip_seconds: float):
@@ -68,13 +64,38 @@ def main(argv=None) -> int:
     from mpqc.compiler.search.problem import SearchOptions, read_sensitivity
     from mpqc.compiler.search.solve import search
     from mpqc.compiler.zoo import resnet20
+    from mpqc.errors import UserError
     from mpqc.targets import load_target
 
-    bc = _bench_cifar()
+    # every input checked before any work: one line and exit 2 (bench_cifar._bad), no traceback
+    try:
+        plans = [parse_avg_bits(v.strip()) for v in a.plans.split(",") if v.strip()]
+    except UserError as e:
+        bench_cifar._bad(str(e).replace("--avg-bits", "--plans:", 1))
+    try:
+        tables = {path: read_sensitivity(path, monotone=True) for path in a.tables}
+    except (UserError, OSError, ValueError) as e:
+        bench_cifar._bad(f"--tables: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    try:
+        alphas = [float(v) for v in a.alphas.split(",") if v.strip()]
+    except ValueError:
+        bench_cifar._bad(f"--alphas {a.alphas!r}: not comma-separated numbers; write e.g. 0.4,0.151")
+    for bad, msg in ((not plans, "--plans names no plan; write e.g. W2A2,W3A3"),
+                     (not alphas or min(alphas) <= 0, f"--alphas {a.alphas!r}: each must be > 0"),
+                     (a.size_kb < 0, f"--size-kb {a.size_kb:g} must be >= 0 (0: no weight cap)"),
+                     (not a.mip_seconds > 0, f"--mip-seconds {a.mip_seconds:g} must be > 0"),
+                     (not 0 <= a.gap < 1, f"--gap {a.gap:g} must be in [0, 1)")):
+        if bad:
+            bench_cifar._bad(msg)
     model = resnet20()
-    model.load_state_dict(torch.load(a.model, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(a.model, map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - a missing file, not a state dict, or another architecture's
+        bench_cifar._bad(f"--model {a.model}: not a ResNet-20 state dict ({type(e).__name__}); pass the float "
+                         "model the tables were computed on")
     graph = capture(model.eval(), (torch.zeros(1, 3, 32, 32),), fold_bn=True).graph
     target = load_target("generic")
+    bitops = {wa: f"{bench_cifar.uniform_bitops(resnet20, *wa) / 1e9:.9f}" for wa in plans}
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()}, {os.cpu_count()} "
           f"cores, torch {torch.__version__}; model {a.model}; gap target {100 * a.gap:g} %")
     print("| table | budget | weight-alpha | default: status, gap | s | local moves | previous: solver, gap | s | "
@@ -83,14 +104,11 @@ def main(argv=None) -> int:
     caps = [{}] + ([{"size": f"{a.size_kb / 1024:.8f}"}] if a.size_kb > 0 else [])
     n = proved_by_tries = 0
     t_new_all = t_old_all = 0.0
-    for path in a.tables:
-        table = read_sensitivity(path, monotone=True)
-        for plan in a.plans.split(","):
-            w, bits_a = parse_avg_bits(plan)
-            bitops = f"{bc.uniform_bitops(resnet20, w, bits_a) / 1e9:.9f}"
-            for alpha in (float(v) for v in a.alphas.split(",")):
+    for path, table in tables.items():
+        for w, bits_a in plans:
+            for alpha in alphas:
                 for cap in caps:
-                    budgets = parse_budgets(bitops=bitops, **cap)
+                    budgets = parse_budgets(bitops=bitops[(w, bits_a)], **cap)
                     options = SearchOptions(granularity="channel", weight_alpha=alpha)
                     n += 1
                     t0 = time.perf_counter()
@@ -104,7 +122,7 @@ def main(argv=None) -> int:
                     t_new = time.perf_counter() - t0
                     t_new_all, t_old_all = t_new_all + t_new, t_old_all + t_old
                     c = sp.problem.obj_const
-                    label = f"{plan} BitOPs" + (f" + {a.size_kb:g} KB" if cap else "")
+                    label = f"W{w}A{bits_a} BitOPs" + (f" + {a.size_kb:g} KB" if cap else "")
                     print(f"| {Path(path).stem} | {label} | {alpha:g} | {new.status.value}, {100 * new.gap:.3f} % | "
                           f"{t_new:.2f} | {new.info.get('local_moves', '-')} | {old.solver} {old.status.value}, "
                           f"{100 * old.gap:.3f} % | {t_old:.1f} | {(new.objective - c) / (old.objective - c):.5f} |",
