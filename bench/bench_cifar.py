@@ -209,6 +209,18 @@ def make_jobs(plans, lr: float, methods, extra: bool, bitops_of, opt: str = "sgd
     return jobs
 
 
+def sweep_jobs(settings: list[tuple[str, float]], plans: list[tuple[int, int]], keep: set | None,
+               seed: int) -> list[dict]:
+    """The optimizer / lr sweep on uniform W2A4: one job per setting when there are several and W2A4 is planned,
+    narrowed like every other row by ``--rows`` (``keep``), so that ``--rows none`` runs none of it."""
+    if len(settings) < 2 or (2, 4) not in plans:
+        return []
+    sweep = [{**make_jobs([(2, 4)], v, [], False, lambda w, a: 0.0, o)[1], "key": f"w2a4_uniform_{o}{v:g}",
+              "label": f"W2A4 uniform (LSQ QAT), {o} lr {v:g}", "group": "lr-sweep", "seed": seed}
+             for o, v in settings]  # the seed goes with the row: the chosen one is the W2A4 pairs' baseline
+    return [j for j in sweep if keep is None or j["key"] in keep]
+
+
 def with_method(jobs: list[dict], method: str) -> list[dict]:
     """The jobs with every default-method (fisher) mixed row scored by ``method`` instead, its label saying so.
 
@@ -715,12 +727,9 @@ def main(argv=None) -> int:
 
     keep = set(args.rows.split(",")) if args.rows else None
     opt, lr = settings[0]
-    if len(settings) > 1 and (2, 4) in plans:  # the optimizer / lr sweep on uniform W2A4
-        sweep = [{**make_jobs([(2, 4)], v, [], False, lambda w, a: 0.0, o)[1], "key": f"w2a4_uniform_{o}{v:g}",
-                  "label": f"W2A4 uniform (LSQ QAT), {o} lr {v:g}", "group": "lr-sweep", "seed": args.seed}
-                 for o, v in settings]  # the seed goes with the row: the chosen one is the W2A4 pairs' baseline
-        sweep = [j for j in sweep if keep is None or j["key"] in keep]  # --rows names what runs, sweep included
-        swept = run_jobs(sweep, common, args.jobs, deadline, lambda r: (rows.append(r), save(r))) if sweep else []
+    sweep = sweep_jobs(settings, plans, keep, args.seed)
+    if sweep:
+        swept = run_jobs(sweep, common, args.jobs, deadline, lambda r: (rows.append(r), save(r)))
         good = [r for r in swept if r.get("acc_fq") is not None]
         if good:
             best = max(good, key=lambda r: r["acc_fq"])

@@ -182,3 +182,35 @@ def test_merge_takes_reduced_runs_of_the_same_source_and_limits_as_one_data_set(
     with pytest.raises(SystemExit) as e:
         bench.merge([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "m2"))
     assert e.value.code == 2 and "different data" in capsys.readouterr().err
+
+
+def test_the_lr_sweep_is_narrowed_by_rows_like_every_other_row(bench):
+    settings = [("sgd", 0.02), ("sgd", 0.01), ("adam", 1e-4)]
+    every = bench.sweep_jobs(settings, [(2, 4)], None, 3)
+    assert [j["key"] for j in every] == ["w2a4_uniform_sgd0.02", "w2a4_uniform_sgd0.01", "w2a4_uniform_adam0.0001"]
+    assert all(j["group"] == "lr-sweep" and j["seed"] == 3 and j["uniform"] for j in every)
+    assert [(j["opt"], j["lr"]) for j in every] == settings
+    assert bench.sweep_jobs(settings, [(2, 4)], {"none"}, 0) == []
+    assert [j["key"] for j in bench.sweep_jobs(settings, [(2, 4)], {"w2a4_uniform_sgd0.01", "w2a4_mixed"}, 0)] \
+        == ["w2a4_uniform_sgd0.01"]
+    assert bench.sweep_jobs(settings[:1], [(2, 4)], None, 0) == []  # one setting: nothing to choose
+    assert bench.sweep_jobs(settings, [(3, 3)], None, 0) == []  # the sweep is on W2A4
+
+
+def test_a_float_model_only_run_trains_and_compiles_nothing_else(bench, tmp_path):
+    """``--rows none`` with the default four QAT settings: the float model, its accuracy, and no sweep."""
+    g = np.random.default_rng(0)
+    data = tmp_path / "cifar"
+    data.mkdir()
+    for name, n in (("train-0.npz", 96), ("test.npz", 40)):
+        np.savez(data / name, x=g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=g.integers(0, 10, n).astype(np.uint8))
+    out = tmp_path / "out"
+    rc = bench.main(["--data", str(data), "--device", "cpu", "--fp-epochs", "1", "--batch-size", "32",
+                     "--threads", "1", "--plans", "w2a4", "--rows", "none", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["rows"] == [] and "lr_selected" not in res["meta"]
+    assert res["meta"]["train"] == 96 and res["meta"]["test"] == 40
+    assert (out / "resnet20_fp.pt").is_file()
+    assert float((out / "fp.done").read_text()) == pytest.approx(res["fp"]["acc"], abs=0.005)
