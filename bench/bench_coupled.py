@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     bitops = {wa: f"{bench_cifar.uniform_bitops(resnet20, *wa) / 1e9:.9f}" for wa in plans}
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()}, {os.cpu_count()} "
           f"cores, torch {torch.__version__}; model {a.model}; gap target {100 * a.gap:g} %")
-    print("| table | budget | weight-alpha | default: status, gap | s | local moves | previous: solver, gap | s | "
-          "objective default / previous |")
+    print("| table | budget | weight-alpha | default: status, gap | s | local moves, knapsacks | "
+          "previous: solver, gap | s | objective default / previous |")
     print("|---|---|---|---|---|---|---|---|---|")
     caps = [{}] + ([{"size": f"{a.size_kb / 1024:.8f}"}] if a.size_kb > 0 else [])
     n = proved_by_tries = 0
@@ -124,7 +124,8 @@ def main(argv=None) -> int:
                     c = sp.problem.obj_const
                     label = f"W{w}A{bits_a} BitOPs" + (f" + {a.size_kb:g} KB" if cap else "")
                     print(f"| {Path(path).stem} | {label} | {alpha:g} | {new.status.value}, {100 * new.gap:.3f} % | "
-                          f"{t_new:.2f} | {new.info.get('local_moves', '-')} | {old.solver} {old.status.value}, "
+                          f"{t_new:.2f} | {new.info.get('local_moves', '-')}, {new.info.get('local_knapsacks', '-')}"
+                          f" | {old.solver} {old.status.value}, "
                           f"{100 * old.gap:.3f} % | {t_old:.1f} | {(new.objective - c) / (old.objective - c):.5f} |",
                           flush=True)
     print(f"\n{n} problems; {proved_by_tries} proved by the decomposition's tries (the same on both paths); the "

@@ -69,5 +69,7 @@ def test_a_run_counts_every_problem_and_rows_only_the_unproved(files):
     assert len(rows) == 1 and rows[0][1] == "W2A2 BitOPs", r.stdout
     status, gap = rows[0][3].split(", ")
     assert status == "feasible" and 0.1 < float(gap.rstrip(" %")) < 5  # unproved, within a few percent
+    moves, knapsacks = rows[0][5].split(", ")
+    assert int(knapsacks) >= int(moves)  # the local search's knapsacks, each move among them
     assert rows[0][6].startswith("highs")  # the previous path went on to the MIP
     assert abs(float(rows[0][8]) - 1.0) < 0.01  # and both end near the same objective
