@@ -1,10 +1,11 @@
 """The coupled kernel-wise search (per-channel weight widths, searched activation widths) on real CIFAR-10
 ResNet-20 sensitivity tables: the default path against the one it replaced, on the same problems in the same run.
 
-- default (since session 16): the Lagrangian decomposition's tries, then a local search over activation widths
-  (``mckp._local_search``); a plan still unproved comes back as it is (a warning beyond 1 %);
-- before: the decomposition's tries only, then, when they did not prove the gap, HiGHS' MIP from that incumbent
-  for 60 s (``--mip-seconds``), the plan paired with the tighter of the two bounds.
+- default: the Lagrangian decomposition's tries, then a local search over activation widths
+  (``mckp._local_search``, session 16), then a branch-and-bound over them that raises the bound
+  (``mckp._branch_and_bound``, session 17); a plan still unproved comes back as it is (a warning beyond 1 %);
+- before (until session 15): the decomposition's tries only, then, when they did not prove the gap, HiGHS' MIP
+  from that incumbent for 60 s (``--mip-seconds``), the plan paired with the tighter of the two bounds.
 
 Problems: every table x the BitOPs of uniform W2A2, W2A3, W3A3 and W4A4 with conv1 and fc at 8 bits (bench_cifar's
 mixed rows: every layer free) x weight-alpha 0.4, 0.151, 0.05 (the values bench/RESULTS.md measured) x with and
@@ -40,12 +41,12 @@ def previous_path(graph, target, budgets, table, options, gap: float, mip_second
     from mpqc.compiler.search import mckp, solve_highs
     from mpqc.compiler.search.solve import search
 
-    keep = mckp.LOCAL_SEARCH_LIMIT, solve_highs._stop_within
-    mckp.LOCAL_SEARCH_LIMIT, solve_highs._stop_within = 0.0, lambda *args: None
+    keep = mckp.LOCAL_SEARCH_LIMIT, mckp.BRANCH_NODES, solve_highs._stop_within
+    mckp.LOCAL_SEARCH_LIMIT, mckp.BRANCH_NODES, solve_highs._stop_within = 0.0, 0, lambda *args: None
     try:
         return search(graph, target, budgets, table, options, gap=gap, time_limit=mip_seconds)
     finally:
-        mckp.LOCAL_SEARCH_LIMIT, solve_highs._stop_within = keep
+        mckp.LOCAL_SEARCH_LIMIT, mckp.BRANCH_NODES, solve_highs._stop_within = keep
 
 
 def main(argv=None) -> int:
@@ -98,9 +99,9 @@ def main(argv=None) -> int:
     bitops = {wa: f"{bench_cifar.uniform_bitops(resnet20, *wa) / 1e9:.9f}" for wa in plans}
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()}, {os.cpu_count()} "
           f"cores, torch {torch.__version__}; model {a.model}; gap target {100 * a.gap:g} %")
-    print("| table | budget | weight-alpha | default: status, gap | s | local moves, knapsacks | "
+    print("| table | budget | weight-alpha | default: status, gap | s | local moves, knapsacks | B&B nodes, root gap | "
           "previous: solver, gap | s | objective default / previous |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     caps = [{}] + ([{"size": f"{a.size_kb / 1024:.8f}"}] if a.size_kb > 0 else [])
     n = proved_by_tries = 0
     t_new_all = t_old_all = 0.0
@@ -122,10 +123,12 @@ def main(argv=None) -> int:
                     t_new = time.perf_counter() - t0
                     t_new_all, t_old_all = t_new_all + t_new, t_old_all + t_old
                     c = sp.problem.obj_const
+                    root = new.info.get("root_bound")
+                    root_gap = "-" if root is None else f"{100 * (new.objective - root) / abs(new.objective - c):.3f} %"
                     label = f"W{w}A{bits_a} BitOPs" + (f" + {a.size_kb:g} KB" if cap else "")
                     print(f"| {Path(path).stem} | {label} | {alpha:g} | {new.status.value}, {100 * new.gap:.3f} % | "
                           f"{t_new:.2f} | {new.info.get('local_moves', '-')}, {new.info.get('local_knapsacks', '-')}"
-                          f" | {old.solver} {old.status.value}, "
+                          f" | {new.info.get('branch_nodes', '-')}, {root_gap} | {old.solver} {old.status.value}, "
                           f"{100 * old.gap:.3f} % | {t_old:.1f} | {(new.objective - c) / (old.objective - c):.5f} |",
                           flush=True)
     print(f"\n{n} problems; {proved_by_tries} proved by the decomposition's tries (the same on both paths); the "

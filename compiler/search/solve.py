@@ -135,10 +135,11 @@ def search(graph, target, budgets: list, table, options=None, *, solver: str = "
     ``gap`` defaults to 0 (prove optimality) at layer granularity and 1e-3 at channel granularity. With
     per-channel weights *and* more than one activation width, the costs couple the two: the default path is a
     Lagrangian decomposition over the activation widths (:func:`.mckp.solve_coupled`, seeded with the
-    layer-granularity optimum, then a local search over the activation widths). When that cannot prove the gap,
-    its plan is returned as it is (a warning beyond :data:`WARN_GAP`), or, given a ``time_limit``, HiGHS' MIP
-    (linearised products) goes on from it for the time left and stops once its incumbent is within the gap of
-    the decomposition's bound.
+    layer-granularity optimum, then a local search over the activation widths, then a branch-and-bound over
+    them that raises the bound; these two take at most 30 s and 20 s, or share the ``time_limit``). When that
+    cannot prove the gap, its plan is returned as it is (a warning beyond :data:`WARN_GAP`), or, given a
+    ``time_limit`` with time left, HiGHS' MIP (linearised products) goes on from it and stops once its incumbent
+    is within the gap of the decomposition's bound.
     ``solver="highs"`` skips the decomposition: the MIP starts from the layer-granularity optimum and runs for
     ``time_limit`` or :data:`COUPLED_MIP_LIMIT` seconds.
     """

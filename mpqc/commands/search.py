@@ -77,8 +77,9 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                    help="highs: the structure-exploiting path (HiGHS LP bound + exact search) where the problem is "
                         "a pure knapsack, HiGHS' MIP otherwise; highs-mip: always the MIP; cbc: CBC via PuLP")
     s.add_argument("--time-limit", type=float, metavar="S",
-                   help="solver time limit in seconds; kernel-wise with searched activation widths it also lets "
-                        "HiGHS' MIP go on from a plan the decomposition could not prove (default: no MIP)")
+                   help="solver time limit in seconds; kernel-wise with searched activation widths it is shared "
+                        "by the decomposition's local search and branch-and-bound (default 30 s and 20 s at most), "
+                        "and lets HiGHS' MIP go on from a plan they could not prove (default: no MIP)")
     s.add_argument("--search", choices=("ilp", "greedy", "learned"), default="ilp",
                    help="ilp (exact), greedy (IMPQ's iterative reduction) or learned (analog, Garg et al.)")
     s.add_argument("--pareto", type=int, metavar="N",

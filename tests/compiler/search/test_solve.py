@@ -405,15 +405,19 @@ def test_a_local_search_over_activation_widths_proves_what_the_decompositions_tr
     assert sp_.problem.feasible(searched.choice, searched.aux, tol=1e-6)
 
     monkeypatch.setattr(mckp, "LOCAL_SEARCH_LIMIT", 0.0)
+    monkeypatch.setattr(mckp, "BRANCH_NODES", 0)
     tries_only = mckp.solve_coupled(sp_, gap=1e-3)
     assert tries_only.status == SolveStatus.FEASIBLE and tries_only.gap > 1e-3
     assert searched.objective < tries_only.objective
 
 
-def test_an_unproved_coupled_plan_skips_the_mip_unless_a_time_limit_asks_for_it(resnet20_graph):
-    """Here no activation choice reaches the bound (the local search finds no better move), so the plan comes
-    back at once, feasible at its 0.11 % gap (under 1 %: no warning); with --time-limit the MIP goes on from it
-    and the plan keeps the tighter Lagrangian bound."""
+def test_an_unproved_coupled_plan_skips_the_mip_unless_a_time_limit_asks_for_it(resnet20_graph, monkeypatch):
+    """Here no activation choice reaches the root bound (the local search finds no better move) and the
+    branch-and-bound is switched off, so the plan comes back at once, feasible at its 0.11 % gap (under 1 %: no
+    warning); with --time-limit the MIP goes on from it and the plan keeps the tighter Lagrangian bound."""
+    from mpqc.compiler.search import mckp
+
+    monkeypatch.setattr(mckp, "BRANCH_NODES", 0)
     table, options, _sp = _coupled_resnet20(resnet20_graph, 5, (8, 6, 4, 2), avg_bits="W2A4")
     budgets = parse_budgets(avg_bits="W2A4")
     sp_, sol = search(resnet20_graph, load_target("generic"), budgets, table, options)
@@ -425,7 +429,7 @@ def test_an_unproved_coupled_plan_skips_the_mip_unless_a_time_limit_asks_for_it(
     assert timed.objective <= sol.objective * (1 + 1e-9) and timed.bound == pytest.approx(sol.bound)
 
 
-def test_the_local_searchs_cut_is_a_true_bound_on_every_move(resnet20_graph):
+def test_the_local_searchs_cut_is_a_true_bound_on_every_move(resnet20_graph, monkeypatch):
     """Fixing the activation widths raises the Lagrangian value by the sum of their regrets at the same prices,
     and that is what lets a fruitless pass stop at its first move whose bound reaches the incumbent: checked
     here against each move's knapsack solved to optimality, and on the unproved W2A4 case, whose pass now
@@ -453,8 +457,50 @@ def test_the_local_searchs_cut_is_a_true_bound_on_every_move(resnet20_graph):
             tight += floor >= sol.objective - 0.02 * abs(sol.objective)
     assert tight > 0  # the bound is near, not just below
 
+    monkeypatch.setattr(mckp, "BRANCH_NODES", 0)  # what comes after the pass: the plan stays unproved
     searched = mckp.solve_coupled(sp_, gap=1e-3)
     n_moves = sum(len(oracle.bits[u]) - 1 for u in oracle.units)
     assert searched.status == SolveStatus.FEASIBLE and searched.info["local_moves"] == 0
     assert 1 <= searched.info["local_knapsacks"] < n_moves / 10
     assert searched.info["tries_cut"] >= 1  # the same bound skips the decomposition's hopeless tries
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("avg_bits", ["W3A3", "W2A4"])
+def test_branch_and_bound_over_activation_widths_proves_the_exact_optimum(seed, avg_bits, monkeypatch):
+    """A small coupled problem (three activation units, ten weight channels) that HiGHS solves exactly: the
+    decomposition alone stops 1-30 % above its root bound; branching on the widths reaches HiGHS' optimum and
+    proves it, with a bound that never passes the optimum."""
+    from mpqc.compiler.search import mckp
+    from mpqc.compiler.search.solve_highs import solve_highs
+
+    graph = branchy_graph()
+    bits = (8, 6, 4, 2)
+    table = read_sensitivity(synthetic_table(graph, bits, np.random.default_rng(seed), channels=True))
+    options = SearchOptions(granularity="channel", w_candidates=bits, a_candidates=bits)
+    sp_ = build_problem(graph, load_target("generic"), parse_budgets(avg_bits=avg_bits), table, options)
+    exact = solve_highs(sp_.problem, gap=0.0)
+    assert exact.status == SolveStatus.OPTIMAL
+
+    got = mckp.solve_coupled(sp_, gap=1e-9)
+    assert got.status == SolveStatus.OPTIMAL and got.info["branch_nodes"] >= 1
+    assert got.objective == pytest.approx(exact.objective, rel=1e-9)
+    assert got.bound <= exact.objective + 1e-9 * abs(exact.objective)
+    assert got.info["root_bound"] < got.bound  # the branching raised it
+
+    monkeypatch.setattr(mckp, "BRANCH_NODES", 0)
+    root_only = mckp.solve_coupled(sp_, gap=1e-9)
+    assert root_only.status == SolveStatus.FEASIBLE and root_only.gap > 1e-3
+
+
+def test_branch_and_bound_proves_the_resnet20_plan_the_root_bound_could_not(resnet20_graph):
+    """The W2A4 case above: 0.11 % from the root bound, proved within the 0.1 % target after branching, so a
+    --time-limit no longer hands it to the MIP."""
+    table, options, _sp = _coupled_resnet20(resnet20_graph, 5, (8, 6, 4, 2), avg_bits="W2A4")
+    budgets = parse_budgets(avg_bits="W2A4")
+    for limit in (None, 5.0):
+        sp_, sol = search(resnet20_graph, load_target("generic"), budgets, table, options, time_limit=limit)
+        assert sol.solver == "mckp-coupled" and sol.status == SolveStatus.OPTIMAL and sol.gap <= 1e-3
+        root_gap = (sol.objective - sol.info["root_bound"]) / abs(sol.objective - sp_.problem.obj_const)
+        assert root_gap > 1e-3 and sol.info["branch_nodes"] >= 1
+        assert sp_.problem.feasible(sol.choice, sol.aux, tol=1e-6)
