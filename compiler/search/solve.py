@@ -170,7 +170,7 @@ def search(graph, target, budgets: list, table, options=None, *, solver: str = "
             sol = solve_coupled(sp, gap=gap, time_limit=time_limit, starts=[acts] if acts else None)
             if sol is not None and (sol.status == SolveStatus.OPTIMAL or time_limit is None):
                 # not proved and no time limit: the MIP's bound on the linearised products is weak, and 60 s of
-                # it from this incumbent changed 1 of 11 real plans, by 0.013 % (bench/RESULTS.md, search 4)
+                # it from the tries' incumbent changed 1 of 11 real plans, by 0.013 % (bench/RESULTS.md, search 4)
                 return sp, _noted(sp, sol, gap)
             if sol is not None:  # gap target not proved: the MIP goes on from this incumbent for the time left
                 start, coupled = sol.choice, sol
@@ -209,8 +209,8 @@ def _noted(sp, sol: Solution, gap: float) -> Solution:
     """A plan that may be more than :data:`WARN_GAP` (or the gap target) from optimal says so, with how far.
 
     Closer than that it goes without a warning (plan.json still has the status and gap): the scores behind the
-    objective are estimates, far noisier than 1 %, and on real ResNet-20 tables 11 of 72 kernel-wise plans end
-    0.11-0.6 % from the Lagrangian bound, where 60 s more of MIP changed one plan's objective by 0.013 %
+    objective are estimates, far noisier than 1 %. On real ResNet-20 tables the decomposition's tries left 11
+    of 72 kernel-wise plans 0.09-0.93 % from the root bound; the branch-and-bound proved all 11 within 0.1 %
     (bench/RESULTS.md, search section 4)."""
     if sol.status == SolveStatus.FEASIBLE and np.isfinite(sol.gap) and sol.gap > max(gap, WARN_GAP):
         msg = (f"the search stopped before proving its plan optimal: the plan's objective is within "
