@@ -210,7 +210,7 @@ def _noted(sp, sol: Solution, gap: float) -> Solution:
 
     Closer than that it goes without a warning (plan.json still has the status and gap): the scores behind the
     objective are estimates, far noisier than 1 %. On real ResNet-20 tables the decomposition's tries left 11
-    of 72 kernel-wise plans 0.09-0.93 % from the root bound; the branch-and-bound proved all 11 within 0.1 %
+    of 72 kernel-wise plans 0.11-1.1 % from the root bound; the branch-and-bound proved all 11 within 0.1 %
     (bench/RESULTS.md, search section 4)."""
     if sol.status == SolveStatus.FEASIBLE and np.isfinite(sol.gap) and sol.gap > max(gap, WARN_GAP):
         msg = (f"the search stopped before proving its plan optimal: the plan's objective is within "
