@@ -238,6 +238,37 @@ def _objective_html(meta: dict) -> str:
     return text
 
 
+def _search_html(solver: dict, warnings: list) -> str:
+    """The search in words: which solver, how close to optimal it proved the plan, how, and its warnings."""
+    if not solver:
+        return ""
+    status, gap = solver.get("status"), solver.get("gap")
+    if status == "optimal":
+        how = "optimal" + (f", within {100 * gap:.3g} % of the best possible" if gap and gap > 1e-9 else "")
+    elif status == "feasible" and gap is not None and np.isfinite(gap):
+        how = f"feasible, not proved optimal: within {100 * gap:.3g} % of the best possible"
+    else:
+        how = html.escape(str(status))
+    text = (f"<h2>Search</h2><p>{html.escape(str(solver.get('name')))}: {how} "
+            f"({_fmt(solver.get('time_s'))} s; {solver.get('binaries')} choices in {solver.get('groups')} groups)")
+    proof = solver.get("proof") or {}
+    if "tried_act_choices" in proof:
+        text += (f". Channel widths with searched activation widths: a Lagrangian decomposition solved the "
+                 f"knapsack of {proof['tried_act_choices']} activation choices")
+        if proof.get("local_moves"):
+            text += f", a local search moved {proof['local_moves']} activation widths"
+        if proof.get("branch_nodes"):
+            text += f", and a branch-and-bound over them expanded {proof['branch_nodes']} nodes"
+            if proof.get("root_gap") is not None:
+                text += f" (the bound before branching left {100 * proof['root_gap']:.3g} %)"
+    if proof.get("bound_from"):
+        text += f"; the bound is from the {html.escape(str(proof['bound_from']))}"
+    text += ".</p>"
+    if warnings:
+        text += "<p>Warnings:</p><ul>" + "".join(f"<li>{html.escape(str(w))}</li>" for w in warnings) + "</ul>"
+    return text
+
+
 def _finetune_html(info: dict) -> str:
     """How the model was fine-tuned, and whether its last steps saw the exported numerics (the deploy tail)."""
     if not info or not info.get("epochs"):
@@ -291,7 +322,7 @@ img{{max-width:100%}}</style></head><body>
 (MiB = 2<sup>20</sup> bytes); energy in the target's unit per MAC.</p>
 <h2>Accuracy</h2>{_table(acc_rows, ["model", "top-1 accuracy (%)"])}
 <h2>Budgets</h2>{_table(cost_rows, ["cost", "value", "budget", "slack", "binding", "unit"])}
-<p>Solver: {html.escape(json.dumps(solver))}</p>
+{_search_html(solver, (plan.get("meta") or {}).get("warnings") or [])}
 {objective_html}
 {finetune_html}
 {analog_html}

@@ -525,6 +525,13 @@ class SearchProblem:
         plan.solver = {"name": sol.solver, "status": sol.status.value, "objective": float(sol.objective),
                        "gap": float(sol.gap), "time_s": float(sol.time_s), "bound": float(sol.bound),
                        "binaries": self.problem.n, "groups": self.problem.n_groups}
+        proof = {k: sol.info[k] for k in ("tried_act_choices", "local_moves", "branch_nodes", "bound_from")
+                 if k in (sol.info or {})}
+        if "root_bound" in (sol.info or {}):  # the gap the Lagrangian bound left before branching
+            var = max(abs(float(sol.objective) - self.problem.obj_const), 1e-12)
+            proof["root_gap"] = max(0.0, (float(sol.objective) - float(sol.info["root_bound"])) / var)
+        if proof:  # how the coupled search got its plan and bound (the report says it in words)
+            plan.solver["proof"] = proof
         if self.warnings:
             plan.meta.setdefault("warnings", list(self.warnings))
         return plan

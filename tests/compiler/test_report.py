@@ -1,6 +1,7 @@
-"""compiler/report.py: the fine-tuning section names the deploy tail when a run used it."""
+"""compiler/report.py: the fine-tuning section names the deploy tail when a run used it; the search section says
+how close to optimal the plan is, how that was proved, and the search's warnings."""
 
-from mpqc.compiler.report import _finetune_html
+from mpqc.compiler.report import _finetune_html, _search_html
 
 
 def test_finetune_section_reports_the_deploy_tail_only_when_used():
@@ -12,3 +13,19 @@ def test_finetune_section_reports_the_deploy_tail_only_when_used():
     assert "batch statistics folded, 19" in _finetune_html({**base, "deploy_tail": {**tail, "form": "folded"}})
     assert "bias rounding" not in _finetune_html(base) and "3 epochs of lsq" in _finetune_html(base)
     assert _finetune_html({"epochs": 0}) == ""
+
+
+def test_search_section_says_how_the_plan_was_proved_and_lists_the_warnings():
+    base = {"name": "mckp-coupled", "objective": 1.2, "time_s": 0.36, "binaries": 5026, "groups": 718}
+    proof = {"tried_act_choices": 5, "local_moves": 0, "branch_nodes": 2, "root_gap": 0.00348}
+    page = _search_html({**base, "status": "optimal", "gap": 4.3e-4, "proof": proof}, [])
+    assert "mckp-coupled: optimal, within 0.043 % of the best possible" in page
+    assert "knapsack of 5 activation choices" in page and "local search" not in page
+    assert "expanded 2 nodes (the bound before branching left 0.348 %)" in page and "Warnings" not in page
+    warned = _search_html({**base, "status": "feasible", "gap": 0.0111, "proof": {"tried_act_choices": 3}},
+                          ["the search stopped before proving <its> plan optimal"])
+    assert "feasible, not proved optimal: within 1.11 %" in warned and "branch-and-bound" not in warned
+    assert "<li>the search stopped before proving &lt;its&gt; plan optimal</li>" in warned
+    layer = _search_html({**base, "name": "highs", "status": "optimal", "gap": 0.0}, [])
+    assert "highs: optimal (" in layer and "decomposition" not in layer
+    assert _search_html({}, ["x"]) == ""

@@ -504,3 +504,6 @@ def test_branch_and_bound_proves_the_resnet20_plan_the_root_bound_could_not(resn
         root_gap = (sol.objective - sol.info["root_bound"]) / abs(sol.objective - sp_.problem.obj_const)
         assert root_gap > 1e-3 and sol.info["branch_nodes"] >= 1
         assert sp_.problem.feasible(sol.choice, sol.aux, tol=1e-6)
+    proof = sp_.to_plan(sol).to_dict()["solver"]["proof"]  # what plan.json and the report carry
+    assert proof["branch_nodes"] == sol.info["branch_nodes"] and proof["root_gap"] == pytest.approx(root_gap)
+    assert proof["tried_act_choices"] >= 1 and "local_moves" in proof
