@@ -466,19 +466,20 @@ def test_the_local_searchs_cut_is_a_true_bound_on_every_move(resnet20_graph, mon
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("avg_bits", ["W3A3", "W2A4"])
-def test_branch_and_bound_over_activation_widths_proves_the_exact_optimum(seed, avg_bits, monkeypatch):
-    """A small coupled problem (three activation units, ten weight channels) that HiGHS solves exactly: the
-    decomposition alone stops 1-30 % above its root bound; branching on the widths reaches HiGHS' optimum and
-    proves it, with a bound that never passes the optimum."""
+@pytest.mark.parametrize("budgets, act_groups", [({"avg_bits": "W3A3"}, "tensor"), ({"avg_bits": "W2A4"}, "tensor"),
+                                                 ({"avg_bits": "W2A4", "compression": 10}, "consumer")])
+def test_branch_and_bound_over_activation_widths_proves_the_exact_optimum(seed, budgets, act_groups, monkeypatch):
+    """A small coupled problem (three or four activation units, ten weight channels) that HiGHS solves exactly:
+    the decomposition alone stops 1-30 % above its root bound; branching on the widths reaches HiGHS' optimum
+    and proves it, with a bound that never passes the optimum."""
     from mpqc.compiler.search import mckp
     from mpqc.compiler.search.solve_highs import solve_highs
 
     graph = branchy_graph()
     bits = (8, 6, 4, 2)
     table = read_sensitivity(synthetic_table(graph, bits, np.random.default_rng(seed), channels=True))
-    options = SearchOptions(granularity="channel", w_candidates=bits, a_candidates=bits)
-    sp_ = build_problem(graph, load_target("generic"), parse_budgets(avg_bits=avg_bits), table, options)
+    options = SearchOptions(granularity="channel", w_candidates=bits, a_candidates=bits, act_groups=act_groups)
+    sp_ = build_problem(graph, load_target("generic"), parse_budgets(**budgets), table, options)
     exact = solve_highs(sp_.problem, gap=0.0)
     assert exact.status == SolveStatus.OPTIMAL
 
