@@ -253,10 +253,12 @@ def _search_html(solver: dict, warnings: list) -> str:
             f"({_fmt(solver.get('time_s'))} s; {solver.get('binaries')} choices in {solver.get('groups')} groups)")
     proof = solver.get("proof") or {}
     if "tried_act_choices" in proof:
+        n = proof["tried_act_choices"]
         text += (f". Channel widths with searched activation widths: a Lagrangian decomposition solved the "
-                 f"knapsack of {proof['tried_act_choices']} activation choices")
+                 f"knapsack left by {n} activation choice{'' if n == 1 else 's'}")
         if proof.get("local_moves"):
-            text += f", a local search moved {proof['local_moves']} activation widths"
+            m = proof["local_moves"]
+            text += f", a local search moved {m} activation width{'' if m == 1 else 's'}"
         if proof.get("branch_nodes"):
             text += f", and a branch-and-bound over them expanded {proof['branch_nodes']} nodes"
             if proof.get("root_gap") is not None:

@@ -20,11 +20,15 @@ def test_search_section_says_how_the_plan_was_proved_and_lists_the_warnings():
     proof = {"tried_act_choices": 5, "local_moves": 0, "branch_nodes": 2, "root_gap": 0.00348}
     page = _search_html({**base, "status": "optimal", "gap": 4.3e-4, "proof": proof}, [])
     assert "mckp-coupled: optimal, within 0.043 % of the best possible" in page
-    assert "knapsack of 5 activation choices" in page and "local search" not in page
+    assert "knapsack left by 5 activation choices" in page and "local search" not in page
     assert "expanded 2 nodes (the bound before branching left 0.348 %)" in page and "Warnings" not in page
     warned = _search_html({**base, "status": "feasible", "gap": 0.0111, "proof": {"tried_act_choices": 3}},
                           ["the search stopped before proving <its> plan optimal"])
     assert "feasible, not proved optimal: within 1.11 %" in warned and "branch-and-bound" not in warned
+    assert "left by 3 activation choices" in warned
+    one = _search_html({**base, "status": "optimal", "gap": 0.0,
+                        "proof": {"tried_act_choices": 1, "local_moves": 1}}, [])
+    assert "left by 1 activation choice, a local search moved 1 activation width." in one
     assert "<li>the search stopped before proving &lt;its&gt; plan optimal</li>" in warned
     layer = _search_html({**base, "name": "highs", "status": "optimal", "gap": 0.0}, [])
     assert "highs: optimal (" in layer and "decomposition" not in layer
