@@ -238,8 +238,11 @@ def _stage_sensitivity(r: _Run) -> dict:
                "act_groups": o.act_groups, "device": str(r.device)}
     if method == "analog":
         options["target"] = o.target
-    table = run_sensitivity(method, r.captured, r.data, options,
-                            cache=os.path.join(r.out, ".cache"))
+    from .progress import StageBars
+
+    with StageBars(o.progress) as progress:  # the longest silent stage otherwise: minutes on a real model
+        table = run_sensitivity(method, r.captured, r.data, options, progress=progress,
+                                cache=os.path.join(r.out, ".cache"))
     table.save(r.path("sensitivity.json"))
     return {"method": method}
 

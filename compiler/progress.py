@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def progress_bar(show: bool = True, *, info: bool = False):
     """Bars on stderr, so stdout stays free for a command's ``--json`` summary: description, bar, done/total,
@@ -21,3 +23,24 @@ def progress_bar(show: bool = True, *, info: bool = False):
         cols.append(TextColumn("{task.fields[info]}"))
     cols += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     return Progress(*cols, console=Console(stderr=True), disable=not show)
+
+
+class StageBars:
+    """A bar per named step of a long pass, fed by a ``progress(stage, done, total)`` callback (the sensitivity
+    methods' protocol); shown on stderr only when it is a terminal and ``show`` is set."""
+
+    def __init__(self, show: bool = True):
+        self.bar = progress_bar(show and sys.stderr.isatty())
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)

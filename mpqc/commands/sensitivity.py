@@ -63,30 +63,6 @@ def parse_options(items: list[str]) -> dict[str, str]:
     return out
 
 
-class _Progress:
-    """Rich progress bars on stderr, one per stage, with elapsed time and an ETA."""
-
-    def __init__(self):
-        import sys
-
-        from mpqc.compiler.progress import progress_bar
-
-        self.bar = progress_bar(sys.stderr.isatty())
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=total)
-        self.bar.update(self.tasks[stage], completed=done, total=total)
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
-
-
 def _fmt(v: float) -> str:
     return f"{v:.3g}" if v else "0"
 
@@ -137,7 +113,9 @@ def run(args):
     fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None)
     captured = capture(loaded.module, loaded.example_inputs, fold_bn=True)
     cache = None if args.no_cache else SensitivityCache(args.cache_dir)
-    with _Progress() as progress:
+    from mpqc.compiler.progress import StageBars
+
+    with StageBars() as progress:
         table = run_sensitivity(args.method, captured, data, opts, progress=progress, cache=cache)
     if args.monotone:
         table = table.monotone()

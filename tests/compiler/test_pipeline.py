@@ -204,3 +204,31 @@ def test_compile_logs_the_searchs_warnings(tmp_path, caplog):
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert said and "dead weights" in said[0], [r.getMessage() for r in caplog.records]
     assert said[0] in plan["meta"]["warnings"]
+
+
+def test_the_compiles_sensitivity_stage_shows_its_progress_on_a_terminal(tmp_path, monkeypatch):
+    """The sensitivity pass is the stage that runs for minutes on a real model; on a terminal it has bars (the
+    same as `mpqc sensitivity`), and with ``progress=False`` or off a terminal it is silent."""
+    import io
+    import re
+    import sys
+
+    import torch
+
+    import mpqc
+    from tests.models import DeadBranchDigits
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    torch.manual_seed(0)
+    torch.save(DeadBranchDigits().state_dict(), tmp_path / "m.pt")
+    kw = dict(arch="tests.models:DeadBranchDigits", target="generic", data="digits", input_shape="1,1,8,8",
+              avg_bits="W4A4", stop_after="sensitivity")
+    for progress in (True, False):
+        err = Terminal()
+        monkeypatch.setattr(sys, "stderr", err)
+        mpqc.compile(str(tmp_path / "m.pt"), out=str(tmp_path / f"out{progress}"), progress=progress, **kw)
+        shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", err.getvalue())
+        assert ("fisher: gradients" in shown and "calibrate" in shown) == progress, shown[-500:]
