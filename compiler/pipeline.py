@@ -596,9 +596,13 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
          ["metrics.json"], _stage_evaluate),
         ("report", {"_files": {"plan": "plan.json", "metrics": "metrics.json"}}, ["report.html"], _stage_report),
     ]
+    from .progress import stage_status
+
     t0 = time.perf_counter()
     for name, inputs, outputs, fn in steps:
-        reused, info = r.manifest.run(name, inputs, outputs, lambda fn=fn: fn(r))
+        quiet = name in ("capture", "export", "evaluate", "report")  # stages with no bars of their own
+        with stage_status(f"{name} …", o.progress and quiet):
+            reused, info = r.manifest.run(name, inputs, outputs, lambda fn=fn: fn(r))
         if reused:
             result.reused.append(name)
         log.info("stage %s %s", name, "reused" if reused else "done")

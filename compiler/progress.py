@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 
@@ -44,3 +45,16 @@ class StageBars:
 
     def __exit__(self, *exc):
         self.bar.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def stage_status(text: str, show: bool = True):
+    """A spinner on stderr while a stage without bars of its own runs (export, evaluation), terminal only; it
+    must not wrap anything that opens bars (rich allows one live display at a time)."""
+    if not (show and sys.stderr.isatty()):
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text):
+        yield

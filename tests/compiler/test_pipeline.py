@@ -206,9 +206,10 @@ def test_compile_logs_the_searchs_warnings(tmp_path, caplog):
     assert said[0] in plan["meta"]["warnings"]
 
 
-def test_the_compiles_sensitivity_stage_shows_its_progress_on_a_terminal(tmp_path, monkeypatch):
+def test_the_compiles_stages_show_their_progress_on_a_terminal(tmp_path, monkeypatch):
     """The sensitivity pass is the stage that runs for minutes on a real model; on a terminal it has bars (the
-    same as `mpqc sensitivity`), and with ``progress=False`` or off a terminal it is silent."""
+    same as `mpqc sensitivity`), the stages without bars a spinner, and with ``progress=False`` or off a
+    terminal it is silent."""
     import io
     import re
     import sys
@@ -232,3 +233,4 @@ def test_the_compiles_sensitivity_stage_shows_its_progress_on_a_terminal(tmp_pat
         mpqc.compile(str(tmp_path / "m.pt"), out=str(tmp_path / f"out{progress}"), progress=progress, **kw)
         shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", err.getvalue())
         assert ("fisher: gradients" in shown and "calibrate" in shown) == progress, shown[-500:]
+        assert ("capture …" in shown) == progress  # the stages with no bars of their own get a spinner
