@@ -600,7 +600,8 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
 
     t0 = time.perf_counter()
     for name, inputs, outputs, fn in steps:
-        quiet = name in ("capture", "export", "evaluate", "report")  # stages with no bars of their own
+        quiet = name in ("capture", "export", "evaluate", "report") or (  # stages with no bars of their own
+            name == "search" and o.weight_alpha != "auto" and o.search != "learned")  # (those two fine-tune)
         with stage_status(f"{name} …", o.progress and quiet):
             reused, info = r.manifest.run(name, inputs, outputs, lambda fn=fn: fn(r))
         if reused:

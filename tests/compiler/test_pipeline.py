@@ -234,3 +234,7 @@ def test_the_compiles_stages_show_their_progress_on_a_terminal(tmp_path, monkeyp
         shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", err.getvalue())
         assert ("fisher: gradients" in shown and "calibrate" in shown) == progress, shown[-500:]
         assert ("capture …" in shown) == progress  # the stages with no bars of their own get a spinner
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    mpqc.compile(str(tmp_path / "m.pt"), out=str(tmp_path / "outTrue"), progress=True, **{**kw, "stop_after": "search"})
+    assert "search …" in err.getvalue() and "fisher" not in err.getvalue()  # the sensitivity table is reused
