@@ -805,7 +805,9 @@ def solve_coupled(sp, *, gap: float = 1e-3, time_limit: float | None = None, sta
     """Channel widths with searched activation widths, without big-M: a Lagrangian bound over the budget rows
     (each activation unit chooses its width exactly given the prices), then the pure knapsack left by the
     activation widths of the best price vectors (and of ``starts``: unit -> width index maps), solved by
-    :func:`solve_mckp`. Returns None when no candidate activation choice leaves a feasible knapsack."""
+    :func:`solve_mckp`. When those do not prove the gap: :func:`_local_search` over the activation widths, then
+    :func:`_branch_and_bound` over them, which raises the bound (``info`` records the moves, the nodes and the
+    root bound). Returns None when no candidate activation choice leaves a feasible knapsack."""
     t0 = time.perf_counter()
     oracle = _CoupledOracle(sp)
     P = sp.problem
