@@ -55,7 +55,11 @@ def sweep_range(sp: SearchProblem, row: int, *, solver: str = "auto", time_limit
     vec = P.budget_A.getrow(row).toarray().ravel()
     lo_sol = run_solver(P.without_budgets(keep).with_objective(vec[: P.n], vec[P.n:], float(P.budget_const[row])),
                         solver=solver, time_limit=time_limit, gap=0.0)
-    free = run_solver(P.without_budgets(keep), solver=solver, time_limit=time_limit, gap=0.0)
+    cap = _row_cap(P, row) if (solver == "auto" and sp.coupling) else float("inf")
+    if np.isfinite(cap):  # coupled: the row made slack in place (the decomposition keys its rows by index)
+        free = _solve_point(sp, _with_limit(P, row, cap + 1e-9 * max(abs(cap), 1.0)), solver, time_limit, 1e-3)
+    else:
+        free = run_solver(P.without_budgets(keep), solver=solver, time_limit=time_limit, gap=0.0)
     if not lo_sol.ok or not free.ok:
         return float("nan"), float("nan")
     hi = float(P.budget_values(free.choice, free.aux)[row])
@@ -99,6 +103,17 @@ def pareto_sweep(sp: SearchProblem, n: int, *, row: int = 0, solver: str = "auto
         k = int(np.argmin([abs(p.budget - own / _div(r)) for p in points]))
         points[k].chosen = True
     return points
+
+
+def _row_cap(P: MCKProblem, row: int) -> float:
+    """A value of budget row ``row`` that no assignment exceeds: each group at its largest coefficient, each
+    auxiliary at its worse bound (inf when one is unbounded)."""
+    a = P.budget_A.getrow(row).toarray().ravel()
+    x = float(np.maximum.reduceat(a[: P.n], P.group_ptr[:-1]).sum())
+    z = a[P.n:]
+    nz = z != 0
+    worst = np.where(z[nz] > 0, z[nz] * P.aux_hi[nz], z[nz] * P.aux_lo[nz])
+    return float(P.budget_const[row]) + x + float(worst.sum())
 
 
 def _solve_point(sp: SearchProblem, problem: MCKProblem, solver: str, time_limit: float | None, gap: float):
