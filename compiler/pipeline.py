@@ -294,7 +294,7 @@ def _stage_search(r: _Run) -> dict:
                 up = uniform_plan(r.captured.graph, *b.avg_bits, r.target.name, act_groups_mode=o.act_groups)
                 costs = plan_costs(up, r.captured.graph, r.target, lut=lut)
                 baselines[f"W{b.avg_bits[0]}A{b.avg_bits[1]}"] = {
-                    "objective": score_plan(up, r.captured.graph, table, alpha),
+                    "objective": score_plan(up, r.captured.graph, table, alpha, channels=o.granularity == "channel"),
                     **{k: v["value"] for k, v in costs.items()}}
         plan.meta["baselines"] = baselines
     plan.save(r.path("plan.json"))

@@ -1303,10 +1303,14 @@ def _at_energy(scores: dict, e: float):
     return np.where((lo > 0) & (hi > 0), out, (1 - t) * lo + t * hi)
 
 
-def score_plan(plan, graph, table: SensitivityTable, weight_alpha: float = 1.0) -> float:
+def score_plan(plan, graph, table: SensitivityTable, weight_alpha: float = 1.0, *, channels: bool = False) -> float:
     """The objective of any plan under a table: sum of activation scores + alpha · weight scores (analog: the
     energy scores, per channel where the plan and the table have them; digital layers add nothing, as in the
-    search). A score the table lacks makes it NaN."""
+    search). A score the table lacks makes it NaN.
+
+    ``channels``: score a layer at one weight width by its channel scores summed, as the search does at channel
+    granularity. A table's layer score is not that sum (fisher's layer score squares the summed gradient
+    product), so a uniform baseline scored by layer next to a kernel-wise plan would compare unlike numbers."""
     from mpqc.compiler.ir import OpKind
 
     total = 0.0
@@ -1336,7 +1340,8 @@ def score_plan(plan, graph, table: SensitivityTable, weight_alpha: float = 1.0) 
                         table.w(op.name).get(b, float("nan")) * idx.size / len(w)
                     total += weight_alpha * s
             else:
-                total += weight_alpha * table.w(op.name).get(w, float("nan"))
+                wc = table.w_channel(op.name) if channels else {}
+                total += weight_alpha * (float(wc[w].sum()) if w in wc else table.w(op.name).get(w, float("nan")))
         if lp.a_bits is not None and op.act_inputs:
             total += table.a(op.name).get(lp.a_bits, float("nan"))
     return total

@@ -213,7 +213,8 @@ def run(args):
     for name, (w, a) in ({} if target.kind == "analog" else pairs).items():
         up = uniform_plan(graph, w, a, target.name, act_groups_mode=args.act_groups)
         costs = plan_costs(up, graph, target, lut=lut)
-        baselines[name] = {"objective": score_plan(up, graph, table, args.weight_alpha),
+        baselines[name] = {"objective": score_plan(up, graph, table, args.weight_alpha,
+                                                   channels=args.granularity == "channel"),
                            **{k: v["value"] for k, v in costs.items()}}
     plan.meta["baselines"] = baselines
     plan.meta["time_total_s"] = time.perf_counter() - t_start

@@ -508,3 +508,19 @@ def test_branch_and_bound_proves_the_resnet20_plan_the_root_bound_could_not(resn
     proof = sp_.to_plan(sol).to_dict()["solver"]["proof"]  # what plan.json and the report carry
     assert proof["branch_nodes"] == sol.info["branch_nodes"] and proof["root_gap"] == pytest.approx(root_gap)
     assert proof["tried_act_choices"] >= 1 and "local_moves" in proof
+
+
+def test_a_kernel_wise_plans_uniform_baseline_is_scored_by_the_same_channel_scores(resnet20_graph):
+    """At the W2A2 BitOPs with widths 8..2 the only kernel-wise plan is uniform W2A2, so the baseline row beside
+    it must show the same objective: scored by its channel scores summed, not by the table's layer scores (which
+    are not their sum; here the two differ)."""
+    from mpqc.compiler.plan import uniform_plan
+    from mpqc.compiler.search.problem import score_plan
+
+    table, options, _sp = _coupled_resnet20(resnet20_graph, 5, (8, 6, 4, 2), avg_bits="W2A2")
+    sp_, sol = search(resnet20_graph, load_target("generic"), parse_budgets(avg_bits="W2A2"), table, options)
+    plan = sp_.to_plan(sol)
+    assert {b for lp in plan.layers.values() for b in np.atleast_1d(lp.w_bits) if b is not None} == {2}
+    up = uniform_plan(resnet20_graph, 2, 2, "generic")
+    assert score_plan(up, resnet20_graph, table, channels=True) == pytest.approx(plan.objective, rel=1e-9)
+    assert score_plan(up, resnet20_graph, table) != pytest.approx(plan.objective, rel=1e-3)
