@@ -559,7 +559,10 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
     """Run the whole pipeline (see the module docstring); returns the paths and headline numbers."""
     o = CompileOptions(model=model, target=target, data=data, out=out, **kwargs)
     ensure_dir(o.out)
-    r = _Run(o)
+    r = _Run(o)  # checks the target, budgets, model and data before anything is written
+    from .options_file import options_toml
+
+    atomic_write_text(r.path("compile.toml"), options_toml(o))  # `mpqc compile --config` repeats the compile
     result = CompileResult(out=o.out)
     opts = {k: v for k, v in asdict(o).items() if k not in ("out", "progress", "stop_after")}
     common = {"model": opts["model"], "arch": o.arch, "weights": o.weights, "input_shape": o.input_shape,

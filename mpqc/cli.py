@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__)
         mod.add_arguments(p)
         p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _parser=p, _options_file=getattr(mod, "OPTIONS_FILE", False))
     return parser
 
 
@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args._options_file and args.config is not None:  # options from a TOML file; the command line wins
+            from mpqc.commands.config_file import apply_config
+
+            argv = sys.argv[1:] if argv is None else argv
+            apply_config(args._parser, argv[argv.index(args.command) + 1:], args)
         result = args._run(args)
     except UserError as e:
         print(f"mpqc: error: {e}", file=sys.stderr)

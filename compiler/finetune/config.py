@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mpqc.compiler.options_file import toml_value
+
 CONFIG_VERSION = 1
 
 
@@ -318,11 +320,11 @@ class FinetuneConfig:
     def to_toml(self) -> str:
         """The config as TOML: top-level scalars, then one table per section (None values are omitted)."""
         d = self.to_dict()
-        lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in _SECTIONS and v is not None]
+        lines = [f"{k} = {toml_value(v)}" for k, v in d.items() if k not in _SECTIONS and v is not None]
         for k in _SECTIONS:
             lines.append("")
             lines.append(f"[{k}]")
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in d[k].items() if vv is not None]
+            lines += [f"{kk} = {toml_value(vv)}" for kk, vv in d[k].items() if vv is not None]
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -372,20 +374,6 @@ def _plain(v):
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     return v
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)  # shortest round-trip repr; finite by validation
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
 __all__ = ["CONFIG_VERSION", "DistillConfig", "DxmaxConfig", "EnergyConfig", "EnergyMode", "FinetuneConfig",

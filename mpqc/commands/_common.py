@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
+def add_model_arguments(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    """``optional``: MODEL may come from ``--config`` instead (checked once the file is read)."""
+    p.add_argument("model", metavar="MODEL", **({"nargs": "?"} if optional else {}),
                    help="TorchScript or torch.export (.pt2) file, state dict (with --arch), torchvision:NAME, "
                         "or a pickled nn.Module (with --trust-pickle)")
     p.add_argument("--arch", help="pkg.module:factory building the architecture of a state dict")

@@ -11,15 +11,19 @@ import argparse
 from ._common import add_model_arguments
 
 HELP = "the whole pipeline, with a report"
+OPTIONS_FILE = True  # --config FILE holds these options (commands/config_file.py); finetune's --config differs
 
 
 def add_arguments(p) -> None:
     from .search import add_budget_arguments, add_search_options
 
-    add_model_arguments(p)
-    p.add_argument("--target", required=True, help="built-in target name or a .toml file")
-    p.add_argument("--data", required=True, metavar="SPEC", help="digits, cifar10:DIR, imagefolder:DIR or npz:FILE")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="directory for every artifact")
+    add_model_arguments(p, optional=True)
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of these options, keyed by their long names (avg-bits = \"W3A3\", model = "
+                        "\"m.pt\"); the command line overrides it. Every compile writes OUTDIR/compile.toml")
+    p.add_argument("--target", help="built-in target name or a .toml file (required)")
+    p.add_argument("--data", metavar="SPEC", help="digits, cifar10:DIR, imagefolder:DIR or npz:FILE (required)")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="directory for every artifact (required)")
     add_budget_arguments(p)
     add_search_options(p)
     p.add_argument("--sensitivity", default="fisher",
@@ -58,6 +62,9 @@ def add_arguments(p) -> None:
 def run(args):
     import mpqc
 
+    from .config_file import require
+
+    require(args, "model", "target", "data", "output")
     res = mpqc.compile(
         args.model, target=args.target, data=args.data, out=args.output, arch=args.arch, weights=args.weights,
         trust_pickle=args.trust_pickle, input_shape=args.input_shape, bitops=args.bitops, avg_bits=args.avg_bits,
