@@ -255,7 +255,10 @@ def _load_imagefolder(d: str, *, seed: int, calib: int, size: int = 224) -> Data
         raise UserError(f"--data imagefolder:{d}: directory not found")
     classes = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
     if not classes:
-        raise UserError(f"--data imagefolder:{d}: no class sub-folders found")
+        npz = sorted(e for e in os.listdir(d) if e.endswith(".npz"))
+        fix = (f"it holds {npz[0]}: use --data npz:{os.path.join(d, npz[0])}" if npz else
+               "put each class's images in a sub-folder named after the class")
+        raise UserError(f"--data imagefolder:{d}: no class sub-folders found; {fix}")
     from PIL import Image
 
     xs, ys = [], []

@@ -80,6 +80,7 @@ class CompileOptions:
     samples: int = 256  # data samples for the sensitivity pass
     progress: bool = True
     device: str = "auto"  # sensitivity, fine-tuning and PyTorch evaluation: "auto" = CUDA when available
+    threads: int | None = None  # CPU threads of torch and onnxruntime (None: torch's default, one per core)
 
     def __post_init__(self):
         if self.stop_after is not None and self.stop_after not in STAGES:
@@ -107,6 +108,9 @@ class CompileOptions:
         if self.profile not in ("ort", "trt", "qcdq"):  # the residual quantizers are placed for it before export
             raise UserError(f"--profile {self.profile!r}: use ort, trt or qcdq")
         self.fix = tuple(self.fix)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise UserError(f"--threads {self.threads!r} must be an integer >= 1")
 
 
 @dataclass
@@ -450,15 +454,33 @@ def _drop_stale_checkpoint(config, q) -> None:
 def _stage_export(r: _Run) -> dict:
     from .data import make_loader
     from .export import check_parity, export_qdq
+    from .export.parity import failure
 
     q, _ = r.quantized(state=True)
     exported = export_qdq(q, r.o.profile, calib=make_loader(r.data.calib, 64),
                           example_inputs=(r.data.val.tensors[0][:2],))
-    exported.save(r.path("model.onnx"))
     x = r.data.val.tensors[0][:256]
-    report = check_parity(exported.model, exported.reference, x)
-    atomic_write_json(r.path("parity.json"), report.to_dict())
-    return {"parity": report.summary() if hasattr(report, "summary") else None}
+    report = check_parity(exported.model, exported.reference, x, threads=torch.get_num_threads(),
+                          raise_on_failure=False)
+    atomic_write_json(r.path("parity.json"), report.to_dict())  # kept either way: it says what went wrong
+    if not report.passed:  # no model.onnx that disagrees with what was trained; the trained weights stay
+        raise UserError(f"{failure(report)} ({r.path('parity.json')}); the fine-tuned model is kept, and "
+                        f"`{_export_command(r)} --no-check` writes the ONNX file anyway")
+    exported.save(r.path("model.onnx"))
+    return {"parity": report.summary()}
+
+
+def _export_command(r: _Run) -> str:
+    """The `mpqc export` command that exports this compile's fine-tuned model (quoted for a POSIX shell)."""
+    import shlex
+
+    o = r.o
+    args = ["mpqc", "export", o.model, *(["--arch", o.arch] if o.arch else []),
+            *(["--weights", o.weights] if o.weights else []), *(["--trust-pickle"] if o.trust_pickle else []),
+            *(["--input-shape", o.input_shape] if o.input_shape else []), "--plan", r.path("plan.json"),
+            "--checkpoint", r.path("model_q.pt"), "--profile", o.profile,
+            "--data", o.data, "-o", r.path("model.onnx")]
+    return shlex.join(args)
 
 
 def ort_hits(path: str, ds, threads: int | None = None):
@@ -558,13 +580,23 @@ def _stage_report(r: _Run) -> dict:
 def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> CompileResult:  # noqa: A001
     """Run the whole pipeline (see the module docstring); returns the paths and headline numbers."""
     o = CompileOptions(model=model, target=target, data=data, out=out, **kwargs)
+    threads_before = torch.get_num_threads()
+    if o.threads is not None:  # for this compile only: the caller's setting is put back at the end
+        torch.set_num_threads(o.threads)
+    try:
+        return _compile(o)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _compile(o: CompileOptions) -> CompileResult:
     ensure_dir(o.out)
     r = _Run(o)  # checks the target, budgets, model and data before anything is written
     from .options_file import options_toml
 
     atomic_write_text(r.path("compile.toml"), options_toml(o))  # `mpqc compile --config` repeats the compile
     result = CompileResult(out=o.out)
-    opts = {k: v for k, v in asdict(o).items() if k not in ("out", "progress", "stop_after")}
+    opts = {k: v for k, v in asdict(o).items() if k not in ("out", "progress", "stop_after", "threads")}
     common = {"model": opts["model"], "arch": o.arch, "weights": o.weights, "input_shape": o.input_shape,
               "model_hash": _model_hash(r), "data": o.data, "seed": o.seed}
     plan_in = {"sens": "sensitivity.json"}
@@ -599,9 +631,20 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
          ["metrics.json"], _stage_evaluate),
         ("report", {"_files": {"plan": "plan.json", "metrics": "metrics.json"}}, ["report.html"], _stage_report),
     ]
+    t0 = time.perf_counter()
+    _run_stages(o, r, steps, result)
+    result.metrics["total_time_s"] = time.perf_counter() - t0
+    if os.path.exists(r.path("metrics.json")):
+        import json
+
+        with open(r.path("metrics.json")) as f:
+            result.metrics.update(json.load(f))
+    return result
+
+
+def _run_stages(o: CompileOptions, r: _Run, steps: list, result: CompileResult) -> None:
     from .progress import stage_status
 
-    t0 = time.perf_counter()
     for name, inputs, outputs, fn in steps:
         quiet = name in ("capture", "export", "evaluate", "report") or (  # stages with no bars of their own
             name == "search" and o.weight_alpha != "auto" and o.search != "learned")  # (those two fine-tune)
@@ -617,13 +660,6 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
         if o.stop_after == name:
             result.stopped_after = name
             break
-    result.metrics["total_time_s"] = time.perf_counter() - t0
-    if os.path.exists(r.path("metrics.json")):
-        import json
-
-        with open(r.path("metrics.json")) as f:
-            result.metrics.update(json.load(f))
-    return result
 
 
 def _model_hash(r: _Run) -> str:

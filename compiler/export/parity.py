@@ -201,9 +201,19 @@ def run_torch(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], batch_s
     return np.concatenate(outs)
 
 
+def failure(report: ParityReport) -> str:
+    """What a failed report failed on, in one clause (the caller says what to do about it)."""
+    worst = min((m for m in report.modes if m.top1_agreement is not None),
+                key=lambda m: m.top1_agreement, default=report.modes[0])
+    what = (f"top-1 agreement {worst.top1_agreement:.2%} < {report.threshold:.1%}"
+            if worst.top1_agreement is not None else "non-finite outputs")
+    return (f"parity check failed in onnxruntime ({worst.mode}): {what} over {report.samples} samples, max error "
+            f"{worst.err_max_lsb:.1f} LSB")
+
+
 def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *, min_top1: float = MIN_TOP1,
                  lsb: float | None = None, batch_size: int = 32, modes=tuple(MODES), raise_on_failure: bool = True,
-                 exact_matmulnbits: bool = True) -> ParityReport:
+                 exact_matmulnbits: bool = True, threads: int | None = None) -> ParityReport:
     """Compare ``model`` in onnxruntime with ``reference`` on ``samples`` (a tensor or a tuple of input tensors).
 
     Args:
@@ -216,6 +226,7 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
         modes: which of ``no-opt`` / ``opt`` to run.
         raise_on_failure: raise ``ParityError`` instead of returning a failed report.
         exact_matmulnbits: run onnxruntime's MatMulNBits at accuracy level 0 (exact).
+        threads: onnxruntime intra-op threads (default: onnxruntime's, one per core).
 
     Returns:
         The report (``.passed``, ``.summary()``, ``.to_dict()``).
@@ -241,7 +252,7 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
         disabled = ("WeightBiasQuantization",)
         report.notes.append("opt: onnxruntime's WeightBiasQuantization disabled (this profile keeps float biases)")
     for mode in modes:
-        sess = ort_session(model, level=MODES[mode], exact_matmulnbits=exact_matmulnbits,
+        sess = ort_session(model, level=MODES[mode], exact_matmulnbits=exact_matmulnbits, threads=threads,
                            disabled_optimizers=disabled if mode == "opt" else ())
         got = run_onnx(sess, inputs, batch_size)
         r = ref[: len(got)]
@@ -262,13 +273,7 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
                 f"below {min_top1:.1%}: the reference agrees with itself only {report.tie_agreement:.2%} when its "
                 f"rounding ties break differently (inputs x (1 + {TIE_EPS:g} u)); threshold {report.threshold:.2%}")
     if not report.passed and raise_on_failure:
-        worst = min((m for m in report.modes if m.top1_agreement is not None),
-                    key=lambda m: m.top1_agreement, default=report.modes[0])
-        what = (f"top-1 agreement {worst.top1_agreement:.2%} < {report.threshold:.1%}"
-                if worst.top1_agreement is not None else "non-finite outputs")
-        raise ParityError(f"parity check failed in onnxruntime ({worst.mode}): {what} over {report.samples} "
-                          f"samples, max error {worst.err_max_lsb:.1f} LSB; pass --no-check to keep the file "
-                          "anyway", report)
+        raise ParityError(f"{failure(report)}; pass --no-check to keep the file anyway", report)
     log.info("parity:\n%s", report.summary())
     return report
 

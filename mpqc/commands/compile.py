@@ -57,6 +57,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto",
                    help="where sensitivity, fine-tuning and evaluation run: auto (CUDA when available), cpu, cuda")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads of PyTorch and onnxruntime (default: one per core); on a CPU shared with "
+                        "other work, fewer run faster (README, Limits)")
 
 
 def run(args):
@@ -78,7 +81,7 @@ def run(args):
         deploy_tail=args.deploy_tail, residual_quant=args.residual_quant,
         batch_size=args.batch_size, finetune_method=args.finetune_method, profile=args.profile, seed=args.seed,
         stop_after=args.stop_after, samples=args.samples, progress=not args.json,
-        device=args.device)
+        device=args.device, threads=args.threads)
     if not args.json:
         from mpqc.compiler.summary import print_summary
 

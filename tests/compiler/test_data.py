@@ -142,3 +142,14 @@ def test_loading_8_bit_images_holds_little_more_than_the_float_copy_it_returns(t
     t = d.train.tensors[0]
     assert t.dtype == torch.float32 and t.stride()[1] == 1  # float32, in the stored (channels-last) layout
     assert d.calib.tensors[0].stride() == t.stride()
+
+
+def test_an_image_folder_without_class_folders_says_what_to_do(tmp_path):
+    from mpqc.compiler.data import load_data
+    from mpqc.errors import UserError
+
+    with pytest.raises(UserError, match="sub-folder named after the class"):
+        load_data(f"imagefolder:{tmp_path}")
+    np.savez(tmp_path / "samples.npz", x=np.zeros((4, 8, 8, 3), np.uint8), y=np.arange(4))
+    with pytest.raises(UserError, match=f"use --data npz:{tmp_path / 'samples.npz'}"):
+        load_data(f"imagefolder:{tmp_path}")

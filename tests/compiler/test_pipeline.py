@@ -238,3 +238,66 @@ def test_the_compiles_stages_show_their_progress_on_a_terminal(tmp_path, monkeyp
     monkeypatch.setattr(sys, "stderr", err)
     mpqc.compile(str(tmp_path / "m.pt"), out=str(tmp_path / "outTrue"), progress=True, **{**kw, "stop_after": "search"})
     assert "search …" in err.getvalue() and "fisher" not in err.getvalue()  # the sensitivity table is reused
+
+
+def test_threads_hold_for_the_compile_only_and_do_not_redo_stages(tmp_path, monkeypatch):
+    """``threads`` sets torch's and onnxruntime's thread count while the compile runs (the export's parity check
+    gets it), puts the caller's back afterwards, and is not an input of any stage: a re-run with another count
+    reuses everything."""
+    import torch
+
+    import mpqc
+    from mpqc.compiler import export as export_mod
+    from mpqc.compiler.zoo import DigitsCNN
+    from mpqc.errors import UserError
+
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), tmp_path / "m.pt")
+    seen = []
+    real = export_mod.check_parity
+
+    def spy(*a, **kw):  # the real check, with what it was given noted
+        seen.append((kw.get("threads"), torch.get_num_threads()))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(export_mod, "check_parity", spy)
+    kw = dict(arch="mpqc.compiler.zoo:digits_cnn", target="generic", data="digits", avg_bits="W4A4", epochs=0,
+              stop_after="export", progress=False, out=str(tmp_path / "out"))
+    before = torch.get_num_threads()
+    mpqc.compile(str(tmp_path / "m.pt"), threads=1, **kw)
+    assert seen == [(1, 1)] and torch.get_num_threads() == before
+    again = mpqc.compile(str(tmp_path / "m.pt"), threads=2, **kw)
+    assert again.reused == ["capture", "sensitivity", "search", "finetune", "export"] and len(seen) == 1
+    with pytest.raises(UserError, match="--threads 0 must be an integer >= 1"):
+        mpqc.compile(str(tmp_path / "m.pt"), threads=0, **kw)
+
+
+def test_a_failed_parity_check_keeps_the_trained_model_and_says_how_to_export_it(tmp_path, monkeypatch, capsys):
+    """An ONNX file that disagrees with the trained model is not written as model.onnx; parity.json says why,
+    model_q.pt stays, and the error gives the `mpqc export --no-check` command, which works as given."""
+    import functools
+    import shlex
+
+    import torch
+
+    from mpqc.cli import main
+    from mpqc.compiler import export as export_mod
+    from mpqc.compiler.export import parity as parity_mod
+    from mpqc.compiler.zoo import DigitsCNN
+
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), tmp_path / "m.pt")
+    # the real check, held to a threshold no model reaches (and not lowered for rounding ties)
+    monkeypatch.setattr(export_mod, "check_parity", functools.partial(export_mod.check_parity, min_top1=1.01))
+    monkeypatch.setattr(parity_mod, "tie_agreement", lambda *a, **kw: None)
+    out = tmp_path / "out"
+    code = main(["compile", str(tmp_path / "m.pt"), "--arch", "mpqc.compiler.zoo:digits_cnn", "--target", "generic",
+                 "--data", "digits", "--avg-bits", "W4A4", "--epochs", "0", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "parity check failed in onnxruntime" in err, err
+    assert (out / "parity.json").exists() and (out / "model_q.pt").exists() and not (out / "model.onnx").exists()
+    assert json.loads((out / "parity.json").read_text())["passed"] is False
+    command = shlex.split(err.split("`")[1])
+    assert command[:2] == ["mpqc", "export"] and command[-1] == "--no-check"
+    assert main(command[1:] + ["--json"]) == 0
+    assert (out / "model.onnx").stat().st_size > 0
