@@ -26,9 +26,10 @@ import torch
 from mpqc.errors import UserError
 
 from ._common import Context, RawScores, Taps, act_groups, act_scales, weighted_layers
-from .fisher import per_sample_grads
+from .fisher import chunk_size, per_sample_grads
 
-DEFAULTS = {"top": 5, "form": "theory", "per_sample": "vmap", "chunk": 8}
+DEFAULTS = {"top": 5, "form": "theory", "per_sample": "vmap", "chunk": "auto"}
+CHUNK_CAP = 8  # "auto" never goes above this many samples per vmap call (each has top − 1 gradients)
 
 
 def _margins(out: torch.Tensor, top: int) -> torch.Tensor:
@@ -49,6 +50,10 @@ def run(ctx: Context) -> RawScores:
         raise UserError(f"impq: form must be theory or code, not {form!r}")
     if ctx.params["per_sample"] not in ("vmap", "loop"):
         raise UserError("impq: per_sample must be vmap or loop")
+    try:
+        chunk = chunk_size(ctx, ctx.params["chunk"], outputs=top - 1, cap=CHUNK_CAP)
+    except UserError as e:
+        raise UserError(f"impq: {e}") from None
     qm, cands = ctx.qmodel, ctx.candidates
     layers = weighted_layers(qm)
     groups = act_groups(qm)
@@ -69,13 +74,12 @@ def run(ctx: Context) -> RawScores:
                     for key, g in zip(keys, grads):
                         if g is not None:
                             e_a[key] += g.detach().double().pow(2).sum()
-            for gs in per_sample_grads(ctx, weights, x, y, fn, mode=ctx.params["per_sample"],
-                                       chunk=int(ctx.params["chunk"])):
+            for gs in per_sample_grads(ctx, weights, x, y, fn, mode=ctx.params["per_sample"], chunk=chunk):
                 for name, g in gs.items():
                     e_w[name] += g.float().pow(2).sum((0, 1))
             n += len(x)
             tick()
-    raw = RawScores(meta={"samples": n, "form": form, "competitors": top - 1})
+    raw = RawScores(meta={"samples": n, "form": form, "competitors": top - 1, "chunk": chunk})
     n = max(n, 1)
     for op in layers:
         name, wq, w = op.weight_fqn, qm.weight_quantizer(op.name), weights[op.weight_fqn]
