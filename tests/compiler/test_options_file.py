@@ -8,14 +8,12 @@ import json
 import math
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpqc.cli import main
 from mpqc.compiler.options_file import options_toml, toml_value
 from mpqc.compiler.pipeline import CompileOptions
-from mpqc.compiler.zoo import DigitsCNN
 
 try:
     import tomllib
@@ -25,12 +23,9 @@ except ModuleNotFoundError:  # Python 3.10
 ARCH = "mpqc.compiler.zoo:digits_cnn"
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cfg")
-    torch.manual_seed(0)
-    torch.save(DigitsCNN().state_dict(), d / "m.pt")
-    return d / "m.pt"
+@pytest.fixture
+def model(digits_cnn_file):
+    return digits_cnn_file
 
 
 def _toml(path, text: str):

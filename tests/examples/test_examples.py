@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mpqc.cli import build_parser, main
 from mpqc.commands.config_file import apply_config, require
-from mpqc.compiler.zoo import DigitsCNN
 from mpqc.targets import load_target
 
 try:
@@ -35,12 +33,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     return sub.choices["compile"]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ex")
-    torch.manual_seed(0)
-    torch.save(DigitsCNN().state_dict(), d / "m.pt")
-    return d / "m.pt"
+@pytest.fixture
+def model(digits_cnn_file):
+    return digits_cnn_file
 
 
 def test_the_examples_folder_lists_every_file_it_holds():
