@@ -381,9 +381,9 @@ class _RoundToGrid(torch.autograd.Function):
 
 
 class BiasQuantizer(nn.Module):
-    """A conv bias on the accumulator grid: int32 codes at scale s_in · s_w[c], as integer kernels add it.
+    """A conv or linear bias on the accumulator grid: int32 codes at scale s_in · s_w[c], as integer kernels add it.
 
-    onnxruntime quantizes a float bias this way when it fuses QLinearConv (``WeightBiasQuantization``); the
+    onnxruntime quantizes a float bias this way when it fuses QLinearConv or a Gemm (``WeightBiasQuantization``); the
     export does it in its deploy graph so fused and unfused runs agree, and fine-tuning does it in its last
     steps (straight-through) so the weights learn the grid: with 2-bit inputs and weights the grid is a sizeable
     part of the next quantizer's step (bench/RESULTS.md: 0.6 point of top-1 at W2A2 when left unseen).
@@ -412,16 +412,19 @@ class BiasQuantizer(nn.Module):
         return _to_grid(b, self.scale() * gain.detach().float()) - b.detach()
 
 
-CONV_TARGETS = {"conv1d", "conv2d", "conv3d", "convolution"}
+CONV_TARGETS = frozenset({"conv1d", "conv2d", "conv3d", "convolution"})
+LINEAR_TARGETS = frozenset({"linear"})  # (x, w, b) like a conv; addmm's bias comes first and is not matched
+INTEGER_BIAS_TARGETS = CONV_TARGETS | LINEAR_TARGETS  # ops whose fused integer kernel adds an int32 bias
 
 
-def conv_bias_sites(gm: torch.fx.GraphModule, act_prefixes=("aq.",)):
-    """``(conv node, bias node, key, act quantizer, weight quantizer)`` of every conv whose input (through a
-    quantizer module named ``<act_prefix>...``) and weight (``wq.<key>``) are quantized by enabled
-    Act/WeightQuantizers and whose bias is a parameter: the biases an integer kernel adds on the s_in·s_w grid."""
+def bias_sites(gm: torch.fx.GraphModule, act_prefixes=("aq.",), ops=INTEGER_BIAS_TARGETS):
+    """``(node, bias node, key, act quantizer, weight quantizer)`` of every conv or linear (the ops of ``ops``)
+    whose input (through a quantizer module named ``<act_prefix>...``) and weight (``wq.<key>``) are quantized by
+    enabled Act/WeightQuantizers and whose bias is a parameter: the biases an integer kernel adds on the s_in·s_w
+    grid."""
     out = []
     for n in gm.graph.nodes:
-        if n.op != "call_function" or packet(n) not in CONV_TARGETS:
+        if n.op != "call_function" or packet(n) not in ops:
             continue
         args = list(n.args)
         if len(args) < 3 or not isinstance(args[2], torch.fx.Node) or args[2].op != "get_attr":
@@ -454,4 +457,5 @@ def weight_codes(wq: WeightQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 __all__ = ["ActQuantizer", "BiasQuantizer", "LayerQuant", "QuantizedModel", "RangeMethod", "WeightQuantizer", "bits_of",
-           "conv_bias_sites", "weight_codes"]
+           "bias_sites", "weight_codes", "CONV_TARGETS", "INTEGER_BIAS_TARGETS",
+           "LINEAR_TARGETS"]

@@ -71,6 +71,9 @@ class ParityReport:
     modes: list[ModeResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tie_agreement: float | None = None  # the reference against itself under tie noise (measured on failure only)
+    # on failure: the activation codes compared point by point in the worst mode (export/localize.py):
+    # {"mode", "first": the earliest point that departs, or None (localize.departs), "points": [PointDiff dicts]}
+    localized: dict | None = None
 
     @property
     def threshold(self) -> float:
@@ -101,7 +104,16 @@ class ParityReport:
         if self.tie_agreement is not None:
             lines.append(f"ties  : the reference agrees with itself {self.tie_agreement:.2%} under tie noise; top-1 "
                          f"threshold {self.threshold:.2%}")
+        if self.localized is not None:
+            lines.append(f"where : {departure(self.localized)}")
         return "\n".join(lines)
+
+
+def opt_disabled(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The onnxruntime optimizers the check turns off at ``opt`` for this file's profile: onnxruntime rounds a
+    float conv bias to int32 when it fuses, where a trt or qcdq file (and TensorRT) adds it in float."""
+    profile = {p.key: p.value for p in model.metadata_props}.get("mpqc.profile")
+    return ("WeightBiasQuantization",) if profile in ("trt", "qcdq") else ()
 
 
 def ort_session(model, *, level: str = "ORT_ENABLE_ALL", threads: int | None = None,
@@ -201,14 +213,31 @@ def run_torch(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], batch_s
     return np.concatenate(outs)
 
 
+def departure(localized: dict) -> str:
+    """The localisation in words: where the codes first depart, or that they never do by more than a tie."""
+    first = next((p for p in localized["points"] if p["key"] == localized["first"]), None)
+    if first is None:
+        return (f"({localized['mode']}) no activation's codes depart from the reference's beyond rounding ties")
+    return (f"({localized['mode']}) the activation codes first depart at {first['tensor']} ({first['key']}): up to "
+            f"{first['max_codes']} codes, {first['frac_far']:.2%} of its elements off by 2 or more")
+
+
+def _worst(report: ParityReport) -> ModeResult:
+    return min((m for m in report.modes if m.top1_agreement is not None), key=lambda m: m.top1_agreement,
+               default=report.modes[0])
+
+
 def failure(report: ParityReport) -> str:
     """What a failed report failed on, in one clause (the caller says what to do about it)."""
-    worst = min((m for m in report.modes if m.top1_agreement is not None),
-                key=lambda m: m.top1_agreement, default=report.modes[0])
+    worst = _worst(report)
     what = (f"top-1 agreement {worst.top1_agreement:.2%} < {report.threshold:.1%}"
             if worst.top1_agreement is not None else "non-finite outputs")
+    where = ""
+    if report.localized is not None and report.localized["first"] is not None:
+        first = next(p for p in report.localized["points"] if p["key"] == report.localized["first"])
+        where = f"; its codes first depart at {first['tensor']} (up to {first['max_codes']} codes)"
     return (f"parity check failed in onnxruntime ({worst.mode}): {what} over {report.samples} samples, max error "
-            f"{worst.err_max_lsb:.1f} LSB")
+            f"{worst.err_max_lsb:.1f} LSB{where}")
 
 
 def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *, min_top1: float = MIN_TOP1,
@@ -245,15 +274,11 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
     report = ParityReport(samples=0, lsb=float(step), lsb_source=source, min_top1=min_top1)
     if exact_matmulnbits:
         report.notes.append("MatMulNBits at accuracy level 0 (exact); the default level 4 quantizes activations")
-    profile = {p.key: p.value for p in model.metadata_props}.get("mpqc.profile")
-    disabled: tuple[str, ...] = ()
-    if profile in ("trt", "qcdq"):
-        # onnxruntime rounds a float conv bias to int32 when it fuses; the file (and TensorRT) adds it in float
-        disabled = ("WeightBiasQuantization",)
+    if opt_disabled(model):
         report.notes.append("opt: onnxruntime's WeightBiasQuantization disabled (this profile keeps float biases)")
     for mode in modes:
         sess = ort_session(model, level=MODES[mode], exact_matmulnbits=exact_matmulnbits, threads=threads,
-                           disabled_optimizers=disabled if mode == "opt" else ())
+                           disabled_optimizers=opt_disabled(model) if mode == "opt" else ())
         got = run_onnx(sess, inputs, batch_size)
         r = ref[: len(got)]
         if got.shape != r.shape:
@@ -272,6 +297,15 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
             report.notes.append(
                 f"below {min_top1:.1%}: the reference agrees with itself only {report.tie_agreement:.2%} when its "
                 f"rounding ties break differently (inputs x (1 + {TIE_EPS:g} u)); threshold {report.threshold:.2%}")
+    if not report.passed:  # where the codes depart, in the worst failing mode
+        from .localize import first_departure, localize
+
+        worst = _worst(report)
+        diffs = localize(model, reference, inputs, mode=worst.mode, batch_size=batch_size, threads=threads,
+                         exact_matmulnbits=exact_matmulnbits)
+        first = first_departure(diffs)
+        report.localized = {"mode": worst.mode, "first": first.key if first else None,
+                            "points": [d.to_dict() for d in diffs]}
     if not report.passed and raise_on_failure:
         raise ParityError(f"{failure(report)}; pass --no-check to keep the file anyway", report)
     log.info("parity:\n%s", report.summary())

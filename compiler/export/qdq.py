@@ -48,12 +48,13 @@ from torch import nn
 from mpqc.compiler.deploy_grid import narrow_unsigned_int8
 from mpqc.compiler.passes import packet
 from mpqc.compiler.quantize import (
+    LINEAR_TARGETS,
     ActQuantizer,
     BiasQuantizer,
     LayerQuant,
     QuantizedModel,
     WeightQuantizer,
-    conv_bias_sites,
+    bias_sites,
     weight_codes,
 )
 from mpqc.compiler.residual import RESIDUAL_BITS, active, is_quantizer, nonnegative_nodes, quantize_residual_adds
@@ -259,23 +260,31 @@ def _deploy_graph(qm: QuantizedModel, profile: Profile, calib: Iterable | None,
             notes.append(f"{name}: TensorRT has no uint8; the 8-bit unsigned activation is carried as 7 bits "
                          "(codes 0..127 in int8) over the same range (fine-tuning did not train it so)")
     if profile == Profile.ORT:
-        _quantize_conv_biases(gm, notes)
+        _quantize_biases(gm, notes)
     g.lint()
     gm.recompile()
     return _Deploy(gm, notes, residual)
 
 
-def _quantize_conv_biases(gm: torch.fx.GraphModule, notes: list[str]) -> None:
-    """Put a ``BiasQuantizer`` on the bias of every conv whose input and weight are quantized."""
+def _quantize_biases(gm: torch.fx.GraphModule, notes: list[str]) -> None:
+    """Put a ``BiasQuantizer`` on the bias of every conv and linear whose input and weight are quantized.
+
+    onnxruntime rounds such a bias to int32 at s_in·s_w when it fuses (QLinearConv, and a Gemm's bias too); a
+    float linear bias left in the file made the fused run differ from the file's own semantics by up to half a
+    step of that grid, which at 4-bit inputs and weights is several codes of the output (export/localize.py
+    found it)."""
     bq = nn.ModuleDict()
     gm.add_submodule("bq", bq)
-    for conv, bias, key, act, weight in conv_bias_sites(gm, ("aq.", "rq.")):
+    counts = {"conv": 0, "linear": 0}
+    for node, bias, key, act, weight in bias_sites(gm, ("aq.", "rq.")):
         bq[key] = BiasQuantizer(act, weight)
         with gm.graph.inserting_after(bias):
             q = gm.graph.call_module(f"bq.{key}", (bias,))
-        conv.replace_input_with(bias, q)
+        node.replace_input_with(bias, q)
+        counts["linear" if packet(node) in LINEAR_TARGETS else "conv"] += 1
     if len(bq):
-        notes.append(f"{len(bq)} conv biases quantized to int32 at scale s_in·s_w (as QLinearConv adds them)")
+        what = " and ".join(f"{n} {k}" for k, n in counts.items() if n)
+        notes.append(f"{what} biases quantized to int32 at scale s_in·s_w (as QLinearConv and a fused Gemm add them)")
 
 
 def _prequantize_maxpools(gm: torch.fx.GraphModule, nodes: list, notes: list[str]) -> None:
@@ -689,7 +698,8 @@ class _Inserter:
         x = marker.inputs[0]
         full = (qmin + zp, qmax + zp) == (_INT[container][2], _INT[container][3])
         integer_clip = self.profile in (Profile.QCDQ, Profile.ORT)
-        meta = {"mpqc.tensor": p.tensor, "mpqc.bits": str(bits), "mpqc.signed": str(signed).lower()}
+        meta = {"mpqc.tensor": p.tensor, "mpqc.bits": str(bits), "mpqc.signed": str(signed).lower(),
+                "mpqc.point": p.key}  # the reference's quantizer (export/localize.py compares codes by it)
         if not full and not integer_clip:
             # float Clip before Q (C-QDQ): identical to QCDQ, and TensorRT's Clip takes floats (formats.md §3.3)
             lo = self._init(f"{p.key}.clip_min", np.array(qmin, np.float32) * s)

@@ -1,10 +1,11 @@
 """The last steps of LSQ fine-tuning with the exported model's bias rounding in the forward pass.
 
 What the exported model does that batch-statistics fine-tuning (:mod:`.renorm`) never shows the weights: each
-conv bias sits on the int32 accumulator grid s_in · s_w[c] that integer kernels add (onnxruntime's QLinearConv;
-the export's deploy graph rounds it the same way). With 2-bit inputs and weights that grid is coarse next to the
-following quantizer's step: on CIFAR-10 ResNet-20 at W2A2 the rounding alone cost 0.6 point of top-1
-(bench/RESULTS.md, session 5), and a separate fine-tuning of the deploy graph afterwards did not win it back.
+conv and linear bias sits on the int32 accumulator grid s_in · s_w[c] that integer kernels add (onnxruntime's
+QLinearConv and fused Gemm; the export's deploy graph rounds it the same way). With 2-bit inputs and weights
+that grid is coarse next to the following quantizer's step: on CIFAR-10 ResNet-20 at W2A2 the rounding alone
+cost 0.6 point of top-1 (bench/RESULTS.md, session 5), and a separate fine-tuning of the deploy graph
+afterwards did not win it back.
 
 So for the last ``FinetuneConfig.deploy_tail`` fraction of the steps :class:`DeployTail` adds that rounding to
 the forward pass and lets the weights, biases and step sizes train against it by straight-through:
@@ -14,7 +15,8 @@ the forward pass and lets the weights, biases and step sizes train against it by
   the end will give its bias b_f = a·b + β (a, β: the eval-mode map of the running statistics). Eval mode then
   computes exactly what the folded, rounded model does, and training keeps its normalised parametrisation.
 - *folded* form (``batch_stats=False``, the graph has no statistics to keep): a straight-through
-  :class:`~mpqc.compiler.quantize.BiasQuantizer` on each conv bias in the graph.
+  :class:`~mpqc.compiler.quantize.BiasQuantizer` on each conv bias in the graph. A linear layer has no
+  statistics either way, so its bias gets that in both forms.
 
 A first version folded the batch statistics on entry and trained the folded graph; at W2A2 that closed the
 ONNX gap but lost 4.6 points of uniform accuracy in 39 steps at lr ≤ 5·10⁻⁴ (RESULTS.md, session 6): a
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from mpqc.compiler.quantize import BiasQuantizer, QuantizedModel, conv_bias_sites
+from mpqc.compiler.quantize import BiasQuantizer, QuantizedModel, bias_sites
 
 from .graph_taps import insert_after, remove_inserted
 
@@ -82,7 +84,7 @@ class DeployTail:
                    if self.renorm is not None else {})
         mods = torch.nn.ModuleDict()
         gm.add_submodule(ATTR, mods)
-        for _conv, bias, key, act, weight in conv_bias_sites(gm):
+        for _conv, bias, key, act, weight in bias_sites(gm):
             bq = self.quantizers[key] = BiasQuantizer(act, weight)
             self._biases[key] = self.q._param(str(bias.target))
             renorm = renorms.get(id(weight))

@@ -317,6 +317,64 @@ def test_a_corrupted_export_fails_the_parity_check(request):
         check_parity(bad, exported.reference, held)
 
 
+LOCALIZE_CASES = [("resnet", "ort", {}), ("resnet", "trt", {}), ("mobilenet", "ort", {"dynamic_batch": False})]
+
+
+@pytest.mark.parametrize("case", LOCALIZE_CASES, ids=_ids)
+def test_a_faithful_export_departs_nowhere(request, case):
+    """Every activation point's integer codes match the reference's to within a rounding tie, in both modes,
+    and every enabled activation quantizer of the reference is compared."""
+    from mpqc.compiler.export.localize import first_departure, localize
+    from mpqc.compiler.quantize import ActQuantizer
+
+    exported, held = _export(request, case[0], case[1], **case[2])
+    enabled = {name for name, m in exported.reference.named_modules() if isinstance(m, ActQuantizer) and m.enabled}
+    for mode in ("no-opt", "opt"):
+        diffs = localize(exported.model, exported.reference, held, mode=mode)
+        assert {d.key for d in diffs} == enabled
+        assert first_departure(diffs) is None, [d for d in diffs if d.max_codes > 1]
+
+
+def _point_scale(model: onnx.ModelProto, key: str) -> str:
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
+              and any(p.key == "mpqc.point" and p.value == key for p in n.metadata_props))
+    return dq.input[1]
+
+
+def _with_scale(model: onnx.ModelProto, key: str, factor: float) -> onnx.ModelProto:
+    """A copy of ``model`` with one activation point's scale (shared by its Q and DQ) multiplied by ``factor``."""
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    name = _point_scale(bad, key)
+    init = next(i for i in bad.graph.initializer if i.name == name)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, name))
+    return bad
+
+
+@pytest.mark.parametrize("where", [0.2, 0.5, 0.8])
+def test_a_wrong_activation_scale_is_found_at_its_own_point(request, where):
+    """A scale four times too large at one activation point: the codes depart there and nowhere before it."""
+    from mpqc.compiler.export.localize import departs, first_departure, localize
+
+    exported, held = _export(request, "resnet", "ort")
+    keys = [d.key for d in localize(exported.model, exported.reference, held[:8], mode="no-opt")]
+    key = keys[int(where * len(keys))]
+    diffs = localize(_with_scale(exported.model, key, 4.0), exported.reference, held, mode="no-opt")
+    first = first_departure(diffs)
+    assert first is not None and first.key == key, first
+    assert not any(departs(d) for d in diffs[: [d.key for d in diffs].index(key)])  # only ties before it
+
+
+def test_a_failed_parity_check_says_where_the_codes_depart(request):
+    exported, held = _export(request, "resnet", "ort")
+    key = "aq.layer2_0_relu__relu__5"
+    with pytest.raises(ParityError, match=r"its codes first depart at layer2\.0\.relu/relu__5") as e:
+        check_parity(_with_scale(exported.model, key, 50.0), exported.reference, held)
+    report = e.value.report
+    assert report.localized["first"] == key and report.localized["mode"] in ("no-opt", "opt")
+    assert "the activation codes first depart at layer2.0.relu/relu__5" in report.summary()
+
+
 def test_fp8_and_half_layers_where_the_plan_says(bert):
     qm, calib, held = bert
     formats = {"layers.0.ff2": "fp8", "layers.1.attn.o": "fp8", "cls": "bf16"}

@@ -83,7 +83,7 @@ def test_uint8_activations_are_named():
     rules = _rules(ort_file)
     q = {n.name for n in ort_file.graph.node if n.op_type == "QuantizeLinear"}
     assert q and q <= rules["qdq-type"]
-    assert "uint8" in str(next(v for v in check_trt(ort_file) if v.rule == "qdq-type")).lower()
+    assert "uint8" in str(next(v for v in check_trt(ort_file) if v.rule == "qdq-type" and v.node in q)).lower()
 
 
 def test_per_channel_activation_scale_is_named(good):

@@ -10,11 +10,11 @@ from torch.utils.data import TensorDataset
 
 from mpqc.compiler.capture import capture
 from mpqc.compiler.data import DataSplits
-from mpqc.compiler.export.qdq import _quantize_conv_biases
+from mpqc.compiler.export.qdq import _quantize_biases
 from mpqc.compiler.finetune import FinetuneConfig, finetune, prepare
 from mpqc.compiler.finetune.deploy_tail import DeployTail, tail_start
 from mpqc.compiler.finetune.renorm import Renormalizer
-from mpqc.compiler.quantize import LayerQuant, conv_bias_sites
+from mpqc.compiler.quantize import LayerQuant, bias_sites
 from mpqc.compiler.train import evaluate
 
 
@@ -33,7 +33,7 @@ def _export_rounding_changes(q, x) -> float:
     q2 = copy.deepcopy(q).eval()
     with torch.no_grad():
         before = q2(x)
-        _quantize_conv_biases(q2.gm, [])
+        _quantize_biases(q2.gm, [])
         q2.gm.graph.lint()
         q2.gm.recompile()
         return float((q2(x) - before).abs().max())
@@ -46,7 +46,7 @@ def _in_tail(q) -> bool:
 
 
 def _on_grid(q) -> bool:
-    for _, bias, _, act, weight in conv_bias_sites(q.gm):
+    for _, bias, _, act, weight in bias_sites(q.gm):
         codes = q._param(str(bias.target)).detach() / (act.scale.detach().abs() * weight.scale.detach().abs())
         if not torch.allclose(codes, codes.round(), atol=1e-3):
             return False
@@ -60,8 +60,8 @@ def test_tail_begins_at_its_step_and_leaves_the_model_the_export_computes(float_
                          batch_stats=batch_stats)
     q = _quantized(float_model, data, cfg)
     keys = set(q.state_dict())
-    convs = [op.name for op in q.graph_ir.layers() if op.kind.value == "conv"]
-    assert [key for _, _, key, _, _ in conv_bias_sites(q.gm)] == convs  # every conv: quantized, BN-folded bias
+    convs = [op.name for op in q.graph_ir.layers() if op.kind.value in ("conv", "linear")]
+    assert [key for _, _, key, _, _ in bias_sites(q.gm)] == convs  # every conv (BN-folded bias) and the linear
     seen = []
     res = finetune(q, float_model, data, cfg, progress=False,
                    callback=lambda ev, info: seen.append(_in_tail(q)) if ev == "step" else None)
@@ -92,7 +92,9 @@ def test_stats_form_evaluates_what_the_folded_rounded_model_computes(float_model
         plain = q(x)
         tail = DeployTail(q, renorm, 0)
         tail.enter()
-        assert not tail.changes_graph and len(tail._renorms) == len(renorm.modules)  # every conv via its renorm
+        assert len(tail._renorms) == len(renorm.modules)  # every conv via its renorm
+        linears = [op.name for op in q.graph_ir.layers() if op.kind.value == "linear"]
+        assert len(tail._nodes) == len(linears) == 1  # the classifier, which has no statistics, in the graph
         inside = q(x)
         tail.leave()
         after = q(x)
