@@ -20,7 +20,7 @@
 #   DEVICE=cpu LIMIT=512 FP_EPOCHS=1 QAT_EPOCHS=1 PDQAT_FP_EPOCHS=1 PDQAT_QAT_EPOCHS=1 \
 #       bash bench/gpu_run.sh $PWD/../shared/data/cifar10 /tmp/rehearsal
 # LIMIT passes --train-limit to the CIFAR benches and --limit --quick --seeds 1 to the analog ones. On a 24 GiB
-# machine add CIFAR_JOBS=2 W2A2_JOBS=1 PDQAT_JOBS=1: thirteen CPU processes of ~2.8 GB each get OOM-killed. With
+# machine add CIFAR_JOBS=2 W2A2_JOBS=1 PDQAT_JOBS=1: thirteen CPU processes of 1-2 GB each crowd 24 GiB. With
 # fewer jobs the rows run longer than the 720 s --deadline: CIFAR_DEADLINE=100000 lets every row start.
 set -u
 DATA=$1
