@@ -281,10 +281,37 @@ def _finetune_html(info: dict) -> str:
     if tail:
         how = ("batch statistics folded, " if tail.get("form") == "folded" else "")
         text += (f". The last {tail.get('steps')} steps trained against the exported bias rounding "
-                 f"(<code>--deploy-tail</code>): {how}{tail.get('biases_on_grid')} conv biases on the int32 grid "
-                 f"s<sub>in</sub>·s<sub>w</sub> by straight-through, so the fake-quant accuracy above is what the "
-                 f"integer kernels compute up to the export's residual-add quantizers")
+                 f"(<code>--deploy-tail</code>): {how}{tail.get('biases_on_grid')} conv and linear biases on the "
+                 f"int32 grid s<sub>in</sub>·s<sub>w</sub> by straight-through, so the fake-quant accuracy above is "
+                 f"what the integer kernels compute up to the export's residual-add quantizers")
     return text + ".</p>"
+
+
+def _parity_html(parity: dict | None) -> str:
+    """The export's check against onnxruntime, one line per optimisation level (parity.json)."""
+    if not parity or not parity.get("modes"):
+        return ""
+    rows = [[m.get("mode"), None if m.get("top1_agreement") is None else 100 * m["top1_agreement"],
+             m.get("err_max_lsb"), m.get("err_mean_lsb"), None if m.get("exact_fraction") is None
+             else 100 * m["exact_fraction"]] for m in parity["modes"]]
+    verdict = "passed" if parity.get("passed") else "failed"
+    text = (f"<h2>Export check</h2><p>The QDQ ONNX file against the fake-quant model in onnxruntime on "
+            f"{parity.get('samples')} held-out samples: {verdict} (top-1 agreement needed: "
+            f"{_fmt(100 * parity.get('threshold', parity.get('min_top1', 0)))} %; LSB = {_fmt(parity.get('lsb'))}, "
+            f"{html.escape(str(parity.get('lsb_source')))}).</p>")
+    return text + _table(rows, ["onnxruntime mode", "top-1 agreement (%)", "max error (LSB)", "mean error (LSB)",
+                                "samples exact (%)"])
+
+
+def _run_html(out: str) -> str:
+    """The options the compile ran with (compile.toml), so the page says how to make it again."""
+    path = os.path.join(out, "compile.toml")
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return (f"<h2>How this was made</h2><p><code>mpqc compile --config {html.escape(path)}</code> repeats it "
+            f"(every finished stage reused); these are its options:</p><pre>{html.escape(text)}</pre>")
 
 
 def write_report(out: str) -> dict[str, str]:
@@ -331,6 +358,8 @@ img{{max-width:100%}}</style></head><body>
 <h2>Plots</h2>{imgs}
 <h2>Per-layer plan</h2>{_table(layer_rows, ["layer", "weight bits", "input bits", "E per MAC"])}
 <h2>Stages</h2>{_table(stage_rows, ["stage", "time (s)", "status"])}
+{_parity_html(_read_json(os.path.join(out, "parity.json"), False))}
+{_run_html(out)}
 </body></html>"""
     report = os.path.join(out, "report.html")
     atomic_write_text(report, page)
