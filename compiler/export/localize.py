@@ -22,6 +22,7 @@ look; the points after it inherit its error.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -52,7 +53,7 @@ class PointDiff:
 
 
 def _points(model: onnx.ModelProto) -> list[tuple[str, str, str, float, int]]:
-    """(key, tensor, code tensor name, scale, zero point) of every integer activation point, in graph order."""
+    """(key, tensor, code tensor name, zero point) of every integer activation point, in graph order."""
     inits = {i.name: i for i in model.graph.initializer}
     out = []
     for n in model.graph.node:
@@ -66,7 +67,7 @@ def _points(model: onnx.ModelProto) -> list[tuple[str, str, str, float, int]]:
         if scale.size != 1 or (zp is not None and zp.dtype.kind not in "iu"):
             continue  # per-channel or float8 points are not activation integer grids
         out.append((meta[POINT_KEY], meta.get("mpqc.tensor", meta[POINT_KEY]), n.input[0],
-                    float(scale.reshape(())), int(zp.reshape(())) if zp is not None else 0))
+                    int(zp.reshape(())) if zp is not None else 0))
     return out
 
 
@@ -107,9 +108,7 @@ def localize(model: onnx.ModelProto, reference: torch.nn.Module, samples, *, mod
              batch_size: int = 32, threads: int | None = None, exact_matmulnbits: bool = True) -> list[PointDiff]:
     """Every activation point's code difference between onnxruntime (at ``mode``) and ``reference``, with its
     tie floor, in graph order. ``samples`` and the session settings as for ``check_parity``."""
-    from mpqc.compiler.quantize import ActQuantizer
-
-    from .parity import MODES, TIE_EPS, TIE_SEEDS, _as_inputs, _batches, opt_disabled, ort_session
+    from .parity import MODES, TIE_SEEDS, _as_inputs, _batches, opt_disabled, ort_session, tie_noise
 
     points = _points(model)
     if not points:
@@ -129,21 +128,8 @@ def localize(model: onnx.ModelProto, reference: torch.nn.Module, samples, *, mod
 
     def reference_codes(batch, seed: int | None) -> list[np.ndarray | None]:
         seen.clear()
-        jitters = []
-        if seed is not None:  # every quantizer's input moved by float rounding: only ties flip
-            g = torch.Generator().manual_seed(seed)
-
-            def jitter(_m, args):
-                u = torch.rand(args[0].shape, generator=g, dtype=torch.float32).to(args[0].device, args[0].dtype)
-                return (args[0] * (1 + TIE_EPS * (2 * u - 1)), *args[1:])
-
-            jitters = [m.register_forward_pre_hook(jitter) for m in reference.modules()
-                       if isinstance(m, ActQuantizer)]
-        try:
+        with tie_noise(reference, seed) if seed is not None else contextlib.nullcontext():
             reference(*batch)
-        finally:
-            for h in jitters:
-                h.remove()
         return [np.rint(seen[key][nth[i]].cpu().numpy().astype(np.float64) / ref_scale[key]).astype(np.int64)
                 if len(seen.get(key, ())) > nth[i] else None for i, (key, *_) in enumerate(points)]
 

@@ -23,6 +23,7 @@ on the fly (accuracy level 4); the check runs it at level 0, exact, and says so.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -140,6 +141,27 @@ def ort_session(model, *, level: str = "ORT_ENABLE_ALL", threads: int | None = N
                         f"{str(e).strip().splitlines()[0][:300]}") from None
 
 
+@contextlib.contextmanager
+def tie_noise(reference: torch.nn.Module, seed: int, eps: float = TIE_EPS):
+    """While inside, every activation quantizer of ``reference`` sees its input scaled by 1 + u·eps (u uniform in
+    [-1, 1], drawn from ``seed``): only values within float rounding of a tie move."""
+    from mpqc.compiler.quantize import ActQuantizer
+
+    g = torch.Generator().manual_seed(seed)
+
+    def jitter(_m, args):
+        x = args[0]
+        u = torch.rand(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
+        return (x * (1 + eps * (2 * u - 1)), *args[1:])
+
+    hooks = [m.register_forward_pre_hook(jitter) for m in reference.modules() if isinstance(m, ActQuantizer)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def tie_agreement(reference: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, batch_size: int = 32,
                   eps: float = TIE_EPS, seeds: int = TIE_SEEDS) -> float | None:
@@ -156,19 +178,8 @@ def tie_agreement(reference: torch.nn.Module, inputs: tuple[torch.Tensor, ...], 
         return 1.0
     worst = 1.0
     for seed in range(seeds):
-        g = torch.Generator().manual_seed(seed)
-
-        def jitter(_m, args, g=g):
-            x = args[0]
-            u = torch.rand(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
-            return (x * (1 + eps * (2 * u - 1)), *args[1:])
-
-        hooks = [m.register_forward_pre_hook(jitter) for m in mods]
-        try:
+        with tie_noise(reference, seed, eps):
             got = run_torch(reference, inputs, batch_size)
-        finally:
-            for h in hooks:
-                h.remove()
         worst = min(worst, float((got.argmax(1) == base.argmax(1)).mean()))
     return worst
 
