@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpqc.compiler.capture import capture
 from mpqc.compiler.data import make_loader
@@ -40,6 +42,37 @@ def test_batch_renorm_trains_like_bn_and_its_eval_map_is_affine():
     a, b = m.affine()
     assert (a > 0).all()
     assert torch.allclose(m(z), a.reshape(1, 3, 1, 1) * z + b.reshape(1, 3, 1, 1), atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), c=st.integers(1, 6), hw=st.sampled_from([(), (1,), (3,), (1, 1), (2, 5), (4, 4)]),
+       offset=st.floats(-50, 50), spread=st.floats(1e-3, 1e3), seed=st.integers(0, 2**31 - 1))
+def test_the_fused_training_step_matches_the_explicit_formula(n, c, hw, offset, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(n, c, *hw, generator=g, dtype=torch.float64) * spread + offset
+    gy = torch.randn(z0.shape, generator=g, dtype=torch.float64)
+    fused, ref = BatchRenorm(c).double(), BatchRenorm(c).double()
+    with torch.no_grad():
+        for m in (fused, ref):
+            m.gain.copy_(torch.randn(c, generator=torch.Generator().manual_seed(seed)))
+            m.bias.copy_(torch.randn(c, generator=torch.Generator().manual_seed(seed + 1)))
+            m.running_mean.fill_(0.3)
+            m.running_var.fill_(2.0)
+    out = []
+    for m, f in ((fused, fused.forward), (ref, ref.explicit)):
+        z = z0.clone().requires_grad_()
+        y = f(z)
+        y.backward(gy)
+        out.append((y.detach(), z.grad, m.gain.grad, m.bias.grad))
+    for a, b in zip(*out):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-7 * (1 + b.abs().max()))
+    assert torch.allclose(fused.running_mean, ref.running_mean, rtol=1e-10)
+    assert torch.allclose(fused.running_var, ref.running_var, rtol=1e-10)
+    if z0.numel() > c:  # the statistics moved, and the variance kept is the unbiased one, as BatchNorm keeps it
+        var = z0.var([0, *range(2, z0.dim())], unbiased=True)
+        assert torch.allclose(fused.running_var, 0.9 * 2.0 + 0.1 * var, rtol=1e-10)
+    else:
+        assert torch.equal(fused.running_var, torch.full((c,), 2.0, dtype=torch.float64))
 
 
 def test_start_is_the_folded_model_and_fold_is_exact(float_model, digits):
