@@ -725,6 +725,7 @@ def main(argv=None) -> int:
         _write_atomic(os.path.join(args.out, "results.json"),
                       json.dumps({"meta": meta, "fp": fp_row, "rows": rows}, indent=1, default=str))
 
+    save()  # the float row is on record before any compile: a run stopped mid-way still has it
     keep = set(args.rows.split(",")) if args.rows else None
     opt, lr = settings[0]
     sweep = sweep_jobs(settings, plans, keep, args.seed)

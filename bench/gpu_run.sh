@@ -1,32 +1,41 @@
 #!/usr/bin/env bash
-# The issue-9 GPU run, launched on the device machine (one H100) in the background once the CIFAR-10 shards are in
-# DATA (copied there one per call: the transfer limit). Everything runs from a copy of the repo in RUN/src (the
-# working tree is laid anew on each call) and writes to RUN; RUN/progress.log says what is running.
+# The issue-9 GPU run on the device machine (one H100), sized for the lease this workplace gives now: 15 minutes of
+# device time a task, start, idle time between calls and transfers included, 10 minutes a command at most.
 #
-#   setsid nohup bash bench/gpu_run.sh $HOME/cifar10 $HOME/run > $HOME/run.log 2>&1 &
+# The calls (bench/gpu_prep.sh, run here first at no device time, prints them with the paths filled in):
+#   1. carry .whl and .cifar/test.npz: copy the test split to $HOME/cifar10, install PuLP/highspy into $HOME/site
+#   2. carry .cifar/train-0.npz: copy it out;   3. the same with train-1
+#   4. carry .cifar/train-2.npz, timeout_s = BUDGET + 45: copy it out, then this script in the foreground:
+#        BUDGET=... bash bench/gpu_run.sh $HOME/cifar10 $HOME/run $OUT
+# Each call must follow the last within the machine's 30 s warm window, or the next starts a bare machine.
+# At about 60-120 s for the start and 10-20 s a transfer call, call 4 has roughly 600 s: BUDGET defaults to 540.
 #
-# Budget: the device time of one session (30 min, start and transfers included), so no compile starts later than
-# --deadline seconds after its bench starts, and the goal rows come first:
-#   - float ResNet-20 (100 epochs), then W2A4 and W3A3: uniform, fisher kernel-wise and layer-wise at the
-#     probe-measured weight-alpha 0.151 (sessions 5, 11-13);
-#   - once the float model exists, W2A2 uniform and kernel-wise at weight-alpha 0.4 (sessions 12-13: at W2A2 the only
-#     bits to spend are conv1's, and weight bits are the better buy there);
-#   - the analog and PD-QAT benches beside them.
-# QAT: SGD lr 0.02 cosine, the setting the CPU rows use since fine-tuning keeps batch statistics (renorm.py); the
-# 2026-11-23 run swept 0.01..0.001 on the BN-folded graph (this script at f72e24a).
-# More seeds for the paired means: a second run with SEED=1 (its own RUN) and CIFAR_ROWS / W2A2_ROWS trimmed.
+# What runs, most important first (issue 9's goal rows; kernel-wise is the stronger plan on every CPU seed):
+#   - float ResNet-20, 100 epochs (233 s alone on the reference run; 296 s shared on 2026-11-23);
+#   - then at once: W2A4 and W3A3 uniform and fisher kernel-wise at weight-alpha 0.151 (sessions 5, 11-13), and W2A2
+#     uniform and kernel-wise at weight-alpha 0.4 (sessions 12-13), 15 QAT epochs each (SGD 0.02 cosine, batch
+#     statistics on: compiler/finetune/renorm.py);
+#   - PD-QAT (PDQAT=1) and the analog benches (ANALOG=1) only when asked: beside the goal rows they share one GPU and
+#     the lease cannot hold them too. Each is a run of its own in a later lease.
+# At BUDGET seconds, whatever still runs is stopped, and what finished is collected: the tables and logs go to OUTDIR
+# (run.tgz with every results.json, table, plot, manifest and plan, plus resnet20_fp.pt so a later lease or a CPU
+# session can start from the trained float model), and the tables are printed last, for the reply's output tail.
+# No compile starts with less than MIN_LEFT (120) seconds to go.
 #
-# Rehearsal on any machine (every bench, every hand-off, in minutes; no GPU needed):
-#   DEVICE=cpu LIMIT=512 FP_EPOCHS=1 QAT_EPOCHS=1 PDQAT_FP_EPOCHS=1 PDQAT_QAT_EPOCHS=1 \
-#       bash bench/gpu_run.sh $PWD/../shared/data/cifar10 /tmp/rehearsal
-# LIMIT passes --train-limit to the CIFAR benches and --limit --quick --seeds 1 to the analog ones. On a 24 GiB
-# machine add CIFAR_JOBS=2 W2A2_JOBS=1 PDQAT_JOBS=1: thirteen CPU processes of 1-2 GB each crowd 24 GiB. With
-# fewer jobs the rows run longer than the 720 s --deadline: CIFAR_DEADLINE=100000 lets every row start.
+# Rehearsal on any machine (every hand-off, in minutes; no GPU needed):
+#   DEVICE=cpu LIMIT=512 FP_EPOCHS=1 QAT_EPOCHS=1 CIFAR_JOBS=2 W2A2_JOBS=1 BUDGET=3000 \
+#       bash bench/gpu_run.sh $PWD/../shared/data/cifar10 /tmp/rehearsal /tmp/rehearsal_out
+# LIMIT passes --train-limit to the CIFAR benches and --limit --quick --seeds 1 to the analog ones.
 set -u
 DATA=$1
 RUN=$2
-mkdir -p "$RUN"
-rm -rf "$RUN/src" && mkdir -p "$RUN/src" && tar cf - --exclude=./.cifar --exclude=./.whl --exclude=./.venv --exclude=./bench_out . | tar xf - -C "$RUN/src"
+OUTDIR=${3:-$RUN/out}
+T0=$(date +%s)
+BUDGET=${BUDGET:-540}
+MIN_LEFT=${MIN_LEFT:-120}
+mkdir -p "$RUN" "$OUTDIR"
+rm -rf "$RUN/src" && mkdir -p "$RUN/src" \
+    && tar cf - --exclude=./.cifar --exclude=./.whl --exclude=./.venv --exclude=./bench_out . | tar xf - -C "$RUN/src"
 cd "$RUN/src" || exit 1
 DEVICE=${DEVICE:-cuda}
 FP_EPOCHS=${FP_EPOCHS:-100}
@@ -34,51 +43,82 @@ QAT_EPOCHS=${QAT_EPOCHS:-15}
 SEED=${SEED:-0}
 CL=() AL=()
 if [ -n "${LIMIT:-}" ]; then CL=(--train-limit "$LIMIT"); AL=(--limit "$LIMIT" --quick --seeds 1); fi
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2  # 13 GPU processes share 16 cores
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2  # up to eight GPU processes share 16 cores
 if [ "$DEVICE" = cpu ]; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
-# a plain (non-editable) install of this tree; PuLP and highspy came as wheels into a folder on PYTHONPATH
+# a plain (non-editable) install of this tree; PuLP and highspy came as wheels into SITE (call 1)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$RUN/site" . || exit 1
-export PYTHONPATH="$RUN/site:${PYTHONPATH:-}"
+export PYTHONPATH="$RUN/site:${SITE:-$HOME/site}:${PYTHONPATH:-}"
 nvidia-smi > "$RUN/nvidia-smi.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" \
     > "$RUN/versions.txt" 2>&1
-echo "start $(date -u +%T)" >> "$RUN/progress.log"
+log() { echo "$1 $(( $(date +%s) - T0 )) s" | tee -a "$RUN/progress.log"; }
+log "start"
+# a bench's --deadline counts from its own start: no compile starts with less than MIN_LEFT seconds to go
+left() { local s=$(( BUDGET - MIN_LEFT - ($(date +%s) - T0) )); [ "$s" -lt 1 ] && s=1; echo "$s"; }
 
+set -m  # each background job gets a process group of its own, so the budget can stop it with its workers
 python3 bench/bench_cifar.py --device "$DEVICE" --data "$DATA" --fp-epochs "$FP_EPOCHS" --qat-epochs "$QAT_EPOCHS" \
-    --qat-lrs 0.02 --jobs "${CIFAR_JOBS:-6}" "${CL[@]}" \
-    --plans w2a4,w3a3 --rows "${CIFAR_ROWS:-w2a4_uniform,w2a4_mixed_channel,w3a3_uniform,w3a3_mixed_channel,w2a4_mixed,w3a3_mixed}" \
-    --weight-alpha 0.151 --seed "$SEED" --deadline "${CIFAR_DEADLINE:-720}" --out "$RUN/cifar" > "$RUN/cifar.log" 2>&1 &
-CIFAR=$!
+    --qat-lrs 0.02 --jobs "${CIFAR_JOBS:-4}" "${CL[@]}" \
+    --plans w2a4,w3a3 --rows "${CIFAR_ROWS:-w2a4_uniform,w2a4_mixed_channel,w3a3_uniform,w3a3_mixed_channel}" \
+    --weight-alpha 0.151 --seed "$SEED" --deadline "$(left)" --out "$RUN/cifar" > "$RUN/cifar.log" 2>&1 &
+PIDS=($!)
 
 wait_fp() { while [ ! -f "$RUN/cifar/fp.done" ]; do
-    kill -0 "$CIFAR" 2>/dev/null || return 1; sleep 3; done; }
+    kill -0 "${PIDS[0]}" 2>/dev/null || return 1; sleep 2; done; }
 
-( wait_fp && python3 bench/bench_cifar.py --device "$DEVICE" --data "$DATA" --fp-model "$RUN/cifar/resnet20_fp.pt" \
-       --qat-epochs "$QAT_EPOCHS" --qat-lrs 0.02 --jobs "${W2A2_JOBS:-2}" "${CL[@]}" \
-       --plans w2a2 --rows "${W2A2_ROWS:-w2a2_uniform,w2a2_mixed_channel}" \
-       --weight-alpha 0.4 --seed "$SEED" --deadline "${CIFAR_DEADLINE:-720}" --out "$RUN/cifar_w2a2" \
+( wait_fp && log "fp done" && python3 bench/bench_cifar.py --device "$DEVICE" --data "$DATA" \
+       --fp-model "$RUN/cifar/resnet20_fp.pt" --qat-epochs "$QAT_EPOCHS" --qat-lrs 0.02 --jobs "${W2A2_JOBS:-2}" \
+       "${CL[@]}" --plans w2a2 --rows "${W2A2_ROWS:-w2a2_uniform,w2a2_mixed_channel}" \
+       --weight-alpha 0.4 --seed "$SEED" --deadline "$(left)" --out "$RUN/cifar_w2a2" \
        > "$RUN/cifar_w2a2.log" 2>&1
-  echo "w2a2 exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
+  log "w2a2 exit $?" ) &
+PIDS+=($!)
 
-( wait_fp && echo "fp done $(date -u +%T)" >> "$RUN/progress.log" \
-  && python3 bench/bench_analog.py --model "$RUN/cifar/resnet20_fp.pt" --arch mpqc.compiler.zoo:resnet20 \
-       --data "cifar10:$DATA" --device "$DEVICE" --seeds 3 "${AL[@]}" --all-analog --out "$RUN/analog_all" > "$RUN/analog_all.log" 2>&1
-  echo "analog_all exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
+if [ "${ANALOG:-0}" = 1 ]; then
+  ( wait_fp && python3 bench/bench_analog.py --model "$RUN/cifar/resnet20_fp.pt" --arch mpqc.compiler.zoo:resnet20 \
+         --data "cifar10:$DATA" --device "$DEVICE" --seeds 3 "${AL[@]}" --train-ebars 0 --out "$RUN/analog" \
+         > "$RUN/analog.log" 2>&1
+    log "analog exit $?" ) &
+  PIDS+=($!)
+fi
+if [ "${PDQAT:-0}" = 1 ]; then
+  ( python3 bench/bench_pdqat.py --device "$DEVICE" --data "$DATA" --fp-epochs "${PDQAT_FP_EPOCHS:-30}" \
+         --qat-epochs "${PDQAT_QAT_EPOCHS:-8}" --jobs "${PDQAT_JOBS:-3}" "${CL[@]}" --out "$RUN/pdqat" \
+         > "$RUN/pdqat.log" 2>&1
+    log "pdqat exit $?" ) &
+  PIDS+=($!)
+fi
 
-( wait_fp && python3 bench/bench_analog.py --model "$RUN/cifar/resnet20_fp.pt" --arch mpqc.compiler.zoo:resnet20 \
-       --data "cifar10:$DATA" --device "$DEVICE" --seeds 3 "${AL[@]}" --train-ebars 0 --out "$RUN/analog" > "$RUN/analog.log" 2>&1
-  echo "analog exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
+# wait for every bench, or for the budget
+while :; do
+  alive=0
+  for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+  [ "$alive" = 0 ] && { log "all done"; break; }
+  if [ $(( $(date +%s) - T0 )) -ge "$BUDGET" ]; then
+    log "budget reached: stopping what still runs"
+    for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done
+    sleep 3
+    for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
+    break
+  fi
+  sleep 2
+done
+set +m
 
-( python3 bench/bench_pdqat.py --device "$DEVICE" --data "$DATA" --fp-epochs "${PDQAT_FP_EPOCHS:-30}" \
-       --qat-epochs "${PDQAT_QAT_EPOCHS:-8}" --jobs "${PDQAT_JOBS:-3}" "${CL[@]}" --out "$RUN/pdqat" > "$RUN/pdqat.log" 2>&1
-  echo "pdqat exit $? $(date -u +%T)" >> "$RUN/progress.log" ) &
-
-wait "$CIFAR"
-echo "cifar exit $? $(date -u +%T)" >> "$RUN/progress.log"
-wait
-echo "all done $(date -u +%T)" >> "$RUN/progress.log"
-
-# what comes back (run from the device call that collects):
-#   (then bench_cifar.py --merge $RUN/cifar $RUN/cifar_w2a2 --out M && bench_cifar.py --paired M)
-#   cd $RUN && tar czf $OUT/run.tgz --exclude=src --exclude=site --exclude=finetune_ckpt --exclude=.cache \
-#       --exclude='*.pt' --exclude=data .
+# collect: one table over both CIFAR runs (what finished), the paired comparison, and the files
+runs=()
+for d in "$RUN/cifar" "$RUN/cifar_w2a2"; do [ -f "$d/results.json" ] && runs+=("$d"); done
+if [ "${#runs[@]}" -gt 0 ]; then
+  python3 bench/bench_cifar.py --merge "${runs[@]}" --out "$RUN/merged" > "$RUN/merge.log" 2>&1 \
+    && timeout 60 python3 bench/bench_cifar.py --paired "$RUN/merged" >> "$RUN/merge.log" 2>&1
+fi
+log "collected"
+cp "$RUN/progress.log" "$OUTDIR/" 2>/dev/null
+for f in "$RUN/merged/table.md" "$RUN/merged/paired.md"; do [ -f "$f" ] && cp "$f" "$OUTDIR/"; done
+( cd "$RUN" && tar czf "$OUTDIR/run.tgz" --exclude=src --exclude=site --exclude=finetune_ckpt --exclude=.cache \
+    --exclude=data --exclude='*.onnx' --exclude='model_q.pt' --exclude='*.npz' . )
+echo "== progress"; cat "$RUN/progress.log"
+for f in "$RUN/cifar/fp.done" "$RUN/merged/table.md" "$RUN/merged/paired.md"; do
+  [ -f "$f" ] && { echo "== $f"; cat "$f"; }
+done
+for l in "$RUN"/*.log; do echo "== tail $l"; tail -n 5 "$l"; done
