@@ -215,9 +215,11 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     integer graph computes); ``mpqc inspect`` shows the model as written, the pipeline folds.
     """
     from .loading import set_eval
+    from .passes import canonical_linear
 
     model = set_eval(model)
     gm, method = trace(model, example_inputs, method)
+    canonical_linear(gm)
     if fold_bn:
         from .passes import fold_batchnorm
 

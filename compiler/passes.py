@@ -1,5 +1,9 @@
 """Graph passes on the captured GraphModule that run before the IR is built.
 
+``canonical_linear`` rewrites a linear layer spelled as ``addmm(b, x, wᵀ)`` or ``mm(x, wᵀ)`` (what a decomposed
+export, ``ExportedProgram.run_decompositions()`` or the edge dialect, makes of ``nn.Linear``) back into
+``linear(x, w, b)``, the one form the IR, the quantizers, the integer-bias grid and the export know.
+
 ``fold_batchnorm`` folds an inference-mode BatchNorm into the convolution (or linear layer) before it, so the
 weights that get quantized are the weights a deployed integer kernel multiplies with: quantizing unfolded
 weights and folding afterwards changes every quantized value.
@@ -44,6 +48,56 @@ def _set_param(gm: torch.fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
     mod.register_parameter(leaf, torch.nn.Parameter(value.detach().clone()))
 
 
+_TRANSPOSES = {"t", "permute", "transpose", "numpy_T"}
+
+
+def _transposed_param(gm: torch.fx.GraphModule, node) -> torch.fx.Node | None:
+    """The get_attr node of a 2-D parameter that ``node`` transposes (t, permute [1, 0], transpose 0/1), or None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or packet(node) not in _TRANSPOSES:
+        return None
+    src = node.args[0] if node.args else None
+    w = _get_attr(gm, src)
+    if w is None or w.dim() != 2:
+        return None
+    rest = list(node.args[1:])
+    if packet(node) == "permute" and [d % 2 for d in (rest[0] if rest else [])] != [1, 0]:
+        return None
+    if packet(node) == "transpose" and sorted(d % 2 for d in rest) != [0, 1]:
+        return None
+    return src
+
+
+def canonical_linear(gm: torch.fx.GraphModule) -> int:
+    """``addmm(b, x, wᵀ)`` -> ``linear(x, w, b)`` and ``mm(x, wᵀ)`` -> ``linear(x, w)`` for a 2-D parameter w and
+    a 1-D parameter b, with addmm's beta and alpha at 1; returns the count. The transposes left unused go."""
+    done = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or packet(n) not in ("addmm", "mm"):
+            continue
+        if packet(n) == "addmm":
+            if len(n.args) != 3 or any(n.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+                continue
+            bias, x, wt = n.args
+            b = _get_attr(gm, bias)
+            if b is None or b.dim() != 1:
+                continue
+        else:
+            (x, wt), bias = n.args[:2], None
+        w = _transposed_param(gm, wt)
+        if w is None or (bias is not None and b.shape[0] != _get_attr(gm, w).shape[0]):
+            continue
+        with gm.graph.inserting_before(n):
+            lin = gm.graph.call_function(torch.ops.aten.linear.default, (x, w) if bias is None else (x, w, bias))
+        lin.meta = dict(n.meta)
+        n.replace_all_uses_with(lin)
+        gm.graph.erase_node(n)
+        done += 1
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return done
+
+
 def fold_batchnorm(gm: torch.fx.GraphModule) -> int:
     """Fold every inference BatchNorm whose only input is a conv/linear used nowhere else; returns the count.
 
@@ -61,6 +115,9 @@ def fold_batchnorm(gm: torch.fx.GraphModule) -> int:
                 continue
             if packet(conv) == "convolution" and conv.args[6]:
                 continue  # transposed
+            if packet(bn) != "batch_norm" and not all(u.op == "call_function" and u.target is operator.getitem
+                                                       and u.args[1] == 0 for u in bn.users):
+                continue  # something reads the saved statistics too
             gamma, beta, mean, var = (_get_attr(gm, a) for a in args[1:5])
             eps = args[7] if packet(bn) == "batch_norm" else args[6]
             w_node = conv.args[1]
@@ -87,9 +144,16 @@ def fold_batchnorm(gm: torch.fx.GraphModule) -> int:
             else:
                 cargs.append(new_b)
             conv.args = tuple(cargs)
-            if "val" in bn.meta:
-                conv.meta["val"] = bn.meta["val"]
-            bn.replace_all_uses_with(conv)
+            if packet(bn) == "batch_norm":
+                if "val" in bn.meta:
+                    conv.meta["val"] = bn.meta["val"]
+                bn.replace_all_uses_with(conv)
+            else:  # the decomposed op returns (out, mean, rstd): its users read the output as getitem(bn, 0)
+                for user in list(bn.users):
+                    if "val" in user.meta:
+                        conv.meta["val"] = user.meta["val"]
+                    user.replace_all_uses_with(conv)
+                    gm.graph.erase_node(user)
             gm.graph.erase_node(bn)
             folded += 1
     if folded:

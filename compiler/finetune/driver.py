@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpqc.compiler.data import DataSplits, augment_batch, make_loader
+from mpqc.compiler.loading import set_eval
 from mpqc.compiler.progress import progress_bar
 from mpqc.compiler.quantize import LayerQuant, QuantizedModel, RangeMethod
 
@@ -397,8 +398,9 @@ def _frozen_teacher(teacher: nn.Module | None, qmodel: QuantizedModel, device) -
     tensors = list(teacher.parameters()) + list(teacher.buffers())
     if any(p.data_ptr() in own for p in tensors) or any(p.device != device for p in tensors):
         teacher = copy.deepcopy(teacher).to(device)
-    # eval mode; gradients are off by running it under no_grad (flags untouched: they may be shared)
-    return teacher.eval()
+    # eval mode (an unlifted torch.export module has no switch and stays as it is); gradients are off by running it
+    # under no_grad (flags untouched: they may be shared)
+    return set_eval(teacher)
 
 
 def _schedule(config: FinetuneConfig, total_steps: int) -> Callable[[int], float]:

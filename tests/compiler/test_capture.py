@@ -171,3 +171,61 @@ def test_fold_batchnorm_keeps_outputs():
     assert not any(op.kind == OpKind.NORM for op in cap.graph)
     assert all(op.bias_fqn for op in cap.graph.layers())
     torch.testing.assert_close(cap.gm(*x), model(*x), rtol=1e-4, atol=1e-4)
+
+
+class _MLP(nn.Module):
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32, bias=bias), nn.Linear(32, 10, bias=bias)
+        self.mix = nn.Parameter(torch.randn(10, 10))
+
+    def forward(self, x):
+        h = self.fc2(torch.relu(self.fc1(x.flatten(1))))
+        return torch.addmm(h, h, self.mix.tanh().t(), alpha=0.5)  # no parameter is transposed here: stays addmm
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_decomposed_export_captures_its_linears_as_linear(bias):
+    """ExportedProgram.run_decompositions() spells nn.Linear as addmm(b, x, permute(w)) (mm without a bias); the
+    compiler once crashed on such a .pt2. Capture turns them back into linear layers with their weights and biases,
+    and leaves a genuine addmm alone."""
+    torch.manual_seed(0)
+    m = _MLP(bias).eval()
+    x = torch.randn(4, 1, 8, 8)
+    ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).run_decompositions()
+    spelled = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert any(("addmm" if bias else "aten.mm") in t for t in spelled)  # the form the pass is for
+    cap = capture(ep.module(), (x,))
+    ops = cap.graph.layers()
+    assert [op.kind for op in ops] == [OpKind.LINEAR, OpKind.LINEAR, OpKind.MATMUL]
+    layers = {op.name: op for op in ops if op.kind == OpKind.LINEAR}
+    for op in layers.values():
+        assert op.weight_fqn and op.weight_fqn.endswith("weight")
+        assert (op.bias_fqn is not None) == bias
+    assert layers[next(iter(layers))].macs == 4 * 64 * 32
+    targets = [str(n.target) for n in cap.gm.graph.nodes if n.op == "call_function"]
+    assert targets.count("aten.linear.default") == 2 and sum("addmm" in t for t in targets) == 1
+    transposed = [n.args[0] for n in cap.gm.graph.nodes if n.op == "call_function" and "permute" in str(n.target)]
+    assert all(a.op != "get_attr" for a in transposed)  # the weights' transposes went with the addmm / mm
+    torch.testing.assert_close(cap.gm(x), m(x))
+
+
+def test_batchnorm_folds_in_a_decomposed_export_too():
+    """Decomposed, BatchNorm is _native_batch_norm_legit_no_training, read through getitem(bn, 0): folding it must
+    hand its users the conv's output itself (once it was indexed instead: out[0], the first image of the batch)."""
+    from mpqc.compiler.zoo import DigitsCNN
+
+    torch.manual_seed(0)
+    m = DigitsCNN().eval()
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        nn.init.normal_(bn.weight)
+        nn.init.normal_(bn.bias)
+    ep = torch.export.export(m, (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    ep = ep.run_decompositions()
+    assert any("_native_batch_norm_legit_no_training" in str(n.target) for n in ep.graph.nodes)
+    cap = capture(ep.module(), (torch.randn(2, 1, 8, 8),), fold_bn=True)
+    assert not any("batch_norm" in str(n.target) or "getitem" in str(n.target) for n in cap.gm.graph.nodes)
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(cap.gm(x), m(x), atol=1e-5, rtol=1e-5)

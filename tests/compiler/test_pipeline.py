@@ -301,3 +301,30 @@ def test_a_failed_parity_check_keeps_the_trained_model_and_says_how_to_export_it
     assert command[:2] == ["mpqc", "export"] and command[-1] == "--no-check"
     assert main(command[1:] + ["--json"]) == 0
     assert (out / "model.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_a_torch_export_file_compiles_end_to_end(tmp_path, decomposed):
+    """A .pt2 is the format torch.export users hand over, decomposed too (run_decompositions, the edge dialect's
+    way: nn.Linear as addmm over a permuted weight). Both once failed: the unlifted module refuses .eval(), which
+    fine-tuning's teacher called, and the decomposed linear had no weight node the quantizers could find."""
+    import torch
+
+    import mpqc
+    from mpqc.compiler.zoo import DigitsCNN
+
+    torch.manual_seed(0)
+    ep = torch.export.export(DigitsCNN().eval(), (torch.randn(2, 1, 8, 8),),
+                             dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    if decomposed:
+        ep = ep.run_decompositions()
+        assert any("addmm" in str(n.target) for n in ep.graph.nodes)
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    res = mpqc.compile(str(tmp_path / "m.pt2"), target="generic", data="digits", out=str(tmp_path / "out"),
+                       avg_bits="W4A4", epochs=1, progress=False)
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["layers"]["fc"]["w_bits"] is not None  # the classifier is a quantized layer, not a float matmul
+    parity = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert parity["passed"], parity
+    acc = res.metrics["accuracy"]
+    assert abs(acc["exported ONNX (onnxruntime)"] - acc["fake-quant (PyTorch)"]) < 1.0, acc
