@@ -8,6 +8,7 @@ fallback for models export rejects. TorchScript files are converted to an Export
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
@@ -136,13 +137,18 @@ def trace(model: torch.nn.Module, example_inputs: tuple, method: str = "auto") -
         from torch._export.converter import TS2EPConverter
 
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet("torch._export.non_strict_utils"):
                 warnings.simplefilter("ignore")  # the converter warns once per unused BN counter
                 ep = TS2EPConverter(model, example_inputs).convert()
         except Exception as e:  # noqa: BLE001 - report the converter's reason in one line
             raise UserError(f"cannot convert this TorchScript model to a graph ({_first_line(e)}); "
                             "save the model with torch.export.save or as a state dict with --arch") from None
-        gm = _export_dynamic_batch(ep.module(), example_inputs) or ep.module()
+        gm = ep.module()
+        # the converter fixes the example's shapes with a guard (x.size(0) == 1); without it the ops run at any
+        # batch, unless the model wrote its batch into a shape (compile's data check names that case)
+        _drop_guards(gm)
+        gm = _export_dynamic_batch(gm, example_inputs) or gm
+        _promote_trainable_buffers(gm)
         _record_values(gm, example_inputs)
         return gm, "torchscript"
     export_error: BaseException | None = None
@@ -167,6 +173,39 @@ def trace(model: torch.nn.Module, example_inputs: tuple, method: str = "auto") -
         raise UserError(f"cannot capture the model: {why}"
                         f"torch.fx.symbolic_trace failed ({_first_line(e)}); check --input-shape, or make the "
                         "forward exportable (no data-dependent Python control flow)") from None
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Hold a library logger to errors: the TorchScript converter logs its own shape specialisations (a batch of 1
+    "specialized") as warnings on stderr, which say nothing to the user and are not theirs to fix."""
+    lg = logging.getLogger(logger)
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def _drop_guards(gm: torch.fx.GraphModule) -> None:
+    """Remove the input-shape guard call an unlifted ExportedProgram module makes first (``self._guards_fn(x)``)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and str(n.target) == "_guards_fn" and not n.users:
+            gm.graph.erase_node(n)
+    gm.recompile()
+
+
+def _promote_trainable_buffers(gm: torch.fx.GraphModule) -> None:
+    """Buffers that require grad back to parameters. The TorchScript converter keeps some of a model's parameters
+    (a traced linear's weight and bias) as buffers that still require grad; as buffers they would not train, and
+    once anything clones them (non-leaf tensors) the graph can no longer be deep-copied."""
+    for name, buf in list(gm.named_buffers()):
+        if buf.is_floating_point() and buf.requires_grad:
+            mod_path, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(mod_path) if mod_path else gm
+            del mod._buffers[leaf]
+            mod.register_parameter(leaf, torch.nn.Parameter(buf.detach().clone()))
 
 
 def _export_dynamic_batch(model: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModule | None:

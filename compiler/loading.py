@@ -102,8 +102,14 @@ def fit_to_data(loaded: LoadedModel, data, spec: str, *, shape_given: bool = Fal
         with torch.no_grad():
             out = loaded.module(x)
     except Exception as e:  # noqa: BLE001 - whatever the model raises, the cause is the data's shape or dtype
-        raise UserError(f"the data set {spec} does not fit the model's input {model_shape} (samples of shape "
-                        f"{shape}: {_short(e)}); use data like the model was trained on") from None
+        try:
+            with torch.no_grad():
+                loaded.module(x[:1])
+        except Exception:  # noqa: BLE001 - one sample fails too: the data does not fit
+            raise UserError(f"the data set {spec} does not fit the model's input {model_shape} (samples of shape "
+                            f"{shape}: {_short(e)}); use data like the model was trained on") from None
+        raise UserError(f"the model runs only at batch size 1 (two samples: {_short(e)}); save it with "
+                        "torch.export.save (a dynamic batch) or as a state dict with --arch") from None
     if not classifier:
         return
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

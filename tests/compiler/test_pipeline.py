@@ -303,28 +303,64 @@ def test_a_failed_parity_check_keeps_the_trained_model_and_says_how_to_export_it
     assert (out / "model.onnx").stat().st_size > 0
 
 
-@pytest.mark.parametrize("decomposed", [False, True])
-def test_a_torch_export_file_compiles_end_to_end(tmp_path, decomposed):
-    """A .pt2 is the format torch.export users hand over, decomposed too (run_decompositions, the edge dialect's
-    way: nn.Linear as addmm over a permuted weight). Both once failed: the unlifted module refuses .eval(), which
-    fine-tuning's teacher called, and the decomposed linear had no weight node the quantizers could find."""
+@pytest.mark.parametrize("form", ["export", "decomposed", "traced", "scripted"])
+def test_a_torch_export_or_torchscript_file_compiles_end_to_end(tmp_path, form):
+    """The saved forms README names. Each once failed in compile: the unlifted module of a .pt2 refuses .eval(),
+    which fine-tuning's teacher called; a decomposed .pt2 (run_decompositions, the edge dialect's way) spells
+    nn.Linear as addmm over a permuted weight, and the quantizers found no weight node; a TorchScript file's
+    converted graph kept a guard for the example's batch of 1, and its linear's weight as a buffer that requires
+    grad (not a parameter: a deep copy of the graph refused it)."""
     import torch
 
     import mpqc
     from mpqc.compiler.zoo import DigitsCNN
 
     torch.manual_seed(0)
-    ep = torch.export.export(DigitsCNN().eval(), (torch.randn(2, 1, 8, 8),),
-                             dynamic_shapes=({0: torch.export.Dim.AUTO},))
-    if decomposed:
-        ep = ep.run_decompositions()
-        assert any("addmm" in str(n.target) for n in ep.graph.nodes)
-    torch.export.save(ep, str(tmp_path / "m.pt2"))
-    res = mpqc.compile(str(tmp_path / "m.pt2"), target="generic", data="digits", out=str(tmp_path / "out"),
-                       avg_bits="W4A4", epochs=1, progress=False)
+    model = DigitsCNN().eval()
+    path = tmp_path / ("m.ts" if form in ("traced", "scripted") else "m.pt2")
+    if form == "traced":
+        torch.jit.trace(model, torch.randn(1, 1, 8, 8)).save(str(path))
+    elif form == "scripted":
+        torch.jit.script(model).save(str(path))
+    else:
+        ep = torch.export.export(model, (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+        if form == "decomposed":
+            ep = ep.run_decompositions()
+            assert any("addmm" in str(n.target) for n in ep.graph.nodes)
+        torch.export.save(ep, str(path))
+    res = mpqc.compile(str(path), target="generic", data="digits", out=str(tmp_path / "out"), avg_bits="W4A4",
+                       epochs=1, progress=False, input_shape="1,1,8,8")
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert plan["layers"]["fc"]["w_bits"] is not None  # the classifier is a quantized layer, not a float matmul
     parity = json.loads((tmp_path / "out" / "parity.json").read_text())
     assert parity["passed"], parity
     acc = res.metrics["accuracy"]
     assert abs(acc["exported ONNX (onnxruntime)"] - acc["fake-quant (PyTorch)"]) < 1.0, acc
+    from mpqc.compiler.data import load_data
+    from mpqc.compiler.train import evaluate
+
+    assert acc["full precision"] == pytest.approx(evaluate(model, load_data("digits", seed=0).val))  # same function
+
+
+def test_a_torchscript_model_fixed_to_its_example_batch_is_one_line_and_exit_2(tmp_path):
+    import torch
+    from torch import nn
+
+    class Baked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.reshape(1, 64))  # the batch written into a shape
+
+    torch.jit.trace(Baked().eval(), torch.randn(1, 1, 8, 8)).save(str(tmp_path / "b.ts"))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "mpqc", "compile", str(tmp_path / "b.ts"), "--input-shape", "1,1,8,8",
+                        "--target", "generic", "--avg-bits", "W4A4", "--data", "digits", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "only at batch size 1" in err[0] and "torch.export.save" in err[0], err
+    assert "Traceback" not in p.stderr
+    assert not out.exists() or not any(out.iterdir())
