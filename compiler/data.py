@@ -286,9 +286,11 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None 
     # the offsets come from the (CPU) generator wherever x lives: the same draws on every device
     dx = torch.randint(0, 9, (n,), generator=generator)
     dy = torch.randint(0, 9, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None]).to(dev)
-    cols = (dx[:, None] + torch.arange(w)[None]).to(dev)
+    flip = torch.rand(n, generator=generator) < 0.5
+    # one copy to the device (on CUDA each blocking copy waits for the device): rows, columns and flips together
+    index = torch.cat([dy[:, None] + torch.arange(h)[None], dx[:, None] + torch.arange(w)[None], flip[:, None]], 1)
+    index = index.to(dev)
+    rows, cols, flip = index[:, :h], index[:, h:h + w], index[:, h + w].bool()
     out = pad[torch.arange(n, device=dev)[:, None, None, None],
               torch.arange(x.shape[1], device=dev)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
     return torch.where(flip[:, None, None, None], out.flip(-1), out)

@@ -297,7 +297,7 @@ def analog_noise(
     if log_e is not None:
         return analog_noise_log_e(y, sigma, log_e, seed=seed, offset=offset, axis=axis, backend=backend)
     if not isinstance(sigma, torch.Tensor):
-        sigma = torch.tensor(float(sigma), dtype=torch.float32, device=y.device)
+        sigma = torch.full((), float(sigma), dtype=torch.float32, device=y.device)  # no host-to-device copy
     if backend == "fast":
         if not y.is_cuda:
             return _fast(y, sigma, seed=seed, offset=offset, axis=axis)
@@ -379,7 +379,7 @@ def analog_noise_log_e(
         Tensor like y, differentiable in y, sigma_at_e1 and log_e.
     """
     if not isinstance(sigma_at_e1, torch.Tensor):
-        sigma_at_e1 = torch.tensor(float(sigma_at_e1), dtype=torch.float32, device=y.device)
+        sigma_at_e1 = torch.full((), float(sigma_at_e1), dtype=torch.float32, device=y.device)
     channel_like = all(t.dim() <= 1 and t.numel() in (1, y.shape[axis] if axis is not None else 1)
                        for t in (sigma_at_e1, log_e))  # fmt: skip
     if channel_like:

@@ -171,7 +171,7 @@ def _check_bits(bits: int | torch.Tensor, signed: bool) -> None:
     if isinstance(bits, torch.Tensor):
         if bits.dtype.is_floating_point or bits.dtype == torch.bool or bits.is_complex():
             raise TypeError(f"bits must be an integer tensor, got {bits.dtype}")
-        if bits.is_cuda or bits.numel() == 0:
+        if bits.device.type != "cpu" or bits.numel() == 0:
             return  # a range check would force a device sync on every call
         bad = (bits < low) | (bits > MAX_BITS)
         if bool(bad.any()):
@@ -195,7 +195,7 @@ def _prepare(
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if not isinstance(scale, torch.Tensor):
-        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+        scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)  # no host-to-device copy
     if not scale.dtype.is_floating_point:
         raise TypeError(f"scale must be a floating-point tensor, got {scale.dtype}")
     _check_bits(bits, signed)
@@ -217,9 +217,14 @@ def _prepare(
     scale_per_channel = scale.numel() != 1
     per_channel = scale_per_channel or bits_per_channel
     outer, channels, inner = split_shape(x.shape, axis if per_channel else None)
-    qmin, qmax = quant_range(bits, signed)
-    qmin = qmin.reshape(-1).to(x.device).expand(channels).contiguous()
-    qmax = qmax.reshape(-1).to(x.device).expand(channels).contiguous()
+    if isinstance(bits, torch.Tensor):  # per-channel bits live with the weight: the range is made there
+        qmin, qmax = quant_range(bits, signed)
+        qmin = qmin.reshape(-1).to(x.device).expand(channels).contiguous()
+        qmax = qmax.reshape(-1).to(x.device).expand(channels).contiguous()
+    else:  # filled on x's device: a CPU tensor moved there is a copy that waits for the device, on every call
+        hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+        qmin = torch.full((channels,), float(-hi - 1 if signed else 0), dtype=torch.float32, device=x.device)
+        qmax = torch.full((channels,), float(hi), dtype=torch.float32, device=x.device)
     spec = _Spec(
         outer=outer,
         channels=channels,

@@ -229,7 +229,7 @@ def _as_tensor(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
         if not v.dtype.is_floating_point:
             raise TypeError(f"d and xmax must be floating point, got {v.dtype}")
         return v
-    return torch.tensor(float(v), dtype=torch.float32, device=like.device)
+    return torch.full((), float(v), dtype=torch.float32, device=like.device)  # no host-to-device copy
 
 
 def _project(

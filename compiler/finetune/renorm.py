@@ -56,7 +56,7 @@ class BatchRenorm(nn.Module):
             dims = self._dims(z)
             zd = z.detach().double()
             n = zd.numel() // zd.shape[1]
-            s = [torch.tensor(float(n), dtype=torch.float64, device=z.device), zd.sum(dims), (zd * zd).sum(dims)]
+            s = [torch.full((), float(n), dtype=torch.float64, device=z.device), zd.sum(dims), (zd * zd).sum(dims)]
             self._stats = s if self._stats is None else [a + b for a, b in zip(self._stats, s)]
             return z
         if self.training and z.numel() > z.shape[1]:

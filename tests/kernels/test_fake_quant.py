@@ -289,6 +289,33 @@ def test_unsigned_range_and_quant_range():
     torch.testing.assert_close(y, torch.tensor([0.0, 0.2, 1.5]))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_an_int_bit_width_quantizes_like_the_same_width_as_a_tensor(signed):
+    """Python-int bits get their range filled on the input's device, tensor bits through quant_range: one grid."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 50, generator=g) * 40
+    for b in range(2 if signed else 1, 17):
+        s = torch.rand(3, generator=g) * 0.2 + 0.01
+        ys = [fake_quant(x, s, bits, axis=1, signed=signed) for bits in (b, torch.full((3,), b))]
+        assert torch.equal(ys[0], ys[1]), b
+
+
+@pytest.mark.parametrize("bits", [4, "tensor"])
+def test_a_call_copies_nothing_from_the_host(bits):
+    """On CUDA a host-to-device copy waits for the device; one per call made fine-tuning sync-bound."""
+    from tests.host_copies import HostToDevice
+
+    x = torch.randn(8, 6, 5, device="meta", requires_grad=True)
+    s = torch.rand(6, device="meta", requires_grad=True)
+    b = torch.full((6,), 3, dtype=torch.int32, device="meta") if bits == "tensor" else bits
+    with HostToDevice() as h:
+        y = fake_quant(x, s, b, axis=1)
+        y.sum().backward()
+        fake_quant(x, 0.5, 4)  # a python-float scale too
+    assert y.device.type == "meta" and x.grad is not None and s.grad is not None
+    assert not h.copies, h.copies
+
+
 def test_auto_backend_on_cpu_is_the_reference():
     x = torch.randn(50)
     assert torch.equal(fake_quant(x, torch.tensor(0.1), 4), fake_quant_reference(x, torch.tensor(0.1), 4))
