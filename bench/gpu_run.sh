@@ -10,7 +10,7 @@
 # Each call must follow the last within the machine's 30 s warm window, or the next starts a bare machine.
 # At about 60-120 s for the start and 10-20 s a transfer call, call 4 has roughly 600 s: BUDGET defaults to 540.
 #
-# What runs, most important first (issue 9's goal rows; kernel-wise is the stronger plan on every CPU seed):
+# What runs, most important first (after ~15 s timing the fine-tuning step: bench_train_step.py --qat) (issue 9's goal rows; kernel-wise is the stronger plan on every CPU seed):
 #   - float ResNet-20, 100 epochs (233 s alone on the reference run; 296 s shared on 2026-11-23);
 #   - then at once: W2A4 and W3A3 uniform and fisher kernel-wise at weight-alpha 0.151 (sessions 5, 11-13), and W2A2
 #     uniform and kernel-wise at weight-alpha 0.4 (sessions 12-13), 15 QAT epochs each (SGD 0.02 cosine, batch
@@ -53,6 +53,10 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
     > "$RUN/versions.txt" 2>&1
 log() { echo "$1 $(( $(date +%s) - T0 )) s" | tee -a "$RUN/progress.log"; }
 log "start"
+# the fine-tuning step alone first (~15 s): the number that says how many QAT rows a lease holds
+timeout 90 python3 bench/bench_train_step.py --qat --device "$DEVICE" --threads 2 --steps "${STEP_STEPS:-20}" \
+    > "$RUN/qat_step.md" 2>&1
+log "qat step timed"
 # a bench's --deadline counts from its own start: no compile starts with less than MIN_LEFT seconds to go
 left() { local s=$(( BUDGET - MIN_LEFT - ($(date +%s) - T0) )); [ "$s" -lt 1 ] && s=1; echo "$s"; }
 
@@ -114,11 +118,11 @@ if [ "${#runs[@]}" -gt 0 ]; then
 fi
 log "collected"
 cp "$RUN/progress.log" "$OUTDIR/" 2>/dev/null
-for f in "$RUN/merged/table.md" "$RUN/merged/paired.md"; do [ -f "$f" ] && cp "$f" "$OUTDIR/"; done
+for f in "$RUN/qat_step.md" "$RUN/merged/table.md" "$RUN/merged/paired.md"; do [ -f "$f" ] && cp "$f" "$OUTDIR/"; done
 ( cd "$RUN" && tar czf "$OUTDIR/run.tgz" --exclude=src --exclude=site --exclude=finetune_ckpt --exclude=.cache \
     --exclude=data --exclude='*.onnx' --exclude='model_q.pt' --exclude='*.npz' . )
 echo "== progress"; cat "$RUN/progress.log"
-for f in "$RUN/cifar/fp.done" "$RUN/merged/table.md" "$RUN/merged/paired.md"; do
+for f in "$RUN/qat_step.md" "$RUN/cifar/fp.done" "$RUN/merged/table.md" "$RUN/merged/paired.md"; do
   [ -f "$f" ] && { echo "== $f"; cat "$f"; }
 done
 for l in "$RUN"/*.log; do echo "== tail $l"; tail -n 5 "$l"; done
