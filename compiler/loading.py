@@ -113,7 +113,8 @@ def fit_to_data(loaded: LoadedModel, data, spec: str, *, shape_given: bool = Fal
     if not classifier:
         return
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UserError("mpqc scores and evaluates classifiers: the model must return [batch, classes] logits")
+        raise UserError(f"mpqc scores and evaluates classifiers: the model must return [batch, classes] logits, "
+                        f"and it returns {_describe(out)}; {_fix_for(out)}")
     if out.shape[1] < data.num_classes:
         raise UserError(f"--data {spec} has {data.num_classes} classes but the model outputs {out.shape[1]}; "
                         "use matching data or model")
@@ -125,6 +126,25 @@ def set_eval(module: torch.nn.Module) -> torch.nn.Module:
         return module.eval()
     except NotImplementedError:
         return module
+
+
+def _describe(out) -> str:
+    """What a model returned, in a few words."""
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {list(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}"
+    if isinstance(out, dict):
+        return f"a dict with keys {', '.join(map(repr, list(out)[:4]))}"
+    return f"a {type(out).__name__}"
+
+
+def _fix_for(out) -> str:
+    """The change to the model that makes it a plain classifier."""
+    if isinstance(out, (tuple, list, dict)):
+        return ("wrap it in a module whose forward returns the logits alone (for example the first output, or "
+                "out['logits']) and save that, or pass it with --arch")
+    return "save a model that ends in its classifier"
 
 
 def check_finite(module: torch.nn.Module) -> None:

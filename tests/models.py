@@ -154,3 +154,17 @@ class DeadBranchDigits(nn.Module):
     def forward(self, x):
         x = x.flatten(1)
         return self.fc2(torch.relu(self.fc1(x))) + 0.0 * self.dead(x)
+
+
+class TwoHeadDigits(nn.Module):
+    """A digits classifier that returns its logits beside an auxiliary head's, as a tuple (not what mpqc takes)."""
+
+    input_shape = (1, 1, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.aux = nn.Linear(64, 32), nn.Linear(32, 10), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(h), self.aux(h)

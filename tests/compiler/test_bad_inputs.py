@@ -32,6 +32,9 @@ def files(tmp_path_factory):
     bad = DigitsCNN()
     bad.fc.weight.data[0, 0] = float("inf")
     torch.save(bad.state_dict(), d / "inf.pt")
+    from tests.models import TwoHeadDigits
+
+    torch.save(TwoHeadDigits().state_dict(), d / "twohead.pt")
     rng = np.random.default_rng(0)
     np.savez(d / "empty.npz", x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros((0,), np.int64))
     np.savez(d / "noy.npz", x=rng.random((20, 1, 8, 8), dtype=np.float32))
@@ -58,6 +61,7 @@ CASES = [
     ({"model": "{d}/truncated.pt"}, "truncated or corrupt"),
     ({"model": "{d}/inf.pt"}, "NaN or Inf"),
     ({"model": "{d}/missing.pt"}, "not found"),
+    ({"model": "{d}/twohead.pt", "arch": "tests.models:TwoHeadDigits"}, "returns a tuple of 2; wrap it"),
     ({"target": "tpu9000"}, "tpu9000"),
     ({"target": "{d}/bad.toml"}, "bad.toml"),
     ({"data": "npz:{d}/empty.npz"}, "no samples"),
