@@ -1,10 +1,10 @@
 """Data sets named by ``--data SPEC``, split reproducibly into train / calibration / validation.
 
 SPEC: ``digits`` (ships with scikit-learn), ``cifar10:DIR`` (npz shards as in shared/data/cifar10),
-``imagefolder:DIR`` (one sub-folder per class), ``npz:FILE`` (arrays ``x`` and ``y``). Images become float
-tensors in NCHW, normalised per channel with statistics of the training split; CIFAR-10 uses the full
-training split's published statistics, so a subset (``limit``, a reduced copy of the shards) sees the same
-inputs as the model trained on all of it.
+``imagefolder:DIR`` (one sub-folder per class, each picture resized to the model's input size), ``npz:FILE``
+(arrays ``x`` and ``y``). Images become float tensors in NCHW, normalised per channel with statistics of the
+training split; CIFAR-10 uses the full training split's published statistics, so a subset (``limit``, a reduced
+copy of the shards) sees the same inputs as the model trained on all of it.
 """
 
 from __future__ import annotations
@@ -179,8 +179,10 @@ def _to_splits(name, x, y, *, seed, calib, val_frac=0.15, test=None, num_classes
     return DataSplits(name, ds(xtr, tr[1]), ds(xtr[:calib].copy(order="K"), tr[1][:calib]), ds(xva, va[1]), k, augment)
 
 
-def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None = None) -> DataSplits:
-    """Load and split the data set named by ``spec`` (see the module docstring)."""
+def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None = None,
+              image_size: tuple[int, int] | None = None) -> DataSplits:
+    """Load and split the data set named by ``spec`` (see the module docstring). ``image_size`` (height, width):
+    what an image folder's pictures are resized to, the model's input size where it is known (224 x 224 else)."""
     kind, _, arg = spec.partition(":")
     if kind == "digits":
         from sklearn.datasets import load_digits
@@ -204,7 +206,7 @@ def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None =
         x = _nchw(x.astype(np.float32))
         return _to_splits(f"npz:{os.path.basename(arg)}", x, y, seed=seed, calib=calib)
     if kind == "imagefolder":
-        return _load_imagefolder(arg, seed=seed, calib=calib)
+        return _load_imagefolder(arg, seed=seed, calib=calib, size=image_size or (224, 224))
     raise UserError(f"--data {spec!r}: unknown data set; use digits, cifar10:DIR, imagefolder:DIR or npz:FILE")
 
 
@@ -250,7 +252,7 @@ def _load_cifar10(d: str, *, seed: int, calib: int, limit: int | None) -> DataSp
                       augment="crop_flip", stats=stats, divide=255.0 if x.dtype == np.uint8 else 1.0)
 
 
-def _load_imagefolder(d: str, *, seed: int, calib: int, size: int = 224) -> DataSplits:
+def _load_imagefolder(d: str, *, seed: int, calib: int, size: tuple[int, int] = (224, 224)) -> DataSplits:
     if not os.path.isdir(d):
         raise UserError(f"--data imagefolder:{d}: directory not found")
     classes = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
@@ -265,7 +267,7 @@ def _load_imagefolder(d: str, *, seed: int, calib: int, size: int = 224) -> Data
     for i, c in enumerate(classes):
         for f in sorted(os.listdir(os.path.join(d, c))):
             try:
-                img = Image.open(os.path.join(d, c, f)).convert("RGB").resize((size, size))
+                img = Image.open(os.path.join(d, c, f)).convert("RGB").resize((size[1], size[0]))  # PIL: (w, h)
             except OSError:
                 continue
             xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)

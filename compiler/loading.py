@@ -39,6 +39,13 @@ class LoadedModel:
         return list(self.example_inputs[0].shape)
 
 
+def image_size(loaded: LoadedModel | None = None, shape: tuple[int, ...] | None = None) -> tuple[int, int] | None:
+    """(height, width) of an image model's input, from the loaded model or a given shape; None if not an image.
+    Pictures from an image folder are resized to it, so a 32 x 32 model gets 32 x 32 pictures."""
+    dims = list(shape) if shape is not None else (loaded.input_shape if loaded is not None else [])
+    return (int(dims[-2]), int(dims[-1])) if len(dims) == 4 else None
+
+
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     """Parse ``"1,3,224,224"`` (also ``1x3x224x224``) into a tuple of positive ints."""
     if text is None:

@@ -140,7 +140,7 @@ class _Run:
 
         from .capture import capture
         from .data import load_data
-        from .loading import fit_to_data, load_model
+        from .loading import fit_to_data, image_size, load_model
 
         self.o = o
         self.out = o.out
@@ -151,7 +151,7 @@ class _Run:
         self.budgets = self._budgets()
         self.loaded = load_model(o.model, arch=o.arch, weights=o.weights, trust_pickle=o.trust_pickle,
                                  input_shape=o.input_shape)
-        self.data = load_data(o.data, seed=o.seed)
+        self.data = load_data(o.data, seed=o.seed, image_size=image_size(self.loaded))
         fit_to_data(self.loaded, self.data, o.data, shape_given=o.input_shape is not None)
         self.teacher = self.loaded.module
         self.device = resolve_device(o.device)

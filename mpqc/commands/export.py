@@ -119,7 +119,7 @@ def run(args):
         speed_report,
     )
     from mpqc.compiler.export.qdq import apply_plan
-    from mpqc.compiler.loading import fit_to_data, load_model
+    from mpqc.compiler.loading import fit_to_data, image_size, load_model, parse_input_shape
     from mpqc.compiler.plan import Plan
     from mpqc.compiler.quantize import QuantizedModel
 
@@ -129,7 +129,8 @@ def run(args):
 
         load_tensorrt()  # fail before the slow part when TensorRT is missing
     plan = Plan.load(args.plan)
-    data = load_data(args.data)
+    # the data comes first here (its shape is a TorchScript model's fallback); pictures take --input-shape's size
+    data = load_data(args.data, image_size=image_size(shape=parse_input_shape(args.input_shape)))
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape or tuple(data.input_shape))
     fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None, classifier=False)

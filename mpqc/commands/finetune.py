@@ -122,16 +122,16 @@ def run(args):
     from mpqc.compiler.capture import capture
     from mpqc.compiler.data import load_data, make_loader
     from mpqc.compiler.finetune import accuracy, apply_plan, finetune
-    from mpqc.compiler.loading import fit_to_data, load_model
+    from mpqc.compiler.loading import fit_to_data, image_size, load_model
     from mpqc.compiler.plan import Plan
     from mpqc.compiler.quantize import QuantizedModel, RangeMethod
 
     config = _config(args)
     _check_output(args.output)
     plan = Plan.load(args.plan)
-    data = load_data(args.data)
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape)
+    data = load_data(args.data, image_size=image_size(loaded))
     fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None)
     teacher = loaded.module
     cap = capture(teacher, loaded.example_inputs, fold_bn=True)

@@ -153,3 +153,32 @@ def test_an_image_folder_without_class_folders_says_what_to_do(tmp_path):
     np.savez(tmp_path / "samples.npz", x=np.zeros((4, 8, 8, 3), np.uint8), y=np.arange(4))
     with pytest.raises(UserError, match=f"use --data npz:{tmp_path / 'samples.npz'}"):
         load_data(f"imagefolder:{tmp_path}")
+
+
+def test_an_image_folder_is_read_at_the_models_input_size(tmp_path):
+    """A 16 x 16 model gets 16 x 16 pictures from an image folder (it used to get 224 x 224, whatever it took: a
+    small model then either refused the data or ran on stretched pictures), and the default stays 224."""
+    from PIL import Image
+    from torch import nn
+
+    import mpqc
+    from mpqc.compiler.data import load_data
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "pics" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(tmp_path / "pics" / c / f"{i}.png")
+    spec = f"imagefolder:{tmp_path / 'pics'}"
+    assert load_data(spec).val.tensors[0].shape[1:] == (3, 224, 224)
+    assert load_data(spec, image_size=(16, 12)).val.tensors[0].shape[1:] == (3, 16, 12)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 2))
+    torch.save(model, tmp_path / "m.pt")
+    mpqc.compile(str(tmp_path / "m.pt"), trust_pickle=True, input_shape="1,3,16,16", target="generic", data=spec,
+                 out=str(tmp_path / "out"), avg_bits="W4A4", stop_after="capture", progress=False)
+    import json
+
+    ir = json.loads((tmp_path / "out" / "ir.json").read_text())
+    assert ir["meta"]["input_shapes"] == [[1, 3, 16, 16]]  # before: "samples of shape [3, 224, 224] do not fit"
