@@ -9,7 +9,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .atomic import atomic_write_with
+from mpqc.atomic import atomic_write_with
+
 from .data import load_data
 from .pipeline import compile
 from .train import train_float

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .atomic import atomic_write_json
+from mpqc.atomic import atomic_write_json
 
 MANIFEST_VERSION = 1
 

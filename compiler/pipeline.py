@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from mpqc.atomic import atomic_write_json, atomic_write_text, atomic_write_with, ensure_dir
 from mpqc.errors import UserError
 
-from .atomic import atomic_write_json, atomic_write_text, atomic_write_with, ensure_dir
 from .devices import resolve_device
 from .manifest import Manifest
 

@@ -164,7 +164,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-        from .atomic import atomic_write_text
+        from mpqc.atomic import atomic_write_text
 
         atomic_write_text(os.fspath(path), self.to_json() + "\n")
 

@@ -19,9 +19,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mpqc.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from mpqc.errors import UserError  # noqa: E402
-
-from .atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 PLOTS = ("bits", "sensitivity", "costs", "pareto")
 

@@ -17,10 +17,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
+from mpqc.atomic import atomic_write_text
 from mpqc.errors import UserError
 
 from .protocols import LayerLike, kind_name
@@ -283,20 +283,3 @@ def plan_measurements(layers, target) -> list[tuple[str, Any, Any]]:
         seen.setdefault(op_signature(layer), layer)
     return [(sig, layer, cand) for sig, layer in seen.items() for cand in target.candidate_specs(layer.kind)]
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a partial one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -743,7 +743,7 @@ class ExportedModel:
 
 def save_model(model: onnx.ModelProto, path: str) -> None:
     """Serialize ``model`` to ``path`` atomically; a kill never leaves half a file."""
-    from mpqc.compiler.atomic import atomic_write_bytes
+    from mpqc.atomic import atomic_write_bytes
 
     atomic_write_bytes(str(path), model.SerializeToString())
 

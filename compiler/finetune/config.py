@@ -348,7 +348,7 @@ class FinetuneConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the TOML atomically (temp file + ``os.replace``)."""
-        from mpqc.compiler.atomic import atomic_write_text
+        from mpqc.atomic import atomic_write_text
 
         atomic_write_text(os.fspath(path), self.to_toml())
 

@@ -345,7 +345,7 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str, payload: dict) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: never a half-written file."""
-    from mpqc.compiler.atomic import atomic_write_with
+    from mpqc.atomic import atomic_write_with
 
     atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
 

@@ -294,7 +294,7 @@ class SensitivityTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON file atomically (a temporary file in the same folder, then a rename)."""
-        from mpqc.compiler.atomic import atomic_write_text
+        from mpqc.atomic import atomic_write_text
 
         atomic_write_text(os.fspath(path), self.to_json())
 

@@ -152,7 +152,7 @@ def run(args):
     outputs = {"onnx": os.path.abspath(args.output)}
     engine_report = None
     if args.format == "tensorrt":
-        from mpqc.compiler.atomic import atomic_write_bytes, atomic_write_json
+        from mpqc.atomic import atomic_write_bytes, atomic_write_json
         from mpqc.compiler.export.tensorrt_engine import build_engine
 
         onnx_path = os.path.splitext(args.output)[0] + ".onnx"

@@ -118,7 +118,7 @@ def _updated_plan(plan, q, result, method: str):
 def run(args):
     import torch
 
-    from mpqc.compiler.atomic import atomic_write_with
+    from mpqc.atomic import atomic_write_with
     from mpqc.compiler.capture import capture
     from mpqc.compiler.data import load_data, make_loader
     from mpqc.compiler.finetune import accuracy, apply_plan, finetune

@@ -37,6 +37,10 @@ def test_round_trip_through_json(tmp_path, table):
     assert list(back) == list(table) and back.meta == table.meta
     assert json.loads(path.read_text())["version"] == 1
     assert [p for p in os.listdir(tmp_path) if p != "lut.json"] == []  # no temporary file left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # what a plain open() would give (the table's own writer used to leave mkstemp's owner-only 0600)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_unreadable_tables_are_user_errors(tmp_path):
