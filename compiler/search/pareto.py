@@ -165,7 +165,11 @@ def write_pareto(points: list[ParetoPoint], sp: SearchProblem, row: int, csv_pat
     ok = [p for p in points if p.status in (SolveStatus.OPTIMAL.value, SolveStatus.FEASIBLE.value)]
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     ax = fig.subplots()
-    ax.plot([p.budget for p in ok], [p.objective for p in ok], "o-", color="tab:blue", ms=4, label="objective")
+    # the chosen plan is a point of the same frontier: the line runs through it too, or a coarse sweep's straight
+    # segments would pass far above it and make it look better than the frontier
+    line = sorted([(p.budget, p.objective) for p in ok] + ([tuple(chosen)] if chosen is not None else []))
+    ax.plot([b for b, _ in line], [o for _, o in line], "-", color="tab:blue", lw=1.2)
+    ax.plot([p.budget for p in ok], [p.objective for p in ok], "o", color="tab:blue", ms=4, label="objective")
     if chosen is not None:
         ax.plot([chosen[0]], [chosen[1]], marker="*", color="tab:red", ms=14, ls="none", label="chosen plan")
     ax.set_xlabel(f"{r.budget.option} budget ({_unit_name(r)})")
