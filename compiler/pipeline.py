@@ -649,7 +649,10 @@ def _run_stages(o: CompileOptions, r: _Run, steps: list, result: CompileResult) 
         quiet = name in ("capture", "export", "evaluate", "report") or (  # stages with no bars of their own
             name == "search" and o.weight_alpha != "auto" and o.search != "learned")  # (those two fine-tune)
         with stage_status(f"{name} …", o.progress and quiet):
-            reused, info = r.manifest.run(name, inputs, outputs, lambda fn=fn: fn(r))
+            try:
+                reused, info = r.manifest.run(name, inputs, outputs, lambda fn=fn: fn(r))
+            except torch.OutOfMemoryError as e:  # a limit the options can move: say which, not a traceback
+                raise UserError(_out_of_memory(o, r, name, e)) from None
         if reused:
             result.reused.append(name)
         log.info("stage %s %s", name, "reused" if reused else "done")
@@ -660,6 +663,18 @@ def _run_stages(o: CompileOptions, r: _Run, steps: list, result: CompileResult) 
         if o.stop_after == name:
             result.stopped_after = name
             break
+
+
+def _out_of_memory(o: CompileOptions, r: _Run, stage: str, e: BaseException) -> str:
+    """One line for a device that ran out of memory in ``stage``: where, and the option that needs less."""
+    what = str(e).strip().split(". ")[0][:120] or "out of memory"
+    if stage == "finetune" or (stage == "search" and (o.weight_alpha == "auto" or o.search == "learned")):
+        fix = f"lower --batch-size (now {o.batch_size}), or run with --device cpu"
+    elif stage == "sensitivity":
+        fix = f"lower --samples (now {o.samples}), or run with --device cpu"
+    else:
+        fix = "run with --device cpu"
+    return f"{r.device} ran out of memory in the {stage} stage ({what}); {fix}"
 
 
 def _model_hash(r: _Run) -> str:

@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpqc: interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here; anything else goes on up
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, named so no command pays for torch
+            raise
+        what = str(e).strip().split(". ")[0][:120]
+        print(f"mpqc: error: the device ran out of memory ({what}); lower --batch-size or --samples where the "
+              "command takes them, or run with --device cpu", file=sys.stderr)
+        return 2
     if isinstance(result, int):
         return result
     if args.json and result is not None:

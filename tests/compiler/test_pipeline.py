@@ -364,3 +364,52 @@ def test_a_torchscript_model_fixed_to_its_example_batch_is_one_line_and_exit_2(t
     assert len(err) == 1 and "only at batch size 1" in err[0] and "torch.export.save" in err[0], err
     assert "Traceback" not in p.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("stage,words", [("finetune", "lower --batch-size (now 64)"),
+                                         ("sensitivity", "lower --samples (now 256)")])
+def test_a_device_out_of_memory_is_one_line_naming_the_stage_and_the_option(tmp_path, monkeypatch, stage, words):
+    """A CUDA out-of-memory was a traceback (exit 1). CI has no GPU to run out of, so the stage's own work raises
+    the error torch raises there; the compile must turn it into the stage and the option to lower."""
+    import torch
+
+    import mpqc
+    from mpqc.compiler.zoo import DigitsCNN
+    from mpqc.errors import UserError
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity ...")
+
+    if stage == "finetune":
+        monkeypatch.setattr("mpqc.compiler.finetune.driver._train_epoch", oom)
+    else:
+        monkeypatch.setattr("mpqc.compiler.sensitivity.run_sensitivity", oom)
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), tmp_path / "m.pt")
+    with pytest.raises(UserError) as e:
+        mpqc.compile(str(tmp_path / "m.pt"), arch="mpqc.compiler.zoo:digits_cnn", target="generic", data="digits",
+                     out=str(tmp_path / "out"), avg_bits="W4A4", epochs=1, progress=False)
+    msg = str(e.value)
+    assert f"ran out of memory in the {stage} stage (CUDA out of memory)" in msg and words in msg, msg
+    assert "\n" not in msg
+    assert not (tmp_path / "out" / "model_q.pt").exists()
+
+
+def test_any_command_that_runs_out_of_device_memory_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """The stage commands (mpqc sensitivity, finetune, export) get the same treatment at the CLI: exit 2, one line."""
+    import torch
+
+    from mpqc.cli import main
+    from mpqc.compiler.zoo import DigitsCNN
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity ...")
+
+    monkeypatch.setattr("mpqc.compiler.sensitivity.run_sensitivity", oom)
+    torch.save(DigitsCNN().state_dict(), tmp_path / "m.pt")
+    rc = main(["sensitivity", str(tmp_path / "m.pt"), "--arch", "mpqc.compiler.zoo:digits_cnn", "--data", "digits",
+               "-o", str(tmp_path / "s.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "ran out of memory (CUDA out of memory)" in err[0] and "--batch-size" in err[0], err
+    assert not (tmp_path / "s.json").exists()
