@@ -255,6 +255,47 @@ def layer_edges(graph) -> list[tuple[str, str, str, int]]:
     return out
 
 
+def _extra_models(target, lut) -> list[str]:
+    """The per-layer models beyond BitOPs and size that ``target`` prices (latency only with a table)."""
+    models = tuple(target.cost_models)
+    extra = [m for m in ("cycles", "latency") if m in models]
+    if "energy" in models and target.kind == "digital":
+        extra.append("energy")
+    if "latency" in extra and lut is None:
+        extra.remove("latency")
+    return extra
+
+
+def layer_costs(plan: Plan, graph, target, lut=None) -> dict[str, dict[str, float]]:
+    """Each planned layer's share of the costs that add up layer by layer: ``bitops``, ``size`` (bytes of weights),
+    and where the target prices them ``cycles``, ``energy`` (digital, or analog: MACs x E) and ``latency`` (ms, with
+    ``lut``). :func:`plan_costs` sums these; the report plots them."""
+    from mpqc.compiler.ir import OpKind
+    from mpqc.cost_models import digital
+
+    fb = int(getattr(target, "float_bits", 32))
+    extra = _extra_models(target, lut)
+    out: dict[str, dict[str, float]] = {}
+    for op in graph.layers():
+        if op.name not in plan.layers:
+            continue
+        lp = plan.layers[op.name]
+        w = lp.a_bits if op.kind == OpKind.MATMUL else lp.w_bits
+        row = {"bitops": float(digital.bitops(op, w, lp.a_bits, float_bits=fb)),
+               "size": 0.0 if op.kind == OpKind.MATMUL else digital.weight_bits_total(op, lp.w_bits,
+                                                                                      float_bits=fb) / 8}
+        if extra:
+            costs = digital.layer_costs(op, w, lp.a_bits, _Priced(target, extra), lut=lut,
+                                        fmt=None if lp.format == "int" else lp.format)
+            row.update({m: float(costs.get(m, 0.0)) for m in extra})
+        if lp.emac is not None:
+            e = lp.emac  # per channel: each channel does 1/C_out of the MACs
+            row["energy"] = float(op.macs * (sum(e) / len(e) if isinstance(e, list) else e))
+            row["analog_macs"] = float(op.macs)
+        out[op.name] = row
+    return out
+
+
 def plan_costs(plan: Plan, graph, target, lut=None) -> dict[str, dict]:
     """The costs of ``plan`` under every cost model of ``target`` (BitOPs, size and activation memory always).
 
@@ -264,42 +305,18 @@ def plan_costs(plan: Plan, graph, target, lut=None) -> dict[str, dict]:
     (target unit), ``latency`` (ms; only with ``lut``), ``emac`` (analog: the MAC-weighted mean E over the analog
     layers) and ``boundary`` (precision conversions; also included in the row it ``applies_to``).
     """
-    from mpqc.compiler.ir import OpKind
-    from mpqc.cost_models import digital
     from mpqc.cost_models.boundary import target_boundary
 
-    models = tuple(target.cost_models)
     fb = int(getattr(target, "float_bits", 32))
     energy_unit = target.analog.unit if target.analog is not None else \
         (target.costs.energy.unit if target.costs.energy is not None else "")
-    totals: dict[str, float] = {"bitops": 0.0, "size": 0.0}
     units = {"bitops": "BOPs", "size": "bytes", "act_mem": "bytes", "act_mem_max": "bytes", "cycles": "cycles",
              "energy": energy_unit, "latency": "ms", "emac": f"{energy_unit}/MAC", "boundary": ""}
-    extra = [m for m in ("cycles", "latency") if m in models]
-    if "energy" in models and target.kind == "digital":
-        extra.append("energy")
-    if "latency" in extra and lut is None:
-        extra.remove("latency")
-    for m in extra:
-        totals[m] = 0.0
-    analog_e, analog_macs = 0.0, 0.0
-    for op in graph.layers():
-        if op.name not in plan.layers:
-            continue
-        lp = plan.layers[op.name]
-        w = lp.a_bits if op.kind == OpKind.MATMUL else lp.w_bits
-        totals["bitops"] += digital.bitops(op, w, lp.a_bits, float_bits=fb)
-        if op.kind != OpKind.MATMUL:
-            totals["size"] += digital.weight_bits_total(op, lp.w_bits, float_bits=fb)
-        if extra:
-            costs = digital.layer_costs(op, w, lp.a_bits, _Priced(target, extra), lut=lut,
-                                        fmt=None if lp.format == "int" else lp.format)
-            for m in extra:
-                totals[m] += costs.get(m, 0.0)
-        if lp.emac is not None:
-            e = lp.emac  # per channel: each channel does 1/C_out of the MACs
-            analog_e += op.macs * (sum(e) / len(e) if isinstance(e, list) else e)
-            analog_macs += op.macs
+    extra = _extra_models(target, lut)
+    per_layer = layer_costs(plan, graph, target, lut)
+    totals = {m: sum(row.get(m, 0.0) for row in per_layer.values()) for m in ("bitops", "size", *extra)}
+    analog_e = sum(row["energy"] for row in per_layer.values() if "analog_macs" in row)
+    analog_macs = sum(row.get("analog_macs", 0.0) for row in per_layer.values())
     # activation memory: per tensor (shared) or per consumer
     sizes = []
     if plan.act_groups_mode == "tensor":
@@ -320,7 +337,7 @@ def plan_costs(plan: Plan, graph, target, lut=None) -> dict[str, dict]:
                 shape = graph.tensors[t].shape
                 numel = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
                 sizes.append(numel * (fb if b is None else b))
-    out = {"bitops": totals["bitops"], "size": totals["size"] / 8, "act_mem": float(sum(sizes)) / 8,
+    out = {"bitops": totals["bitops"], "size": totals["size"], "act_mem": float(sum(sizes)) / 8,
            "act_mem_max": float(max(sizes, default=0.0)) / 8}
     for m in extra:
         out[m] = totals[m]

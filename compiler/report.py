@@ -143,14 +143,48 @@ def plot_sensitivity(inp: ReportInputs, path: str) -> None:
     _save(fig, path)
 
 
+def _layer_costs(inp: ReportInputs) -> tuple[dict[str, dict[str, float]], str]:
+    """Each layer's costs, priced from ir.json, plan.json and the plan's target; the second value says why there
+    are none (a target that no longer loads still gives BitOPs and size, at 32-bit floats)."""
+    from mpqc.targets import load_target
+
+    from .ir import Graph
+    from .plan import Plan, layer_costs
+
+    try:
+        graph, plan = Graph.from_dict(inp.ir), Plan.from_dict(inp.plan)
+    except (ValueError, TypeError, KeyError) as e:
+        return {}, f"ir.json or plan.json could not be read back ({e})"
+    try:
+        target = load_target(plan.target)
+    except UserError:
+        target = _BareTarget()
+    rows = layer_costs(plan, graph, target)
+    for row in rows.values():
+        row.pop("analog_macs", None)
+    return rows, ""
+
+
+_COST_LABELS = {"bitops": "BitOPs", "size": "weight bytes", "cycles": "cycles", "energy": "energy",
+                "latency": "latency"}
+
+
+class _BareTarget:
+    """What pricing needs of a target that cannot be loaded: no models beyond BitOPs and size."""
+
+    cost_models = ()
+    kind = "digital"
+    float_bits = 32
+
+
 def plot_costs(inp: ReportInputs, path: str) -> None:
-    """Each layer's share of every cost the plan reports (per-layer breakdown under every budget)."""
-    per_layer = inp.plan.get("layer_costs") or {}
+    """Each layer's share of every cost that adds up layer by layer (BitOPs, weight bytes, cycles, energy...)."""
+    per_layer, why = _layer_costs(inp)
     names = [n for n in _layer_names(inp) if n in per_layer]
-    keys = sorted({k for n in names for k in per_layer[n]})
+    keys = [k for k in ("bitops", "size", "cycles", "energy", "latency") if any(k in per_layer[n] for n in names)]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
     if not names or not keys:
-        ax.text(0.5, 0.5, "no per-layer costs in plan.json", ha="center", va="center")
+        ax.text(0.5, 0.5, why or "no layer to price", ha="center", va="center")
         ax.axis("off")
     else:
         x = np.arange(len(names))
@@ -158,7 +192,7 @@ def plot_costs(inp: ReportInputs, path: str) -> None:
         for i, k in enumerate(keys):
             vals = np.array([float(per_layer[n].get(k, 0.0)) for n in names])
             total = vals.sum() or 1.0
-            ax.bar(x + (i - (len(keys) - 1) / 2) * width, 100 * vals / total, width, label=k)
+            ax.bar(x + (i - (len(keys) - 1) / 2) * width, 100 * vals / total, width, label=_COST_LABELS[k])
         ax.set_ylabel("share of the model total (%)")
         ax.set_xticks(x, [_short(n) for n in names], rotation=75, fontsize=7)
         ax.legend(fontsize=8)

@@ -34,6 +34,28 @@ def test_demo_reports_contain_every_plot(demo):
         assert not list((out / name).glob(".tmp-*"))  # no half-written files
 
 
+def test_the_cost_plot_breaks_the_plans_own_costs_down_by_layer(demo):
+    """The report's cost plot read a 'layer_costs' key nothing wrote, so it was an empty box on every report since
+    session 1. The layers' costs now come from the same pricing as the plan's totals, and add up to them."""
+    from mpqc.compiler.report import _layer_costs, read_inputs
+    from mpqc.cost_models.boundary import target_boundary
+    from mpqc.targets import load_target
+
+    out, _ = demo
+    for name, models in (("analog", ("bitops", "size", "energy")), ("bitserial", ("bitops", "size", "cycles"))):
+        inp = read_inputs(str(out / name))
+        rows, why = _layer_costs(inp)
+        assert rows and not why, why
+        assert set(rows) == set(inp.plan["layers"])
+        costs = inp.plan["costs"]
+        edges = target_boundary(load_target(name))  # precision conversions: priced per edge, not per layer
+        for m in models:
+            total = sum(r.get(m, 0.0) for r in rows.values())
+            between = costs["boundary"]["value"] if edges is not None and edges[1] == m else 0.0
+            assert total + between == pytest.approx(costs[m]["value"], rel=1e-9), (name, m)
+            assert total > 0
+
+
 def test_bitserial_w3a4_keeps_accuracy_and_onnx_matches(demo):
     out, summary = demo
     acc = summary["runs"]["bitserial"]["accuracy"]
