@@ -114,6 +114,11 @@ def plot_bits(inp: ReportInputs, path: str) -> None:
     _save(fig, path)
 
 
+def _energy_label(e: float) -> str:
+    """E 10000, E 681, E 46.4, E 1.47: whole numbers from 100 up, three digits below."""
+    return f"E{e:.0f}" if e >= 100 else f"E{e:.3g}"
+
+
 def plot_sensitivity(inp: ReportInputs, path: str) -> None:
     """Heat map of log10 sensitivity: layers x candidate (weights, activations, or energies)."""
     layers = (inp.sensitivity or {}).get("layers", {})
@@ -135,8 +140,9 @@ def plot_sensitivity(inp: ReportInputs, path: str) -> None:
                     m[i, j] = np.log10(max(float(v), 1e-12))
         im = ax.imshow(m, aspect="auto", cmap="magma")
         ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=7)
-        ax.set_xticks(range(len(cols)), [f"{'W' if k == 'w' else 'A' if k == 'a' else 'E'}{v}" for k, v in cols],
-                      rotation=60, fontsize=7)
+        # bit-widths as they are; energies per MAC (a geometric grid, keys like 681.2920690579612) to 3 digits
+        ax.set_xticks(range(len(cols)), [f"{'W' if k == 'w' else 'A'}{v}" if k in "wa" else _energy_label(float(v))
+                                         for k, v in cols], rotation=60, fontsize=7)
         fig.colorbar(im, ax=ax, label="log10 score")
         ax.set_title(f"Sensitivity ({(inp.sensitivity or {}).get('method', '?')})")
     fig.tight_layout()
@@ -182,7 +188,7 @@ def plot_costs(inp: ReportInputs, path: str) -> None:
     per_layer, why = _layer_costs(inp)
     names = [n for n in _layer_names(inp) if n in per_layer]
     keys = [k for k in ("bitops", "size", "cycles", "energy", "latency") if any(k in per_layer[n] for n in names)]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4) if names and keys else (6, 0.7))
     if not names or not keys:
         ax.text(0.5, 0.5, why or "no layer to price", ha="center", va="center")
         ax.axis("off")
@@ -203,8 +209,8 @@ def plot_costs(inp: ReportInputs, path: str) -> None:
 
 def plot_pareto(inp: ReportInputs, path: str) -> None:
     """Objective (and accuracy when measured) against the swept budget, the chosen plan marked."""
-    fig, ax = plt.subplots(figsize=(6, 4))
     rows = inp.pareto or []
+    fig, ax = plt.subplots(figsize=(6, 4) if rows else (6, 0.7))  # no sweep: a line of text, not an empty box
     if not rows:
         ax.text(0.5, 0.5, "no Pareto sweep (run with --pareto N)", ha="center", va="center")
         ax.axis("off")
