@@ -104,11 +104,18 @@ def plot_bits(inp: ReportInputs, path: str) -> None:
     else:
         w = [_mean_bits(layers[n].get("w_bits")) or 0 for n in names]
         a = [_mean_bits(layers[n].get("a_bits")) or 0 for n in names]
-        ax.bar(x - 0.2, w, 0.4, label="weights (mean over channels)", color="#4c72b0")
+        per = [(i, layers[n]["w_bits"]) for i, n in enumerate(names) if isinstance(layers[n].get("w_bits"), list)]
+        ax.bar(x - 0.2, w, 0.4, label="weights (mean over channels)" if per else "weights", color="#4c72b0")
         ax.bar(x + 0.2, a, 0.4, label="activations (input)", color="#dd8452")
+        if per:  # kernel-wise: the span of the layer's channel widths, so a mean of 3 is not read as all 3-bit
+            lo = [w[i] - min(b) for i, b in per]
+            hi = [max(b) - w[i] for i, b in per]
+            ax.errorbar([i - 0.2 for i, _ in per], [w[i] for i, _ in per], yerr=[lo, hi], fmt="none", ecolor="#222",
+                        elinewidth=1, capsize=3, label="weights: fewest to most bits of a channel")
         ax.set_ylabel("bits")
+        ax.set_ylim(0, max([*w, *a, *(max(b) for _, b in per), 1]) * 1.35)  # room for the legend above the bars
         ax.set_title("Precision per layer")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8, ncols=2 if per else 1)
     ax.set_xticks(x, [_short(n) for n in names], rotation=75, fontsize=7)
     fig.tight_layout()
     _save(fig, path)
