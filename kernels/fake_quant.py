@@ -144,6 +144,12 @@ class _Spec:
     grad_scale: float | None
 
 
+def _int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a python-int width, as python ints."""
+    hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    return (-hi - 1 if signed else 0), hi
+
+
 def quant_range(bits: int | torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer range of a ``bits``-bit code as fp32 tensors (exact integers).
 
@@ -156,7 +162,10 @@ def quant_range(bits: int | torch.Tensor, signed: bool) -> tuple[torch.Tensor, t
     Returns:
         ``(qmin, qmax)`` with the shape of ``bits`` (0-dim for an int).
     """
-    b = torch.as_tensor(bits).to(torch.int64)
+    if not isinstance(bits, torch.Tensor):
+        lo, hi = _int_range(bits, signed)
+        return torch.tensor(float(lo)), torch.tensor(float(hi))
+    b = bits.to(torch.int64)
     if signed:
         qmax = torch.bitwise_left_shift(torch.ones_like(b), b - 1) - 1
         qmin = -qmax - 1
@@ -222,8 +231,8 @@ def _prepare(
         qmin = qmin.reshape(-1).to(x.device).expand(channels).contiguous()
         qmax = qmax.reshape(-1).to(x.device).expand(channels).contiguous()
     else:  # filled on x's device: a CPU tensor moved there is a copy that waits for the device, on every call
-        hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-        qmin = torch.full((channels,), float(-hi - 1 if signed else 0), dtype=torch.float32, device=x.device)
+        lo, hi = _int_range(bits, signed)
+        qmin = torch.full((channels,), float(lo), dtype=torch.float32, device=x.device)
         qmax = torch.full((channels,), float(hi), dtype=torch.float32, device=x.device)
     spec = _Spec(
         outer=outer,
