@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from mpqc.atomic import atomic_write_json, atomic_write_text, atomic_write_with, ensure_dir
-from mpqc.errors import UserError
+from mpqc.errors import UserError, out_of_memory_summary
 
 from .devices import resolve_device
 from .manifest import Manifest
@@ -667,7 +667,7 @@ def _run_stages(o: CompileOptions, r: _Run, steps: list, result: CompileResult) 
 
 def _out_of_memory(o: CompileOptions, r: _Run, stage: str, e: BaseException) -> str:
     """One line for a device that ran out of memory in ``stage``: where, and the option that needs less."""
-    what = str(e).strip().split(". ")[0][:120] or "out of memory"
+    what = out_of_memory_summary(e)
     if stage == "finetune" or (stage == "search" and (o.weight_alpha == "auto" or o.search == "learned")):
         fix = f"lower --batch-size (now {o.batch_size}), or run with --device cpu"
     elif stage == "sensitivity":

@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from mpqc import __version__
-from mpqc.errors import UserError
+from mpqc.errors import UserError, out_of_memory_summary
 
 # order is the order of `mpqc --help`; a module is listed once it exists
 COMMANDS = ("inspect", "profile", "sensitivity", "search", "finetune", "export", "compile", "report", "demo")
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here; anything else goes on up
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, named so no command pays for torch
             raise
-        what = str(e).strip().split(". ")[0][:120]
-        print(f"mpqc: error: the device ran out of memory ({what}); lower --batch-size or --samples where the "
+        print(f"mpqc: error: the device ran out of memory ({out_of_memory_summary(e)}); lower --batch-size or --samples where the "
               "command takes them, or run with --device cpu", file=sys.stderr)
         return 2
     if isinstance(result, int):

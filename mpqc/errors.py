@@ -11,3 +11,8 @@ class UserError(Exception):
 
 class InfeasibleError(UserError):
     """The budgets leave no assignment; the message names the smallest feasible value of each budget."""
+
+
+def out_of_memory_summary(e: BaseException) -> str:
+    """The first sentence of a device's out-of-memory error ("CUDA out of memory"), for a one-line message."""
+    return str(e).strip().split(". ")[0][:120] or "out of memory"
