@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here; anything else goes on up
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, named so no command pays for torch
             raise
-        print(f"mpqc: error: the device ran out of memory ({out_of_memory_summary(e)}); lower --batch-size or --samples where the "
-              "command takes them, or run with --device cpu", file=sys.stderr)
+        print(f"mpqc: error: the device ran out of memory ({out_of_memory_summary(e)}); lower --batch-size or "
+              "--samples where the command takes them, or run with --device cpu", file=sys.stderr)
         return 2
     if isinstance(result, int):
         return result
