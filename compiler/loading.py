@@ -39,11 +39,10 @@ class LoadedModel:
         return list(self.example_inputs[0].shape)
 
 
-def image_size(loaded: LoadedModel | None = None, shape: tuple[int, ...] | None = None) -> tuple[int, int] | None:
-    """(height, width) of an image model's input, from the loaded model or a given shape; None if not an image.
+def image_size(shape) -> tuple[int, int] | None:
+    """(height, width) of an image model's input shape (N, C, H, W); None for any other shape or none.
     Pictures from an image folder are resized to it, so a 32 x 32 model gets 32 x 32 pictures."""
-    dims = list(shape) if shape is not None else (loaded.input_shape if loaded is not None else [])
-    return (int(dims[-2]), int(dims[-1])) if len(dims) == 4 else None
+    return (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) == 4 else None
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:

@@ -151,7 +151,7 @@ class _Run:
         self.budgets = self._budgets()
         self.loaded = load_model(o.model, arch=o.arch, weights=o.weights, trust_pickle=o.trust_pickle,
                                  input_shape=o.input_shape)
-        self.data = load_data(o.data, seed=o.seed, image_size=image_size(self.loaded))
+        self.data = load_data(o.data, seed=o.seed, image_size=image_size(self.loaded.input_shape))
         fit_to_data(self.loaded, self.data, o.data, shape_given=o.input_shape is not None)
         self.teacher = self.loaded.module
         self.device = resolve_device(o.device)

@@ -130,7 +130,7 @@ def run(args):
         load_tensorrt()  # fail before the slow part when TensorRT is missing
     plan = Plan.load(args.plan)
     # the data comes first here (its shape is a TorchScript model's fallback); pictures take --input-shape's size
-    data = load_data(args.data, image_size=image_size(shape=parse_input_shape(args.input_shape)))
+    data = load_data(args.data, image_size=image_size(parse_input_shape(args.input_shape)))
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape or tuple(data.input_shape))
     fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None, classifier=False)
