@@ -30,12 +30,17 @@
 #       bash bench/gpu_run.sh $PWD/../shared/data/cifar10 /tmp/rehearsal /tmp/rehearsal_out
 # LIMIT passes --train-limit to the CIFAR benches and --limit --quick --seeds 1 to the analog ones.
 set -u
+[ $# -ge 2 ] || { echo "gpu_run: usage: bash bench/gpu_run.sh CIFAR_DIR RUN_DIR [OUT_DIR]" >&2; exit 2; }
 DATA=$1
 RUN=$2
 OUTDIR=${3:-$RUN/out}
 T0=$(date +%s)
 BUDGET=${BUDGET:-540}
 MIN_LEFT=${MIN_LEFT:-120}
+for v in BUDGET MIN_LEFT; do
+  [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "gpu_run: $v=${!v} must be a whole number of seconds, e.g. $v=540" >&2; exit 2; }
+done
+[ -f "$DATA/test.npz" ] || { echo "gpu_run: $DATA/test.npz not found; pass the CIFAR-10 folder the calls copied" >&2; exit 2; }
 mkdir -p "$RUN" "$OUTDIR"
 rm -rf "$RUN/src" && mkdir -p "$RUN/src" \
     && tar cf - --exclude=./.cifar --exclude=./.whl --exclude=./.venv --exclude=./bench_out . | tar xf - -C "$RUN/src"
