@@ -110,11 +110,38 @@ class ParityReport:
         return "\n".join(lines)
 
 
+_FLOAT8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+           onnx.TensorProto.FLOAT8E5M2FNUZ}
+
+
 def opt_disabled(model: onnx.ModelProto) -> tuple[str, ...]:
-    """The onnxruntime optimizers the check turns off at ``opt`` for this file's profile: onnxruntime rounds a
-    float conv bias to int32 when it fuses, where a trt or qcdq file (and TensorRT) adds it in float."""
+    """The onnxruntime optimizers the check turns off at ``opt`` for this file.
+
+    - trt and qcdq profiles: ``WeightBiasQuantization``. onnxruntime rounds a float conv bias to int32 when it
+      fuses, where such a file (and TensorRT) adds it in float.
+    - float8 weights on onnxruntime < 1.32: ``QDQSelectorActionTransformer``. Those releases fuse an fp8
+      DequantizeLinear -> MatMul into MatMulIntegerToFloat, which takes only 8-bit integers, and then refuse
+      the graph they made (seen on 1.30 and 1.31; 1.32 leaves it unfused).
+    """
     profile = {p.key: p.value for p in model.metadata_props}.get("mpqc.profile")
-    return ("WeightBiasQuantization",) if profile in ("trt", "qcdq") else ()
+    off = ["WeightBiasQuantization"] if profile in ("trt", "qcdq") else []
+    if _ort_version() < (1, 32) and any(t.data_type in _FLOAT8 for t in model.graph.initializer):
+        off.append("QDQSelectorActionTransformer")
+    return tuple(off)
+
+
+def _ort_version() -> tuple[int, int]:
+    import onnxruntime as ort
+
+    major, minor = ort.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+_OPT_NOTES = {
+    "WeightBiasQuantization": "opt: onnxruntime's WeightBiasQuantization disabled (this profile keeps float biases)",
+    "QDQSelectorActionTransformer": "opt: onnxruntime's QDQ fusions disabled (before 1.32 they fuse float8 weights "
+                                    "into an integer-only kernel and reject the result)",
+}
 
 
 def ort_session(model, *, level: str = "ORT_ENABLE_ALL", threads: int | None = None,
@@ -285,8 +312,7 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
     report = ParityReport(samples=0, lsb=float(step), lsb_source=source, min_top1=min_top1)
     if exact_matmulnbits:
         report.notes.append("MatMulNBits at accuracy level 0 (exact); the default level 4 quantizes activations")
-    if opt_disabled(model):
-        report.notes.append("opt: onnxruntime's WeightBiasQuantization disabled (this profile keeps float biases)")
+    report.notes.extend(_OPT_NOTES[name] for name in opt_disabled(model))
     for mode in modes:
         sess = ort_session(model, level=MODES[mode], exact_matmulnbits=exact_matmulnbits, threads=threads,
                            disabled_optimizers=opt_disabled(model) if mode == "opt" else ())

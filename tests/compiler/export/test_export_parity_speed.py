@@ -26,7 +26,9 @@ def _qdq_identity(scale: float) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
                               [numpy_helper.from_array(np.array(scale, np.float32), "s"),
                                numpy_helper.from_array(np.array(0, np.int8), "z")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10  # what the exporter writes; onnx's default follows onnx, which onnxruntime may lag
+    return model
 
 
 class _FakeQuant(torch.nn.Module):

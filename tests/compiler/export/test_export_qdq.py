@@ -389,6 +389,21 @@ def test_fp8_and_half_layers_where_the_plan_says(bert):
         export_qdq(qm, "qcdq", calib=calib, formats={"cls": "fp8"})
 
 
+def test_float8_weights_turn_the_qdq_fusions_off_on_the_releases_that_reject_them(bert, monkeypatch):
+    """onnxruntime 1.30-1.31 fuse an fp8 weight's DequantizeLinear -> MatMul into MatMulIntegerToFloat and then
+    refuse the graph; the check turns those fusions off there, and only for files with float8 weights."""
+    from mpqc.compiler.export import parity
+
+    qm, calib, held = bert
+    fp8 = export_qdq(qm, "trt", calib=calib, formats={"layers.0.ff2": "fp8"}).model
+    int8 = export_qdq(qm, "trt", calib=calib).model
+    monkeypatch.setattr(parity, "_ort_version", lambda: (1, 30))
+    assert parity.opt_disabled(fp8) == ("WeightBiasQuantization", "QDQSelectorActionTransformer")
+    assert parity.opt_disabled(int8) == ("WeightBiasQuantization",)
+    monkeypatch.setattr(parity, "_ort_version", lambda: (1, 32))
+    assert parity.opt_disabled(fp8) == ("WeightBiasQuantization",)
+
+
 def test_profiles_are_an_enum():
     assert Profile("trt") is Profile.TRT
     with pytest.raises(ValueError):
