@@ -254,10 +254,11 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     integer graph computes); ``mpqc inspect`` shows the model as written, the pipeline folds.
     """
     from .loading import set_eval
-    from .passes import canonical_linear
+    from .passes import canonical_linear, functional_inplace
 
     model = set_eval(model)
     gm, method = trace(model, example_inputs, method)
+    functional_inplace(gm)
     canonical_linear(gm)
     if fold_bn:
         from .passes import fold_batchnorm
@@ -401,8 +402,11 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
         if weight_fqn is not None:
             op.weight_shape = [int(s) for s in params[weight_fqn].shape]
         _annotate(op, node, params)
-        nonneg = nonneg_act or (kind in _PASSTHROUGH and in_names and
-                                all(tensors[n].nonnegative for n in in_names))
+        # a shape argument (x.view(x.size(0), -1): a symbolic size) is not data the op passes through
+        data_in = [name_of[a.name] for a in in_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        nonneg = nonneg_act or (kind in _PASSTHROUGH and data_in and
+                                all(tensors[n].nonnegative for n in data_in) and
+                                (kind not in (OpKind.ADD, OpKind.MUL) or _scalars_nonnegative(node)))
         tensors[name] = Tensor(name, out_shape, _dtype(val), name, nonnegative=bool(nonneg))
         for n in in_names:
             if name not in tensors[n].consumers:
@@ -417,6 +421,13 @@ def _is_leaf_module_op(node: torch.fx.Node) -> bool:
     """True when the op is the whole of a library leaf module (e.g. a BatchNorm2d), so it can take its name."""
     _, typ = _module_path(node)
     return typ is not None and typ.__module__.startswith("torch.nn.modules")
+
+
+def _scalars_nonnegative(node: torch.fx.Node) -> bool:
+    """No number among an add's or a mul's arguments is negative (``x * -1``, ``add(x, y, alpha=-1)``)."""
+    nums = [v for v in (*node.args, *node.kwargs.values())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return all(v >= 0 for v in nums)
 
 
 def _min_arg(node: torch.fx.Node) -> float:

@@ -4,6 +4,10 @@
 export, ``ExportedProgram.run_decompositions()`` or the edge dialect, makes of ``nn.Linear``) back into
 ``linear(x, w, b)``, the one form the IR, the quantizers, the integer-bias grid and the export know.
 
+``functional_inplace`` turns in-place ops (``out += identity``, ``relu_``) into their out-of-place forms where
+nothing else reads the tensor they would overwrite. The quantizers the compiler inserts later return fresh
+tensors that autograd forbids writing to in place, and a graph of pure functions is one the IR can describe.
+
 ``fold_batchnorm`` folds an inference-mode BatchNorm into the convolution (or linear layer) before it, so the
 weights that get quantized are the weights a deployed integer kernel multiplies with: quantizing unfolded
 weights and folding afterwards changes every quantized value.
@@ -94,6 +98,62 @@ def canonical_linear(gm: torch.fx.GraphModule) -> int:
         done += 1
     if done:
         gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return done
+
+
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
+
+
+def _functional_form(n: torch.fx.Node):
+    """The out-of-place target of an in-place op that writes only its first argument, or None."""
+    t = n.target
+    if n.op == "call_function" and t in _INPLACE_OPERATORS:
+        return _INPLACE_OPERATORS[t]
+    if n.op == "call_method" and isinstance(t, str) and t.endswith("_") and not t.startswith("_"):
+        return t[:-1] if hasattr(torch.Tensor, t[:-1]) else None
+    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return None
+    args = t._schema.arguments
+    writes = [a.alias_info is not None and a.alias_info.is_write for a in args]
+    if not writes or not writes[0] or any(writes[1:]):
+        return None
+    name = t._overloadpacket.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet_ = getattr(torch.ops.aten, name[:-1], None)
+    out = getattr(packet_, t._overloadname, None) if packet_ is not None else None
+    return out if out is not None and len(out._schema.arguments) == len(args) else None
+
+
+def _may_alias_another(node) -> bool:
+    """Whether writing into ``node`` could change another tensor: a graph input, a parameter or buffer, or a
+    view that an aten op returned (its base is read elsewhere)."""
+    if not isinstance(node, torch.fx.Node) or node.op in ("placeholder", "get_attr"):
+        return True
+    t = node.target
+    if node.op == "call_function" and isinstance(t, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in t._schema.returns)
+    return node.op == "call_method" and t in ("view", "reshape", "transpose", "permute", "expand", "narrow",
+                                              "flatten", "squeeze", "unsqueeze", "view_as", "__getitem__")
+
+
+def functional_inplace(gm: torch.fx.GraphModule) -> int:
+    """Rewrite in-place ops whose overwritten tensor nothing reads afterwards into their out-of-place forms;
+    returns the count. Writes into graph inputs, parameters, buffers and views are left as they are."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    done = 0
+    for n in gm.graph.nodes:
+        target = _functional_form(n)
+        if target is None or not n.args:
+            continue
+        dest = n.args[0]
+        if _may_alias_another(dest) or any(order[u] > order[n] for u in dest.users if u is not n):
+            continue
+        n.target = target  # same node, same name: layer2.0.relu/relu__5 stays the tensor's name in plans
+        done += 1
+    if done:
         gm.recompile()
     return done
 

@@ -147,7 +147,7 @@ def data_hash(data: Any) -> str:
         for t in ds.tensors:
             t = t.detach().cpu().contiguous()
             h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         if isinstance(data, (TensorDataset, tuple, list)):
             break
     return h.hexdigest()[:16]
@@ -162,7 +162,7 @@ def weights_hash(qm: QuantizedModel) -> str:
         h.update(name.encode())
         t = t.detach().cpu().contiguous()
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 

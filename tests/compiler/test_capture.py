@@ -229,3 +229,74 @@ def test_batchnorm_folds_in_a_decomposed_export_too():
     assert not any("batch_norm" in str(n.target) or "getitem" in str(n.target) for n in cap.gm.graph.nodes)
     x = torch.randn(5, 1, 8, 8)
     torch.testing.assert_close(cap.gm(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+class _Overwrites(nn.Module):
+    """Three in-place ops: two that nothing reads past, and one whose overwritten tensor is read again."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c(x)
+        y += 1.0  # nothing reads y's old value: becomes add
+        z = y.relu_()  # likewise: becomes relu
+        t = self.c(x)
+        u = t.mul_(2.0)  # t is read again below: must stay in place
+        return z + u + t
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_in_place_ops_become_out_of_place_only_where_nothing_reads_what_they_overwrite(method):
+    """torch.export points every later read of an overwritten tensor at the in-place op's result, so all three
+    go; torch.fx keeps reading ``t`` itself after ``t.mul_``, so that one stays."""
+    from mpqc.compiler.passes import packet
+
+    model = _Overwrites().eval()
+    x = torch.randn(2, 3, 6, 6)
+    cap = capture(model, (x,), method=method)
+    names = [packet(n) if n.op == "call_function" else str(n.target) for n in cap.gm.graph.nodes
+             if n.op in ("call_function", "call_method")]
+    assert "add_" not in names and "relu_" not in names and "relu" in names, names
+    assert ("mul_" in names) == (method == "fx"), names
+    torch.testing.assert_close(cap.gm(x), model(x))
+
+
+class _ShapedByBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 36, 10)
+        self.fc2 = nn.Linear(4 * 36, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        flat = h.view(h.size(0), -1)  # the batch comes in as a symbolic size under a dynamic export
+        return self.fc(flat) + self.fc2(flat * -1.0)
+
+
+def test_a_reshape_keeps_its_input_unsigned_and_a_negative_scale_does_not():
+    cap = capture(_ShapedByBatch().eval(), (torch.randn(1, 3, 6, 6),))
+    fc_in = cap.graph.tensors[cap.graph.layer("fc").act_inputs[0]]
+    fc2_in = cap.graph.tensors[cap.graph.layer("fc2").act_inputs[0]]
+    assert fc_in.nonnegative, fc_in.name
+    assert not fc2_in.nonnegative, fc2_in.name
+
+
+def test_a_batchnorm_left_unfolded_has_its_weights_hashed():
+    """A BatchNorm on the input folds into nothing; its 0-d ``num_batches_tracked`` broke the weights hash."""
+    from mpqc.compiler.quantize import QuantizedModel
+    from mpqc.compiler.sensitivity._common import weights_hash
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10)).eval()
+
+    x = torch.randn(1, 3, 6, 6)
+    hashes = []
+    for seed in (0, 0, 1):
+        m = model(seed)
+        m(x)
+        hashes.append(weights_hash(QuantizedModel(capture(m, (x,), fold_bn=True))))
+    assert hashes[0] == hashes[1] != hashes[2]

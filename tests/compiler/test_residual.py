@@ -87,6 +87,37 @@ def test_residual_step_sizes_are_calibrated_and_learned():
     assert all(s.grad is not None and float(s.grad.abs()) > 0 for s in rq_scales)
 
 
+class _InPlaceAdds(torch.nn.Module):
+    """ResNetTiny's blocks written the torchvision way: ``out += identity`` and an in-place ReLU."""
+
+    def __init__(self, tiny):
+        super().__init__()
+        self.tiny = tiny
+
+    def forward(self, x):
+        x = self.tiny.stem(x)
+        for b in (self.tiny.block1, self.tiny.block2):
+            out = b.b2(b.c2(torch.relu(b.b1(b.c1(x)))))
+            out += x if b.down is None else b.down(x)
+            x = out.relu_()
+        return self.tiny.fc(x.mean((2, 3)))
+
+
+def test_a_model_that_adds_in_place_trains_with_its_residual_quantizers():
+    """torchvision's ResNets, MobileNetV3 and EfficientNet add the skip path in place. Writing into a quantizer's
+    output is refused by autograd, so every such compile failed in fine-tuning until capture made the adds
+    out-of-place."""
+    model = _InPlaceAdds(_model())
+    cap = capture(model, (_images(1, 0),), fold_bn=True)
+    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
+    qm.apply({op.name: LayerQuant(4, 4) for op in cap.graph.layers()})
+    assert len(quantize_residuals_for(qm, "ort")) == 4
+    qm.calibrate([_images(32, 2)])
+    qm.train()
+    qm(_images(16, 3)).square().sum().backward()
+    assert all(float(q.scale.grad.abs()) > 0 for q in qm.rq.values())
+
+
 @pytest.mark.parametrize("profile", ["ort", "trt"])
 def test_export_finds_the_trained_quantizers_and_adds_none(profile):
     calib = [_images(32, 2)]
