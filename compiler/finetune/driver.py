@@ -607,6 +607,10 @@ def _payload(epoch, qmodel, optimizer, scheduler, objective, config, metrics, si
             "metrics": metrics}
 
 
+# settings that say where and how a run executes, not what it trains: a checkpoint resumes across them
+_WHERE_NOT_WHAT = ("resume", "checkpoint_dir", "ddp", "device", "eval_batch_size")
+
+
 def _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
             before_load: Callable[[str], bool] = lambda form: False) -> tuple[int, list[dict]] | None:
     """Load the checkpoint at ``path`` into the run; ``before_load(form)`` first puts the model into the deploy
@@ -620,15 +624,12 @@ def _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
                          f"{config.method.value!r}; delete it or run without resume")
     if payload["precision"] != signature:
         raise ValueError(f"the checkpoint {path} was written for a different plan; delete it or run without resume")
-    old = payload.get("config", {})
-    changed = sorted(k for k, v in config.to_dict().items() if k not in ("resume", "epochs") and old.get(k) != v)
-    fixed = [k for k in ("optimizer", "batch_stats") if k in changed]  # state that cannot carry over
-    if fixed:
+    old, new = payload.get("config", {}), config.to_dict()
+    changed = sorted(k for k, v in new.items() if k not in _WHERE_NOT_WHAT and old.get(k) != v)
+    if changed:  # a resumed run must end where the uninterrupted one would: another recipe is another run
         log.warning("the checkpoint %s was written with %s: starting afresh", path,
-                    ", ".join(f"{k} {old.get(k)!r}, not {config.to_dict().get(k)!r}" for k in fixed))
+                    ", ".join(f"{k} {old.get(k)!r}, not {new.get(k)!r}" for k in changed))
         return None
-    if changed:
-        log.warning("resuming with changed settings: %s", ", ".join(changed))
     form = payload.get("deploy_tail")
     if form and not before_load(form if isinstance(form, str) else "folded"):
         log.warning("the checkpoint %s was written inside a deploy tail (%s form) this run does not have: "

@@ -321,6 +321,22 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_weights(float_mode
                     progress=False).resumed_from is None
 
 
+def test_a_checkpoint_of_another_recipe_starts_afresh(float_model, digits, tmp_path):
+    """Compiling again with other --epochs or --lr once reused the finished model and reported the new settings."""
+    data = _subset(digits, 128)
+    cap = _captured(float_model)
+    cfg = FinetuneConfig(epochs=2, seed=3, checkpoint_dir=str(tmp_path))
+    q0 = prepare(cap, _uniform(cap, 4, 4), data, cfg)
+    assert finetune(copy.deepcopy(q0), float_model, data, cfg, progress=False).resumed_from is None
+    for change in ({"epochs": 1}, {"lr": 0.05}, {"epochs": 3}):
+        run = cfg.replace(**change)
+        res = finetune(copy.deepcopy(q0), float_model, data, run, progress=False)
+        assert res.resumed_from is None and len(res.metrics) == run.epochs, change
+    # the same recipe resumes (here: is already done), wherever it runs
+    same = cfg.replace(epochs=3, eval_batch_size=32, device="cpu")
+    assert finetune(copy.deepcopy(q0), float_model, data, same, progress=False).resumed_from == 3
+
+
 def test_resuming_a_checkpoint_of_another_plan_is_refused(float_model, digits, tmp_path):
     data = _subset(digits, 128)
     cap = _captured(float_model)
