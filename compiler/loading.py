@@ -173,8 +173,24 @@ def _load_torchvision(name: str, weights: str | None):
     module = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights is not None:
         state = _read_state_dict(weights)
+        classes = _head_rows(module, state)
+        if classes is not None:  # a model fine-tuned for its own classes: build the head it was trained with
+            module = torchvision.models.get_model(name, weights=None, num_classes=classes, **kwargs)
         _load_state(module, state, weights)
     return module, _TORCHVISION_SHAPES.get(name, _DEFAULT_IMAGE_SHAPE)
+
+
+def _head_rows(module: torch.nn.Module, state: dict) -> int | None:
+    """The class count of ``state``'s classifier where it differs from ``module``'s (its last conv or linear
+    layer, the one torchvision's ``num_classes`` sizes); None where they agree or the state has no such layer."""
+    heads = [(n, m) for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    if not heads:
+        return None
+    name, head = heads[-1]
+    w = {k.removeprefix("module."): v for k, v in state.items()}.get(f"{name}.weight")
+    if w is None or w.dim() != head.weight.dim() or w.shape[0] == head.weight.shape[0]:
+        return None
+    return int(w.shape[0])
 
 
 def _read_state_dict(path: str) -> dict:
@@ -198,7 +214,10 @@ def _load_state(module: torch.nn.Module, state: dict, path: str) -> None:
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise UserError(f"the weights in {path} do not fit the architecture ({_short(e)})") from None
+        sizes = [ln.strip().rstrip(".") for ln in str(e).splitlines() if "size mismatch for" in ln]
+        why = f"{sizes[0]}{f'; {len(sizes) - 1} more' if len(sizes) > 1 else ''}" if sizes else _short(e)
+        raise UserError(f"the weights in {path} do not fit the architecture ({why}); give the architecture they "
+                        "were trained with (--arch, or another torchvision:NAME)") from None
     if missing or unexpected:
         what = (f"missing {', '.join(missing[:3])}" if missing else "") + \
                (f" unexpected {', '.join(unexpected[:3])}" if unexpected else "")

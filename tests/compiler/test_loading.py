@@ -62,6 +62,29 @@ def test_torchvision_with_weights(tmp_path):
     assert loaded.input_shape == [1, 3, 224, 224]
 
 
+@pytest.mark.parametrize("name,head", [("resnet18", "fc"), ("squeezenet1_0", "classifier.1")])
+def test_a_torchvision_model_fine_tuned_for_its_own_classes_gets_that_head(tmp_path, name, head):
+    m = torchvision.models.get_model(name, num_classes=10)
+    path = tmp_path / "w.pt"
+    torch.save(m.state_dict(), path)
+    loaded = load_model(f"torchvision:{name}", weights=str(path))
+    w = loaded.module.get_submodule(head).weight
+    assert w.shape[0] == 10
+    torch.testing.assert_close(w, m.get_submodule(head).weight)
+
+
+def test_weights_of_another_shape_name_the_first_mismatch(tmp_path):
+    state = torchvision.models.resnet18().state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    state["layer1.0.conv2.weight"] = torch.zeros(64, 64, 1, 1)
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    with pytest.raises(UserError) as e:
+        load_model("torchvision:resnet18", weights=str(path))
+    msg = str(e.value)
+    assert "size mismatch for layer1.0.conv1.weight" in msg and "1 more" in msg and "\n" not in msg, msg
+
+
 def test_pickled_module_needs_trust(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(DigitsCNN(), path)
