@@ -446,7 +446,17 @@ class SearchProblem:
         r = self.rows[i]
         if value is None:
             return f"{r.budget.label}: no value works while the other budgets hold"
-        return f"{r.budget.label} needs >= {r.describe(value)} (given {r.describe(r.limit)})"
+        b = r.budget
+        if b.compression is not None and value > 0:  # a ratio: the largest one that works
+            most = b.compression * r.limit / value
+            return (f"{b.label} needs <= {most:.4g}x (weights of at least {r.describe(value)}; {b.text}x gives "
+                    f"{r.describe(r.limit)})")
+        if b.avg_bits is not None and r.limit > 0:  # W·A of the uniform network: the smallest product that works
+            w, a = b.avg_bits
+            least = value / r.limit * w * a
+            return (f"{b.label} needs W·A >= {least:.3g} (given {w * a}: {r.describe(r.limit)}, where the smallest "
+                    f"plan takes {r.describe(value)}); e.g. --bitops {value / 1e9 * 1.000001:.6g}")
+        return f"{b.label} needs >= {r.describe(value)} (given {r.describe(r.limit)})"
 
     def assignment(self, choice: np.ndarray) -> dict:
         """Layer -> {"w", "a", "format", "e"} and act unit -> bits for a choice (one index per group)."""
@@ -625,7 +635,7 @@ class _Assembler:
                           np.array(self.aux_obj), np.zeros(k), np.array(self.aux_hi))
 
 
-def parse_fix(items, *, analog: bool = False) -> dict:
+def parse_fix(items) -> dict:
     """``["conv1=8", "fc=W8A8", "layer4.*=W4", "x=A8", "conv2=E100"]`` -> {pattern: {"w", "a", "e"}}."""
     import re
 
@@ -768,6 +778,11 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     if opt.clusters is not None and (not channel or opt.clusters < 1):
         raise UserError("--clusters K needs --granularity channel and K >= 1")
     warnings: list[str] = []
+    offered = set(target.weight_bits) | set(target.act_bits)
+    foreign = sorted((set(opt.w_candidates or ()) | set(opt.a_candidates or ())) - offered)
+    if foreign:
+        warnings.append(f"--candidates: target {target.name} runs no layer at {', '.join(map(str, foreign))} bits "
+                        f"(it offers {', '.join(map(str, sorted(offered)))}); those widths are left out")
     fixed = resolve_fixed(names, target.fixed, opt.fix)
     alpha = float(opt.weight_alpha)
     numel = {t: _numel(graph.tensors[t].shape) for op in layers for t in op.act_inputs}
@@ -799,6 +814,9 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
                 opts = [(w, ab if op.act_inputs else None, "int", None)]
             elif fx is not None and fx.get("e") is not None:
                 opts = [(w, ab if op.act_inputs else None, "int", float(fx["e"]))]
+            elif fx is not None and (fx.get("w") not in (None, wb) or fx.get("a") not in (None, ab)):
+                raise UserError(f"--fix {op.name}: target {target.name} runs its analog layers at W{wb}A{ab}; fix "
+                                f"the energy per MAC instead, e.g. --fix {op.name}=E100")
             else:
                 es = grid
                 have = table.e(op.name)
@@ -813,6 +831,9 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
                 opts = [(w, ab if op.act_inputs else None, "int", e) for e in es]
             cands[op.name] = opts
             continue
+        if fx is not None and fx.get("e") is not None:
+            raise UserError(f"--fix {op.name}=E{fx['e']:g}: an energy per MAC applies to analog targets; target "
+                            f"{target.name} is {target.kind}: fix bits instead, e.g. --fix {op.name}=W8A8")
         full = [(c.w_bits, c.a_bits, c.format, None) for c in target.candidate_specs(op.kind)]
         if mm:
             full = [o for o in full if o[0] == o[1]]

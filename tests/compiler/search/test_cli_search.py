@@ -74,3 +74,30 @@ def test_infeasible_budgets_exit_2_naming_the_smallest_feasible_values(tmp_path)
     # a bad option value is one line too
     r = _mpqc(str(weights), "--arch", "tests.models:DigitsCNN", "--target", "generic", "--bitops", "-3")
     assert r.returncode == 2 and "--bitops" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_relative_budgets_say_what_works_in_their_own_terms(tmp_path):
+    """A ratio is told the largest ratio that works, W4A8-style bits the smallest W·A, not a row in MiB or GBOPs."""
+    from tests.models import DigitsCNN
+
+    weights = tmp_path / "digits.pt"
+    torch.save(DigitsCNN().state_dict(), weights)
+    base = (str(weights), "--arch", "tests.models:DigitsCNN", "-o", str(tmp_path / "p.json"))
+    r = _mpqc(*base, "--target", "generic", "--compression", "100")
+    assert r.returncode == 2, r.stderr
+    assert "--compression 100 needs <= " in r.stderr and "x (weights of at least" in r.stderr, r.stderr
+    r = _mpqc(*base, "--target", "ort-cpu", "--avg-bits", "W2A2")
+    assert r.returncode == 2, r.stderr
+    assert "--avg-bits W2A2 needs W·A >= 64 (given 4" in r.stderr and "e.g. --bitops" in r.stderr, r.stderr
+
+
+def test_a_candidate_width_the_target_lacks_is_named_not_dropped_silently(tmp_path):
+    from tests.models import DigitsCNN
+
+    weights = tmp_path / "digits.pt"
+    torch.save(DigitsCNN().state_dict(), weights)
+    r = _mpqc(str(weights), "--arch", "tests.models:DigitsCNN", "--target", "generic", "--avg-bits", "W4A4",
+              "--candidates", "9,4", "-o", str(tmp_path / "p.json"), "--json")
+    assert r.returncode == 0, r.stderr
+    said = [w for w in json.loads(r.stdout)["warnings"] if w.startswith("--candidates")]
+    assert said and "no layer at 9 bits" in said[0] and " 4," not in said[0].split("(")[0], said
