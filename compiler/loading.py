@@ -114,8 +114,9 @@ def fit_to_data(loaded: LoadedModel, data, spec: str, *, shape_given: bool = Fal
         except Exception:  # noqa: BLE001 - one sample fails too: the data does not fit
             raise UserError(f"the data set {spec} does not fit the model's input {model_shape} (samples of shape "
                             f"{shape}: {_short(e)}); use data like the model was trained on") from None
-        raise UserError(f"the model runs only at batch size 1 (two samples: {_short(e)}); save it with "
-                        "torch.export.save (a dynamic batch) or as a state dict with --arch") from None
+        raise UserError(f"the model runs only at batch size 1 (two samples: {_short(e)}); export it with a "
+                        "dynamic batch (torch.export.export(model, (x,), dynamic_shapes=({0: "
+                        "torch.export.Dim.AUTO},))) or save a state dict and pass --arch") from None
     if not classifier:
         return
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -238,6 +239,23 @@ def _short(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
+def _refuse_other_formats(path: str) -> None:
+    """Files people pass by mistake (a plan, a table, the exported ONNX) are named as what they are, rather than
+    called a corrupt checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    kind = None
+    if head[:1] in (b"{", b"["):
+        kind = "a JSON file (a plan, a sensitivity table or a report?)"
+    elif path.endswith(".onnx"):
+        kind = "an ONNX file"
+    elif path.endswith(".toml"):
+        kind = "a TOML file (a target or a --config file?)"
+    if kind:
+        raise UserError(f"{path} is {kind}, not a model: MODEL is a TorchScript, torch.export (.pt2) or "
+                        "state-dict file (README, MODEL)")
+
+
 def _load_file(path: str, *, arch: str | None, trust_pickle: bool):
     _require_file(path)
     is_zip = zipfile.is_zipfile(path)
@@ -263,6 +281,8 @@ def _load_file(path: str, *, arch: str | None, trust_pickle: bool):
         return ep.module(), tuple(example) if example is not None else None
     if is_zip and not names:
         raise UserError(f"cannot read {path}: the file is truncated or corrupt")
+    if not is_zip:
+        _refuse_other_formats(path)
     # a torch.save'd object: state dict (needs --arch) or pickled module (needs --trust-pickle)
     try:
         with open(path, "rb") as f:

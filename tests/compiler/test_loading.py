@@ -162,3 +162,15 @@ def test_cli_inspect_table_prints():
     proc = run_cli("inspect", "torchvision:resnet18", "--input-shape", "1,3,64,64")
     assert proc.returncode == 0
     assert "layer4.1.conv2" in proc.stdout and "total" in proc.stdout
+
+
+@pytest.mark.parametrize("name,text,words", [
+    ("plan.json", '{"version": 1, "layers": {}}', "is a JSON file"),
+    ("model.onnx", "\x08\x0a\x12\x04mpqc", "is an ONNX file"),
+    ("target.toml", 'name = "x"', "is a TOML file"),
+])
+def test_a_file_that_is_not_a_model_is_named_for_what_it_is(tmp_path, name, text, words):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError, match=words):
+        load_model(str(path))
