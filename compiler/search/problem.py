@@ -440,6 +440,7 @@ class SearchProblem:
     # channel granularity with searched activation widths: what couples the groups (see mckp.solve_coupled)
     coupling: dict = field(default_factory=dict)
     energy_groups: dict = field(default_factory=dict)  # analog layer -> group indices of its channel E units
+    filters: list = field(default_factory=list)  # budgets met by leaving options out, not by a row (act-mem-max)
 
     def describe(self, i: int, value: float | None) -> str:
         """Infeasibility message part for budget row ``i``."""
@@ -526,6 +527,14 @@ class SearchProblem:
                      "slack": slack / r.display_div if r.kind == "emac" else _user_unit(r.kind, slack),
                      "binding": bool(slack <= tol), "unit": _unit_name(r), "option": r.budget.label}
             costs[f"budget:{r.name}"] = entry
+        for b in self.filters:  # every tensor was held under it when the options were built; say how close
+            from .budgets import raw_limit
+
+            v, limit = costs["act_mem_max"]["value"] * 8, raw_limit(b)
+            costs[f"budget:{b.name}"] = {"value": _user_unit(b.kind, v), "budget": _user_unit(b.kind, limit),
+                                         "slack": _user_unit(b.kind, limit - v),
+                                         "binding": bool(limit - v <= 1e-6 * max(limit, 1.0)), "unit": "KiB",
+                                         "option": b.label}
         for name, c in costs.items():
             if not name.startswith("budget:"):
                 c.setdefault("budget", None)
@@ -1164,7 +1173,7 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     if not (coupling["ties"] or coupling["coupled"]) or n_edges:
         coupling = {}
     return SearchProblem(problem, units, rows, graph, target, opt, act_units, layer_unit, channel_groups, warnings,
-                         n_edges, coupling, energy_groups)
+                         n_edges, coupling, energy_groups, [b for b in budgets if b.kind == "act_mem_max"])
 
 
 def _label(o) -> str:

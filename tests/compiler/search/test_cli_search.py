@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 
@@ -101,3 +102,17 @@ def test_a_candidate_width_the_target_lacks_is_named_not_dropped_silently(tmp_pa
     assert r.returncode == 0, r.stderr
     said = [w for w in json.loads(r.stdout)["warnings"] if w.startswith("--candidates")]
     assert said and "no layer at 9 bits" in said[0] and " 4," not in said[0].split("(")[0], said
+
+
+def test_an_act_mem_max_budget_is_reported_with_the_others(tmp_path):
+    """It is met by leaving wide options out rather than by a row of the ILP; the plan still says how close it is."""
+    from tests.models import DigitsCNN
+
+    weights = tmp_path / "digits.pt"
+    torch.save(DigitsCNN().state_dict(), weights)
+    r = _mpqc(str(weights), "--arch", "tests.models:DigitsCNN", "--target", "generic", "--act-mem-max", "0.3",
+              "-o", str(tmp_path / "p.json"), "--json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)["budgets"]["act-mem-max"]
+    assert row["budget"] == 0.3 and 0 < row["value"] <= 0.3 and row["slack"] == pytest.approx(0.3 - row["value"])
+    assert Plan.load(tmp_path / "p.json").costs["budget:act-mem-max"]["value"] == row["value"]
