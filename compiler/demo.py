@@ -9,7 +9,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mpqc.atomic import atomic_write_with
+from mpqc.atomic import atomic_write_with, ensure_dir
+from mpqc.errors import UserError
 
 from .data import load_data
 from .pipeline import compile
@@ -25,7 +26,9 @@ TARGETS = (
 def run_demo(out: str, *, epochs: int = 3, seed: int = 0, quiet: bool = False) -> dict:
     console = Console(quiet=quiet)
     t0 = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise UserError(f"--epochs {epochs!r} must be an integer >= 0")
+    ensure_dir(out)
     model_path = os.path.join(out, "digits_cnn.pt")
     data = load_data("digits", seed=seed)
     if not os.path.exists(model_path):

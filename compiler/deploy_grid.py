@@ -65,4 +65,14 @@ def trained_for(profile: str, residual_quant: bool) -> dict:
     return {"profile": profile, "residual_quant": bool(residual_quant)}
 
 
-__all__ = ["DeployGrid", "INT8_UNSIGNED_BITS", "PROFILES", "fit_to_profile", "narrow_unsigned_int8", "trained_for"]
+def model_checkpoint(q: QuantizedModel, profile: str, residual_quant: bool) -> dict:
+    """What ``model_q.pt`` holds: the state dict, the grid it was trained on, and the precision of every quantizer
+    (which the state dict does not say), so that ``mpqc export --checkpoint`` can refuse another plan."""
+    from .finetune.driver import precision_signature
+
+    return {"model": q.state_dict(), "trained_for": trained_for(profile, residual_quant),
+            "precision": precision_signature(q)}
+
+
+__all__ = ["DeployGrid", "INT8_UNSIGNED_BITS", "PROFILES", "fit_to_profile", "model_checkpoint",
+           "narrow_unsigned_int8", "trained_for"]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from mpqc.atomic import atomic_write_json, atomic_write_text, atomic_write_with, ensure_dir
+from mpqc.atomic import atomic_write_json, atomic_write_text, atomic_write_with, check_output_dir, ensure_dir
 from mpqc.errors import UserError, out_of_memory_summary
 
 from .devices import resolve_device
@@ -108,6 +108,20 @@ class CompileOptions:
         if self.profile not in ("ort", "trt", "qcdq"):  # the residual quantizers are placed for it before export
             raise UserError(f"--profile {self.profile!r}: use ort, trt or qcdq")
         self.fix = tuple(self.fix)
+        for name in ("batch_size", "samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"--{name.replace('_', '-')} {v!r} must be an integer >= 1")
+        if self.clusters is not None and self.clusters < 1:
+            raise UserError(f"--clusters {self.clusters} must be >= 1")
+        if self.pareto is not None and not 2 <= self.pareto <= 1000:
+            raise UserError(f"--pareto {self.pareto} must be between 2 and 1000 points")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise UserError(f"--time-limit {self.time_limit} must be positive (seconds)")
+        from .search.problem import parse_candidates, parse_fix
+
+        parse_candidates(self.candidates)  # the syntax now; names and widths against the model and target later
+        parse_fix(self.fix)
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise UserError(f"--threads {self.threads!r} must be an integer >= 1")
@@ -200,9 +214,9 @@ class _Run:
 
     def checkpoint(self, q) -> dict:
         """model_q.pt: the state dict and the grid it was trained on (``mpqc export --checkpoint`` reads both)."""
-        from .deploy_grid import trained_for
+        from .deploy_grid import model_checkpoint
 
-        return {"model": q.state_dict(), "trained_for": trained_for(self.o.profile, self.o.residual_quant)}
+        return model_checkpoint(q, self.o.profile, self.o.residual_quant)
 
     def finetune_method(self) -> str:
         if self.o.finetune_method:
@@ -262,7 +276,7 @@ def _stage_search(r: _Run) -> dict:
     o = r.o
     table = read_sensitivity(r.path("sensitivity.json"), monotone=o.monotone)
     cands = parse_candidates(o.candidates)
-    fix = parse_fix(list(o.fix), analog=r.target.kind == "analog")
+    fix = parse_fix(list(o.fix))
     alpha, recovery = o.weight_alpha, None
     if alpha == "auto":
         recovery = _probe_recovery(r, cands, fix)
@@ -426,11 +440,23 @@ def _stage_finetune(r: _Run) -> dict:
         cfg["energy"] = EnergyConfig(mode="fixed")
     config = FinetuneConfig(**cfg)
     _drop_stale_checkpoint(config, q)
+    from .finetune import accuracy
+
+    # the widths stay what the plan says (lsq, pdqat): ending below the start means the steps hurt
+    start = accuracy(q, r.data.val, batch_size=config.eval_batch_size, device=r.device) \
+        if method in ("lsq", "pdqat") else None
     res = finetune(q, r.teacher, r.data, config, progress=o.progress, emac=emac or None)
     atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save(r.checkpoint(q), tmp))
-    return {"epochs": o.epochs, "method": method, "final_accuracy": res.final_accuracy,
+    if start is not None and res.final_accuracy < start - _WORSE_BY:
+        log.warning("fine-tuning ended at %.2f %% validation accuracy, below the %.2f %% of the calibrated model "
+                    "it started from: the steps were too large for this model; try a smaller --lr (this run: %g) "
+                    "or --epochs 0", res.final_accuracy, start, o.lr)
+    return {"epochs": o.epochs, "method": method, "calibrated_accuracy": start, "final_accuracy": res.final_accuracy,
             "resumed_from": res.resumed_from, **({"deploy_tail": res.summary["deploy_tail"]}
                                                  if "deploy_tail" in res.summary else {})}
+
+
+_WORSE_BY = 2.0  # points of validation accuracy a fine-tuning may lose to its start before the run warns
 
 
 def _drop_stale_checkpoint(config, q) -> None:
@@ -590,8 +616,9 @@ def compile(model: str, *, target: str, data: str, out: str, **kwargs) -> Compil
 
 
 def _compile(o: CompileOptions) -> CompileResult:
-    ensure_dir(o.out)
+    check_output_dir(o.out)
     r = _Run(o)  # checks the target, budgets, model and data before anything is written
+    ensure_dir(o.out)
     from .options_file import options_toml
 
     atomic_write_text(r.path("compile.toml"), options_toml(o))  # `mpqc compile --config` repeats the compile

@@ -16,6 +16,8 @@ def _prepare_dir(path: str) -> str:
 
 def ensure_dir(d: str) -> str:
     """Create ``d`` if needed and check it is writable; a one-line UserError otherwise."""
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise UserError(f"-o {d} is a file; give a directory")
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
@@ -25,10 +27,39 @@ def ensure_dir(d: str) -> str:
     return d
 
 
+def check_output_dir(d: str) -> None:
+    """Refuse an output directory that could not be created or written, without creating it yet."""
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise UserError(f"-o {d} is a file; give a directory")
+    parent = os.path.abspath(d)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"the output directory {d} cannot be {'written' if parent == os.path.abspath(d) else 'created'}"
+                        f" ({parent} is not a writable directory); choose another -o")
+
+
+def check_output_file(path: str, example: str) -> None:
+    """Refuse an ``-o`` file that cannot be written, before the command does any work: a directory, a folder that
+    does not exist, or one that is not writable (``example`` is a file name to suggest)."""
+    if os.path.isdir(path):
+        raise UserError(f"-o {path} is a directory; give a file name such as {example}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"-o {path}: the directory {folder} does not exist; create it or choose another -o")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"-o {path}: the directory {folder} is not writable; choose another -o")
+
+
 def atomic_write_with(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and move the result onto ``path`` only if it succeeded."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a directory; choose a file name")
     d = _prepare_dir(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); choose another path") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

@@ -9,7 +9,9 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
+import threading
 import warnings
 
 from mpqc import __version__
@@ -45,7 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, ``timeout``), raised where the program is, so that the temp files of
+    the writes in progress are removed and the finished stages kept, as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -65,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mpqc: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("mpqc: interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here; anything else goes on up
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, named so no command pays for torch
             raise

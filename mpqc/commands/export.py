@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from mpqc.atomic import check_output_file
 from mpqc.errors import UserError
 
 from ._common import add_model_arguments
@@ -49,12 +50,7 @@ def _check_args(args) -> str:
         raise UserError(f"--threads {args.threads}: must be at least 1")
     if args.opset < 21:
         raise UserError(f"--opset {args.opset}: QDQ export needs opset >= 21 (int4 and blocked Q/DQ)")
-    out = args.output
-    if os.path.isdir(out):
-        raise UserError(f"-o {out} is a directory; give a file name such as model.onnx")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise UserError(f"-o {out}: the directory {folder} does not exist")
+    check_output_file(args.output, "model.onnx")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise UserError(f"--checkpoint {args.checkpoint}: file not found")
     return profile
@@ -72,6 +68,7 @@ def _load_checkpoint(qm, path: str, profile: str, *, fixed: bool = True) -> str:
         raise UserError(f"--checkpoint {path}: not a readable state dict ({str(e).strip().splitlines()[0][:200]})") \
             from None
     grid = obj.get("trained_for") if isinstance(obj, dict) else None
+    precision = obj.get("precision") if isinstance(obj, dict) else None
     if isinstance(obj, dict):
         obj = obj.get("model", obj.get("state_dict", obj))
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -93,6 +90,15 @@ def _load_checkpoint(qm, path: str, profile: str, *, fixed: bool = True) -> str:
         if set(qm.rq) != trained_rq:
             raise UserError(f"--checkpoint {path} was fine-tuned with the residual-add quantizers of another "
                             f"profile than --profile {profile}; pass the --profile it was fine-tuned with")
+    if isinstance(precision, dict):  # older files do not say; their step sizes are loaded as they are
+        from mpqc.compiler.finetune.driver import precision_signature
+
+        now = precision_signature(qm)
+        other = sorted(k for k in set(now) | set(precision) if now.get(k) != precision.get(k))
+        if other:
+            raise UserError(f"--checkpoint {path} was fine-tuned at another precision than --plan gives "
+                            f"({len(other)} quantizers differ, e.g. {other[0]}); pass the plan it was fine-tuned "
+                            "with (mpqc finetune writes a learned one beside it as *.plan.json)")
     own = dict(qm.named_buffers(remove_duplicate=False))
     for name, value in obj.items():  # calibration samples vary in size; resize before loading
         buf = own.get(name)

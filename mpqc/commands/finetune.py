@@ -1,11 +1,12 @@
 """Fine-tune a model to a precision plan: LSQ QAT with distillation, PD-QAT, energy training or learned d/x_max.
 
 The model is captured with BatchNorm folded into the convolutions (what the integer graph computes), the plan's
-quantizers are inserted and calibrated on the calibration split, then trained; the QuantizedModel's state dict
-and the profile it was trained for (``{"model", "trained_for"}``) are written atomically to -o. A checkpoint is
-kept after every epoch (default: OUTPUT.ckpt/); running the same command again after an interruption resumes
-from it (--no-resume starts over). With --method dxmax the bits are learned and with --method energy the energy
-per MAC: the updated plan is written next to -o as OUTPUT.plan.json.
+quantizers are inserted and calibrated on the calibration split, then trained; the QuantizedModel's state dict,
+the profile it was trained for and each quantizer's precision (``{"model", "trained_for", "precision"}``) are
+written atomically to -o. A checkpoint is kept after every epoch (default: OUTPUT.ckpt/); running the same
+command again after an interruption resumes from it (--no-resume starts over; other settings start afresh).
+With --method dxmax the bits are learned and with --method energy the energy per MAC: the updated plan is
+written next to -o as OUTPUT.plan.json.
 """
 
 from __future__ import annotations
@@ -76,16 +77,6 @@ def _config(args):
         raise UserError(f"bad fine-tuning setting: {e}") from None
 
 
-def _check_output(path: str) -> None:
-    if os.path.isdir(path):
-        raise UserError(f"-o {path} is a directory; give a file name such as model_q.pt")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"-o {path}: the directory {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"-o {path}: the directory {folder} is not writable")
-
-
 def _updated_plan(plan, q, result, method: str):
     """A copy of the plan with what the method learned: bits (dxmax) or energy per MAC (energy)."""
     from mpqc.compiler.plan import Plan
@@ -118,7 +109,7 @@ def _updated_plan(plan, q, result, method: str):
 def run(args):
     import torch
 
-    from mpqc.atomic import atomic_write_with
+    from mpqc.atomic import atomic_write_with, check_output_file
     from mpqc.compiler.capture import capture
     from mpqc.compiler.data import load_data, make_loader
     from mpqc.compiler.finetune import accuracy, apply_plan, finetune
@@ -127,7 +118,7 @@ def run(args):
     from mpqc.compiler.quantize import QuantizedModel, RangeMethod
 
     config = _config(args)
-    _check_output(args.output)
+    check_output_file(args.output, "model_q.pt")
     plan = Plan.load(args.plan)
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape)
@@ -143,7 +134,7 @@ def run(args):
         raise UserError(f"--plan {args.plan}: {e.args[0]}; was it made for this model?") from None
     except ValueError as e:
         raise UserError(f"--plan {args.plan}: {e}") from None
-    from mpqc.compiler.deploy_grid import fit_to_profile, trained_for
+    from mpqc.compiler.deploy_grid import fit_to_profile, model_checkpoint
 
     fit_to_profile(q, args.profile, residual_quant=args.residual_quant)
     q.calibrate(make_loader(data.calib, config.eval_batch_size), method=method, max_batches=config.calib_batches)
@@ -156,7 +147,7 @@ def run(args):
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 writes and reports
     atomic_write_with(args.output, lambda tmp: torch.save(
-        {"model": q.state_dict(), "trained_for": trained_for(args.profile, args.residual_quant)}, tmp))
+        model_checkpoint(q, args.profile, args.residual_quant), tmp))
     plan_out = None
     if result.bits or result.emac:
         plan_out = os.path.splitext(args.output)[0] + ".plan.json"

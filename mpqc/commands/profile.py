@@ -8,8 +8,10 @@ an int8 QDQ graph, and the error of the sum-of-layers estimate against it is pri
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
+from mpqc.atomic import check_output_file
 from mpqc.errors import UserError
 
 from ._common import add_model_arguments, load_and_capture
@@ -47,9 +49,7 @@ def _check_args(args, target) -> str:
     if "latency" not in target.cost_models or target.costs.latency is None:
         raise UserError(f"target {target.name} has no measured latency (no 'latency' cost model with [costs.latency] "
                         "runtime); profile ort-cpu, cuda or tensorrt")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"-o {args.output}: folder {folder} does not exist or is not writable")
+    check_output_file(args.output, "lut.json")
     runtime = target.costs.latency.runtime
     if runtime == "torch-cuda":
         from mpqc.cost_models.profile_cuda import require_cuda
@@ -83,7 +83,8 @@ def run(args):
 
         total += len(profile_ort.boundary_shapes(layers))
     with Progress(TextColumn("[bold]profile"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=err, transient=True) as bar:
+                  TextColumn("{task.description}"), console=err, transient=True,
+                  disable=not sys.stderr.isatty()) as bar:  # a bar only on a terminal: a log gets no stray line
         task = bar.add_task("", total=total)
 
         def tick(label: str) -> None:

@@ -100,8 +100,10 @@ def add_search_extras(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(args) -> None:
+    from mpqc.atomic import check_output_file
     from mpqc.errors import UserError
 
+    check_output_file(args.output, "plan.json")
     if args.time_limit is not None and not args.time_limit > 0:
         raise UserError(f"--time-limit {args.time_limit} must be positive (seconds)")
     if args.weight_alpha == "auto":
@@ -123,6 +125,24 @@ def _validate(args) -> None:
         if not v >= 0:
             raise UserError(f"--boundary-cost {args.boundary_cost} must be >= 0")
         args.boundary_cost = v
+
+
+def _measured_on_other_weights(table, loaded) -> str | None:
+    """A warning when the table's scores were measured on other weights than MODEL's (the same architecture
+    trained again, say): the names match, so nothing else would notice."""
+    import copy
+
+    from mpqc.compiler.capture import capture
+    from mpqc.compiler.quantize import QuantizedModel
+    from mpqc.compiler.sensitivity._common import weights_hash
+
+    if not table.model_hash or table.method == "synthetic":
+        return None
+    folded = capture(copy.deepcopy(loaded.module), loaded.example_inputs, fold_bn=True)  # as sensitivity hashes
+    if weights_hash(QuantizedModel(folded)) == table.model_hash:
+        return None
+    return (f"the sensitivity table ({table.method}) was measured on other weights than {loaded.source}'s; its "
+            "scores may not hold for this model: run mpqc sensitivity on it")
 
 
 def run(args):
@@ -152,7 +172,7 @@ def run(args):
                         "--act-mem-max, --latency, --energy, --emac); without one every layer takes its widest width")
     target = load_target(args.target)
     cands = parse_candidates(args.candidates)
-    fix = parse_fix(args.fix, analog=target.kind == "analog")
+    fix = parse_fix(args.fix)
     if args.search == "learned":
         if target.kind != "analog":
             raise UserError("--search learned trains the energy per MAC of an analog target; use --target analog")
@@ -168,6 +188,10 @@ def run(args):
     warnings: list[str] = []
     if args.sensitivity:
         table = read_sensitivity(args.sensitivity, monotone=args.monotone)
+        other = _measured_on_other_weights(table, loaded)
+        if other:
+            warnings.append(other)
+            log.warning(other)
     else:
         state = loaded.module.state_dict()
         weights = {op.name: state[op.weight_fqn].detach().cpu().numpy() for op in graph.weighted_layers()

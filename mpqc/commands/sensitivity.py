@@ -95,11 +95,13 @@ def print_table(table, candidates: tuple[int, ...]) -> None:
 
 
 def run(args):
+    from mpqc.atomic import check_output_file
     from mpqc.compiler.capture import capture
     from mpqc.compiler.data import load_data
     from mpqc.compiler.loading import fit_to_data, image_size, load_model
     from mpqc.compiler.sensitivity import SensitivityCache, SensitivityOptions, run_sensitivity
 
+    check_output_file(args.output, "sensitivity.json")
     candidates = parse_candidates(args.candidates)
     extra = parse_options(args.option)
     opts = SensitivityOptions(candidates=candidates, granularity=args.granularity, samples=args.samples,

@@ -94,7 +94,19 @@ CASES = [
     ({"target": "analog", "avg_bits": None, "emac": "10", "weight_alpha": "auto", "stop_after": "search"},
      "is analog"),
     ({"weight_alpha": "auto", "candidates": "4", "stop_after": "search"}, "one candidate width"),
+    ({"batch_size": 0}, "--batch-size"),
+    ({"samples": 0}, "--samples"),
+    ({"granularity": "channel", "clusters": 0}, "--clusters"),
+    ({"pareto": 1}, "--pareto"),
+    ({"time_limit": -1.0}, "--time-limit"),
+    ({"candidates": "8,0"}, "--candidates"),
+    ({"fix": ("conv2=W4B4",)}, "--fix"),
+    ({"fix": ("conv2=E100",), "stop_after": "search"}, "fix bits instead"),
+    ({"target": "analog", "avg_bits": None, "emac": "10", "fix": ("conv2=W4A4",), "stop_after": "search"},
+     "fix the energy per MAC instead"),
 ]
+# errors that need the captured graph or the scores come from their stage, after the stages before it are kept
+_AT_A_STAGE = {"is analog", "one candidate width", "fix bits instead", "fix the energy per MAC instead"}
 if not torch.cuda.is_available():
     CASES.append(({"device": "cuda"}, "no CUDA device"))
 
@@ -107,8 +119,36 @@ def test_bad_input_is_one_clear_error(files, tmp_path, change, words):
         compile_(files, out, **kw)
     msg = str(e.value)
     assert words in msg and "\n" not in msg, msg
+    if words not in _AT_A_STAGE:  # checked before anything is written: not even an empty OUT
+        assert not os.path.exists(out) or out.startswith(str(files)), os.listdir(out)
     if os.path.isdir(out):
         assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_a_sigterm_mid_write_removes_the_temp_file_and_exits_143(files, tmp_path, monkeypatch, capsys):
+    """kill, timeout and job schedulers send SIGTERM; it ends the run like Ctrl-C, so the write in progress
+    leaves no temp file behind."""
+    from mpqc import cli
+    from mpqc.atomic import atomic_write_with
+    from mpqc.compiler.plan import Plan
+
+    def save_until_killed(self, path):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write("{")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+
+        atomic_write_with(path, write)
+
+    monkeypatch.setattr(Plan, "save", save_until_killed)
+    before = signal.getsignal(signal.SIGTERM)
+    code = cli.main(["search", str(files / "good.pt"), "--arch", ARCH, "--target", "bitserial", "--avg-bits",
+                     "W4A4", "-o", str(tmp_path / "plan.json")])
+    assert code == 143
+    assert "interrupted" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
 
 
 def test_budget_below_the_minimum_names_the_smallest_feasible_value(files, tmp_path):
@@ -151,3 +191,13 @@ def test_killed_during_finetuning_resumes(files, tmp_path):
     info = json.loads((out / "manifest.json").read_text())["stages"]["finetune"]["info"]
     assert info["resumed_from"] and info["resumed_from"] >= 1
     assert (out / "report.html").exists()
+
+
+def test_demo_refuses_a_file_for_its_folder_and_negative_epochs_before_training(files, tmp_path, capsys):
+    from mpqc import cli
+
+    assert cli.main(["demo", "-o", str(files / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert cli.main(["demo", "-o", str(tmp_path / "demo"), "--epochs", "-1"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -123,3 +123,26 @@ def test_a_mismatched_checkpoint_exits_2(files, capsys):
     torch.save({"wq.conv1.scale": torch.ones(3)}, files / "bad_q.pt")
     code, _, err = _run(capsys, *_base(files, "-o", files / "z.onnx", "--checkpoint", files / "bad_q.pt"))
     assert code == 2 and "does not fit" in err
+
+
+def test_a_checkpoint_fine_tuned_at_another_plan_exits_2(files, capsys):
+    """Its step sizes were learned for other widths: exporting them at this plan's would be silently wrong."""
+    from mpqc.compiler.deploy_grid import model_checkpoint
+
+    model = DigitsCNN()
+    model.load_state_dict(torch.load(files / "digits.pt"))
+    cap = capture(model.eval(), (torch.randn(1, 1, 8, 8),), fold_bn=True)
+    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
+    apply_plan(qm, Plan.load(files / "plan.json"))
+    qm.calibrate([b[0] for b in make_loader(load_data("digits").calib, 64)][:2])
+    torch.save(model_checkpoint(qm, "ort", False), files / "planned_q.pt")
+    other = Plan.load(files / "plan.json")
+    other.layers["conv2"].w_bits = [3] * 16
+    other.save(files / "other_bits.json")
+    code, _, err = _run(capsys, *_base(files, "-o", files / "w.onnx", "--checkpoint", files / "planned_q.pt",
+                                       "--no-speed"), "--plan", files / "other_bits.json")
+    assert code == 2 and "another precision" in err and "wq.conv2" in err, err
+    assert not (files / "w.onnx").exists()
+    code, _, err = _run(capsys, *_base(files, "-o", files / "w.onnx", "--checkpoint", files / "planned_q.pt",
+                                       "--no-speed", "--samples", "100"))
+    assert code == 0, err

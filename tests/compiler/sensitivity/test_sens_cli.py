@@ -110,3 +110,20 @@ def test_unknown_method_is_an_argparse_error_in_a_subprocess(state_dict, tmp_pat
 
 def test_method_names_match_the_registry():
     assert tuple(METHODS) == METHOD_NAMES
+
+
+def test_search_warns_when_the_table_was_measured_on_other_weights(state_dict, tmp_path, capsys):
+    """Same architecture, other weights: the layer names match, so only the table's model hash can tell."""
+    out = tmp_path / "sens.json"
+    assert main(_args(state_dict, out, "--samples", "64")) == 0
+    torch.manual_seed(7)
+    other = tmp_path / "other.pt"
+    torch.save(digits_cnn().state_dict(), other)
+    capsys.readouterr()
+    said = {}
+    for name, model in (("same", state_dict), ("other", str(other))):
+        assert main(["search", model, "--arch", "mpqc.compiler.zoo:digits_cnn", "--target", "bitserial",
+                     "--avg-bits", "W4A4", "--sensitivity", str(out), "-o", str(tmp_path / f"{name}.json"),
+                     "--json"]) == 0
+        said[name] = [w for w in json.loads(capsys.readouterr().out)["warnings"] if "other weights" in w]
+    assert not said["same"] and said["other"] and "run mpqc sensitivity" in said["other"][0]
