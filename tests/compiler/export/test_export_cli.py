@@ -62,14 +62,20 @@ def test_export_writes_a_checked_qdq_file(files, capsys):
     assert not [f for f in os.listdir(files) if f.startswith(".tmp-")]  # atomic write left nothing behind
 
 
-def test_export_from_a_finetuned_checkpoint(files, capsys):
-    # what `mpqc finetune` writes: the QuantizedModel state dict, trained
+def _calibrated(d) -> QuantizedModel:
+    """The digits model quantized at plan.json and calibrated, as `mpqc finetune` starts from."""
     model = DigitsCNN()
-    model.load_state_dict(torch.load(files / "digits.pt"))
+    model.load_state_dict(torch.load(d / "digits.pt"))
     cap = capture(model.eval(), (torch.randn(1, 1, 8, 8),), fold_bn=True)
     qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
-    apply_plan(qm, Plan.load(files / "plan.json"))
+    apply_plan(qm, Plan.load(d / "plan.json"))
     qm.calibrate([b[0] for b in make_loader(load_data("digits").calib, 64)][:2])
+    return qm
+
+
+def test_export_from_a_finetuned_checkpoint(files, capsys):
+    # what `mpqc finetune` writes: the QuantizedModel state dict, trained
+    qm = _calibrated(files)
     with torch.no_grad():
         for q in qm.aq.values():
             q.scale.mul_(1.1)  # "trained" step sizes differ from what calibration would give
@@ -129,13 +135,7 @@ def test_a_checkpoint_fine_tuned_at_another_plan_exits_2(files, capsys):
     """Its step sizes were learned for other widths: exporting them at this plan's would be silently wrong."""
     from mpqc.compiler.deploy_grid import model_checkpoint
 
-    model = DigitsCNN()
-    model.load_state_dict(torch.load(files / "digits.pt"))
-    cap = capture(model.eval(), (torch.randn(1, 1, 8, 8),), fold_bn=True)
-    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
-    apply_plan(qm, Plan.load(files / "plan.json"))
-    qm.calibrate([b[0] for b in make_loader(load_data("digits").calib, 64)][:2])
-    torch.save(model_checkpoint(qm, "ort", False), files / "planned_q.pt")
+    torch.save(model_checkpoint(_calibrated(files), "ort", False), files / "planned_q.pt")
     other = Plan.load(files / "plan.json")
     other.layers["conv2"].w_bits = [3] * 16
     other.save(files / "other_bits.json")
