@@ -185,6 +185,8 @@ def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None =
     what an image folder's pictures are resized to, the model's input size where it is known (224 x 224 else)."""
     kind, _, arg = spec.partition(":")
     if kind == "digits":
+        if arg:
+            raise UserError(f"--data {spec!r}: digits takes no argument; write --data digits")
         from sklearn.datasets import load_digits
 
         d = load_digits()
@@ -195,19 +197,26 @@ def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None =
         return _load_cifar10(arg, seed=seed, calib=calib, limit=limit)
     if kind == "npz":
         if not os.path.isfile(arg):
-            raise UserError(f"--data npz:{arg}: file not found")
+            raise UserError(f"--data npz:{arg}: file not found; give the path of an .npz with arrays x and y")
         try:
             with np.load(arg) as f:
                 if "x" not in f or "y" not in f:
                     raise UserError(f"--data npz:{arg}: the file needs arrays named x and y (has {list(f.keys())})")
                 x, y = f["x"], f["y"]
         except (OSError, ValueError) as e:
-            raise UserError(f"--data npz:{arg}: not a readable npz file ({e})") from None
+            why = "it holds Python objects, not plain arrays" if "allow_pickle" in str(e) else _first_line(e)
+            raise UserError(f"--data npz:{arg}: not a readable npz file ({why}); save it with np.savez(FILE, x=..., "
+                            "y=...) from numeric arrays") from None
         x = _nchw(x.astype(np.float32))
         return _to_splits(f"npz:{os.path.basename(arg)}", x, y, seed=seed, calib=calib)
     if kind == "imagefolder":
         return _load_imagefolder(arg, seed=seed, calib=calib, size=image_size or (224, 224))
     raise UserError(f"--data {spec!r}: unknown data set; use digits, cifar10:DIR, imagefolder:DIR or npz:FILE")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def _nchw(x: np.ndarray) -> np.ndarray:
@@ -220,7 +229,8 @@ def _nchw(x: np.ndarray) -> np.ndarray:
 
 def _load_cifar10(d: str, *, seed: int, calib: int, limit: int | None) -> DataSplits:
     if not os.path.isdir(d):
-        raise UserError(f"--data cifar10:{d}: directory not found")
+        raise UserError(f"--data cifar10:{d}: directory not found; give the folder of the *train*.npz and "
+                        "*test*.npz shards")
     train_files = sorted(glob.glob(os.path.join(d, "*train*.npz")))
     test_files = sorted(glob.glob(os.path.join(d, "*test*.npz")))
     if not train_files or not test_files:
@@ -254,7 +264,8 @@ def _load_cifar10(d: str, *, seed: int, calib: int, limit: int | None) -> DataSp
 
 def _load_imagefolder(d: str, *, seed: int, calib: int, size: tuple[int, int] = (224, 224)) -> DataSplits:
     if not os.path.isdir(d):
-        raise UserError(f"--data imagefolder:{d}: directory not found")
+        raise UserError(f"--data imagefolder:{d}: directory not found; give a folder with one subfolder of "
+                        "pictures per class")
     classes = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
     if not classes:
         npz = sorted(e for e in os.listdir(d) if e.endswith(".npz"))
@@ -273,7 +284,8 @@ def _load_imagefolder(d: str, *, seed: int, calib: int, size: tuple[int, int] = 
             xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
             ys.append(i)
     if not xs:
-        raise UserError(f"--data imagefolder:{d}: no readable images")
+        raise UserError(f"--data imagefolder:{d}: no readable images; put the pictures (JPEG, PNG, ...) in one "
+                        "subfolder per class")
     return _to_splits("imagefolder", np.stack(xs), np.array(ys, dtype=np.int64), seed=seed, calib=calib,
                       num_classes=len(classes))
 

@@ -47,6 +47,7 @@ def files(tmp_path_factory):
     np.savez(d / "short.npz", x=rng.random((40, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 39))
     (d / "bad.toml").write_text('name = "x"\nkind = "digital"\n[weights]\nbits = [1, 99]\n')
     (d / "afile").write_text("not a directory")
+    np.savez(d / "objects.npz", x=np.array([{"a": 1}] * 4, dtype=object), y=np.arange(4))
     return d
 
 
@@ -72,6 +73,8 @@ CASES = [
     ({"data": "npz:{d}/nan.npz"}, "NaN or Inf"),
     ({"data": "npz:{d}/short.npz"}, "labels"),
     ({"data": "mnist"}, "unknown data set"),
+    ({"data": "digits:extra"}, "digits takes no argument"),
+    ({"data": "npz:{d}/objects.npz"}, "holds Python objects"),
     ({"data": "cifar10:{d}/nowhere"}, "directory not found"),
     ({"out": "{d}/afile/out"}, "output directory"),
     ({"stop_after": "lunch"}, "--stop-after"),
