@@ -16,6 +16,7 @@ eval-mode model did, on the graph that was captured.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -111,7 +112,8 @@ class BatchRenorm(nn.Module):
 
 
 class Renormalizer:
-    """Attach a :class:`BatchRenorm` after every conv of ``qmodel`` that has a bias (the folded ones).
+    """Attach a :class:`BatchRenorm` after every conv of ``qmodel`` that has a bias (the folded ones), except a
+    conv whose weight another conv shares: its uses would fold two maps into the one weight.
 
     ``Renormalizer(q).calibrate(batches)`` sets the identity start; :meth:`fold` merges the maps into the convs
     and takes the modules out of the graph again.
@@ -123,8 +125,11 @@ class Renormalizer:
         self._splices = Splices(gm, "renorm")
         self.modules: dict[str, BatchRenorm] = self._splices.modules  # type: ignore[assignment]
         nodes = {n.name: n for n in gm.graph.nodes}
+        uses = Counter(op.weight_fqn for op in qmodel.graph_ir.layers() if op.weight_fqn)
         for op in qmodel.graph_ir.layers():
             if op.kind != OpKind.CONV or not op.weight_fqn or not op.bias_fqn:
+                continue
+            if uses[op.weight_fqn] > 1:  # a conv applied twice: one weight cannot take two folded maps
                 continue
             node = nodes[op.attrs["node"]]
             weight = qmodel.weight(op.name)
