@@ -127,16 +127,24 @@ def _functional_form(n: torch.fx.Node):
     return out if out is not None and len(out._schema.arguments) == len(args) else None
 
 
-def _may_alias_another(node) -> bool:
-    """Whether writing into ``node`` could change another tensor: a graph input, a parameter or buffer, or a
-    view that an aten op returned (its base is read elsewhere)."""
+# what may return a view of its input where the schema does not say (torch.fx traces Python calls, not aten ops)
+_VIEWS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "t", "expand",
+          "expand_as", "narrow", "squeeze", "unsqueeze", "select", "split", "chunk", "unbind", "movedim", "swapaxes",
+          "getitem", "__getitem__", "contiguous", "detach", "as_strided", "diagonal", "unfold", "real", "imag"}
+
+
+def _may_alias_another(gm: torch.fx.GraphModule, node) -> bool:
+    """Whether writing into ``node`` could change another tensor: a graph input, a parameter or buffer, or what
+    may be a view of another tensor (an aten op whose schema returns an alias; under torch.fx a slice, a reshape
+    or a module such as nn.Identity that hands its input back)."""
     if not isinstance(node, torch.fx.Node) or node.op in ("placeholder", "get_attr"):
         return True
     t = node.target
     if node.op == "call_function" and isinstance(t, torch._ops.OpOverload):
         return any(r.alias_info is not None for r in t._schema.returns)
-    return node.op == "call_method" and t in ("view", "reshape", "transpose", "permute", "expand", "narrow",
-                                              "flatten", "squeeze", "unsqueeze", "view_as", "__getitem__")
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(t)), (torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten))
+    return (t if isinstance(t, str) else getattr(t, "__name__", "")) in _VIEWS
 
 
 def functional_inplace(gm: torch.fx.GraphModule) -> int:
@@ -149,7 +157,7 @@ def functional_inplace(gm: torch.fx.GraphModule) -> int:
         if target is None or not n.args:
             continue
         dest = n.args[0]
-        if _may_alias_another(dest) or any(order[u] > order[n] for u in dest.users if u is not n):
+        if _may_alias_another(gm, dest) or any(order[u] > order[n] for u in dest.users if u is not n):
             continue
         n.target = target  # same node, same name: layer2.0.relu/relu__5 stays the tensor's name in plans
         done += 1
