@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from mpqc.errors import UserError
+from mpqc.errors import UserError, first_line
 
 from .ir import Graph, Op, OpKind, Tensor
 
@@ -141,7 +141,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, method: str = "auto") -
                 warnings.simplefilter("ignore")  # the converter warns once per unused BN counter
                 ep = TS2EPConverter(model, example_inputs).convert()
         except Exception as e:  # noqa: BLE001 - report the converter's reason in one line
-            raise UserError(f"cannot convert this TorchScript model to a graph ({_first_line(e)}); "
+            raise UserError(f"cannot convert this TorchScript model to a graph ({first_line(e, 300)}); "
                             "save the model with torch.export.save or as a state dict with --arch") from None
         gm = ep.module()
         # the converter fixes the example's shapes with a guard (x.size(0) == 1); without it the ops run at any
@@ -161,17 +161,17 @@ def trace(model: torch.nn.Module, example_inputs: tuple, method: str = "auto") -
             return gm, "export"
         except Exception as e:  # noqa: BLE001 - export fails in many ways; fall back to fx
             if method == "export":
-                raise UserError(f"torch.export failed: {_first_line(e)}; check --input-shape") from None
+                raise UserError(f"torch.export failed: {first_line(e, 300)}; check --input-shape") from None
             export_error = e
-            log.info("torch.export failed (%s); falling back to torch.fx.symbolic_trace", _first_line(e))
+            log.info("torch.export failed (%s); falling back to torch.fx.symbolic_trace", first_line(e, 300))
     try:
         gm = torch.fx.symbolic_trace(model)
         _record_values(gm, example_inputs)
         return gm, "fx"
     except Exception as e:  # noqa: BLE001
-        why = f"torch.export failed ({_first_line(export_error)}) and " if export_error else ""
+        why = f"torch.export failed ({first_line(export_error, 300)}) and " if export_error else ""
         raise UserError(f"cannot capture the model: {why}"
-                        f"torch.fx.symbolic_trace failed ({_first_line(e)}); check --input-shape, or make the "
+                        f"torch.fx.symbolic_trace failed ({first_line(e, 300)}); check --input-shape, or make the "
                         "forward exportable (no data-dependent Python control flow)") from None
 
 
@@ -222,13 +222,8 @@ def _export_dynamic_batch(model: torch.nn.Module, example_inputs: tuple) -> torc
             warnings.simplefilter("ignore")
             return torch.export.export(model, doubled, dynamic_shapes=dims, strict=False).module()
     except Exception as e:  # noqa: BLE001 - a static graph still serves the IR
-        log.info("export with a dynamic batch failed (%s); the graph keeps the example's batch", _first_line(e))
+        log.info("export with a dynamic batch failed (%s); the graph keeps the example's batch", first_line(e, 300))
         return None
-
-
-def _first_line(e: BaseException | None) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def _record_values(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:

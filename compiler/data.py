@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mpqc.errors import UserError
+from mpqc.errors import UserError, first_line
 
 
 @dataclass
@@ -204,7 +204,7 @@ def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None =
                     raise UserError(f"--data npz:{arg}: the file needs arrays named x and y (has {list(f.keys())})")
                 x, y = f["x"], f["y"]
         except (OSError, ValueError) as e:
-            why = "it holds Python objects, not plain arrays" if "allow_pickle" in str(e) else _first_line(e)
+            why = "it holds Python objects, not plain arrays" if "allow_pickle" in str(e) else first_line(e)
             raise UserError(f"--data npz:{arg}: not a readable npz file ({why}); save it with np.savez(FILE, x=..., "
                             "y=...) from numeric arrays") from None
         x = _nchw(x.astype(np.float32))
@@ -212,11 +212,6 @@ def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None =
     if kind == "imagefolder":
         return _load_imagefolder(arg, seed=seed, calib=calib, size=image_size or (224, 224))
     raise UserError(f"--data {spec!r}: unknown data set; use digits, cifar10:DIR, imagefolder:DIR or npz:FILE")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def _nchw(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpqc.errors import UserError
+from mpqc.errors import UserError, first_line
 
 # default input shapes of torchvision models whose native resolution is not 224
 _TORCHVISION_SHAPES = {"inception_v3": (1, 3, 299, 299), "googlenet": (1, 3, 224, 224)}
@@ -113,8 +113,8 @@ def fit_to_data(loaded: LoadedModel, data, spec: str, *, shape_given: bool = Fal
                 loaded.module(x[:1])
         except Exception:  # noqa: BLE001 - one sample fails too: the data does not fit
             raise UserError(f"the data set {spec} does not fit the model's input {model_shape} (samples of shape "
-                            f"{shape}: {_short(e)}); use data like the model was trained on") from None
-        raise UserError(f"the model runs only at batch size 1 (two samples: {_short(e)}); export it with a "
+                            f"{shape}: {first_line(e)}); use data like the model was trained on") from None
+        raise UserError(f"the model runs only at batch size 1 (two samples: {first_line(e)}); export it with a "
                         "dynamic batch (torch.export.export(model, (x,), dynamic_shapes=({0: "
                         "torch.export.Dim.AUTO},))) or save a state dict and pass --arch") from None
     if not classifier:
@@ -202,7 +202,7 @@ def _read_state_dict(path: str) -> dict:
         raise UserError(f"{path} is not a plain state dict (it pickles Python objects); save "
                         "model.state_dict() instead") from None
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read {path}: the file is truncated or corrupt ({_short(e)})") from None
+        raise UserError(f"cannot read {path}: the file is truncated or corrupt ({first_line(e)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -216,7 +216,7 @@ def _load_state(module: torch.nn.Module, state: dict, path: str) -> None:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:
         sizes = [ln.strip().rstrip(".") for ln in str(e).splitlines() if "size mismatch for" in ln]
-        why = f"{sizes[0]}{f'; {len(sizes) - 1} more' if len(sizes) > 1 else ''}" if sizes else _short(e)
+        why = f"{sizes[0]}{f'; {len(sizes) - 1} more' if len(sizes) > 1 else ''}" if sizes else first_line(e)
         raise UserError(f"the weights in {path} do not fit the architecture ({why}); give the architecture they "
                         "were trained with (--arch, or another torchvision:NAME)") from None
     if missing or unexpected:
@@ -232,11 +232,6 @@ def _require_file(path: str) -> None:
         raise UserError(f"{path} is a directory; pass a model file")
     if os.path.getsize(path) == 0:
         raise UserError(f"model file {path} is empty")
-
-
-def _short(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def _refuse_other_formats(path: str) -> None:
@@ -265,14 +260,14 @@ def _load_file(path: str, *, arch: str | None, trust_pickle: bool):
         try:
             module = torch.jit.load(path, map_location="cpu")
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot read TorchScript file {path}: truncated or corrupt ({_short(e)})") from None
+            raise UserError(f"cannot read TorchScript file {path}: truncated or corrupt ({first_line(e)})") from None
         return module, None
     if path.endswith(".pt2") or any(n.endswith("serialized_exported_program.json") or "/models/" in n
                                     for n in names):
         try:
             ep = torch.export.load(path)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot read torch.export file {path}: truncated or corrupt ({_short(e)})") from None
+            raise UserError(f"cannot read torch.export file {path}: truncated or corrupt ({first_line(e)})") from None
         example = ep.example_inputs[0] if getattr(ep, "example_inputs", None) else None
         if example is None:
             shapes = [tuple(n.meta["val"].shape) for n in ep.graph.nodes if n.op == "placeholder"
@@ -292,7 +287,7 @@ def _load_file(path: str, *, arch: str | None, trust_pickle: bool):
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # not a refused class: the bytes are not a valid checkpoint
-            raise UserError(f"cannot read {path}: the file is truncated or corrupt ({_short(e)})") from None
+            raise UserError(f"cannot read {path}: the file is truncated or corrupt ({first_line(e)})") from None
         if not trust_pickle:
             raise UserError(f"{path} is a pickled Python object; unpickling runs code stored in the file, so "
                             "mpqc refuses it by default: pass --trust-pickle if you trust its source, or save "
@@ -300,9 +295,9 @@ def _load_file(path: str, *, arch: str | None, trust_pickle: bool):
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot unpickle {path} ({_short(e)}); its classes must be importable") from None
+            raise UserError(f"cannot unpickle {path} ({first_line(e)}); its classes must be importable") from None
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read {path}: the file is truncated or corrupt ({_short(e)})") from None
+        raise UserError(f"cannot read {path}: the file is truncated or corrupt ({first_line(e)})") from None
     if isinstance(obj, torch.nn.Module):
         if arch is not None:
             raise UserError(f"{path} holds a whole module; drop --arch")
@@ -326,14 +321,14 @@ def _build_arch(arch: str) -> torch.nn.Module:
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"--arch: cannot import module {mod_name!r} ({_short(e)}); is it on PYTHONPATH?") from None
+        raise UserError(f"--arch: cannot import module {mod_name!r} ({first_line(e)}); is it on PYTHONPATH?") from None
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):
         raise UserError(f"--arch: {mod_name} has no callable {fn_name!r}")
     try:
         module = fn()
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"--arch: calling {arch}() failed ({_short(e)}); the factory must take no arguments") \
+        raise UserError(f"--arch: calling {arch}() failed ({first_line(e)}); the factory must take no arguments") \
             from None
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"--arch: {arch}() returned a {type(module).__name__}, not a torch.nn.Module")

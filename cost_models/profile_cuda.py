@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mpqc.errors import UserError
+from mpqc.errors import UserError, first_line
 
 from .latency import LatencyRow, LatencyTable, plan_measurements
 from .protocols import LayerLike, kind_name
@@ -175,7 +175,7 @@ def profile_layers_cuda(layers: Sequence[LayerLike], target: Any, *, repeats: in
                 med, iqr = time_cuda(fn, repeats, warmup)
             table.add(LatencyRow(median_ms=med, spread_ms=iqr, repeats=repeats, note=note, **base))
         except (NotImplementedError, RuntimeError) as e:  # RuntimeError: PyTorch rejects the shape or dtype
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             table.add(LatencyRow(median_ms=math.nan, spread_ms=math.nan, repeats=0, status="unsupported",
                                  note=reason, **base))
         if progress:

@@ -16,14 +16,11 @@ def _prepare_dir(path: str) -> str:
 
 def ensure_dir(d: str) -> str:
     """Create ``d`` if needed and check it is writable; a one-line UserError otherwise."""
-    if os.path.exists(d) and not os.path.isdir(d):
-        raise UserError(f"-o {d} is a file; give a directory")
+    check_output_dir(d)
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output directory {d} ({e.strerror}); choose a writable -o") from None
-    if not os.access(d, os.W_OK):
-        raise UserError(f"the output directory {d} is not writable; choose another -o")
     return d
 
 

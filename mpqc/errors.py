@@ -16,3 +16,10 @@ class InfeasibleError(UserError):
 def out_of_memory_summary(e: BaseException) -> str:
     """The first sentence of a device's out-of-memory error ("CUDA out of memory"), for a one-line message."""
     return str(e).strip().split(". ")[0][:120] or "out of memory"
+
+
+def first_line(e: BaseException | None, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when it has none), cut to ``limit`` characters:
+    what a one-line error quotes of a library's multi-line one."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]

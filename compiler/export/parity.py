@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import torch
 
-from mpqc.errors import UserError
+from mpqc.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def ort_session(model, *, level: str = "ORT_ENABLE_ALL", threads: int | None = N
                                     disabled_optimizers=list(disabled_optimizers) or None)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UserError(f"onnxruntime cannot load the exported model at {level}: "
-                        f"{str(e).strip().splitlines()[0][:300]}") from None
+                        f"{first_line(e, 300)}") from None
 
 
 @contextlib.contextmanager

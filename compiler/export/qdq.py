@@ -58,7 +58,7 @@ from mpqc.compiler.quantize import (
     weight_codes,
 )
 from mpqc.compiler.residual import RESIDUAL_BITS, active, is_quantizer, nonnegative_nodes, quantize_residual_adds
-from mpqc.errors import UserError
+from mpqc.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def _torch_export(gm: torch.fx.GraphModule, example: tuple, opset: int, dynamic_
                                          custom_translation_table=table, optimize=True, verbose=False)
             return prog.model_proto
         except Exception as e:  # noqa: BLE001 - a dynamic batch is a convenience; retry static, then report
-            errors.append(str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__)
+            errors.append(first_line(e, 300))
             log.info("torch.onnx.export (dynamic batch=%s) failed: %s", dynamic, errors[-1])
     raise UserError(f"torch.onnx.export failed: {errors[-1]}")
 

@@ -527,9 +527,9 @@ class SearchProblem:
                      "slack": slack / r.display_div if r.kind == "emac" else _user_unit(r.kind, slack),
                      "binding": bool(slack <= tol), "unit": _unit_name(r), "option": r.budget.label}
             costs[f"budget:{r.name}"] = entry
-        for b in self.filters:  # every tensor was held under it when the options were built; say how close
-            from .budgets import raw_limit
+        from .budgets import raw_limit
 
+        for b in self.filters:  # every tensor was held under it when the options were built; say how close
             v, limit = costs["act_mem_max"]["value"] * 8, raw_limit(b)
             costs[f"budget:{b.name}"] = {"value": _user_unit(b.kind, v), "budget": _user_unit(b.kind, limit),
                                          "slack": _user_unit(b.kind, limit - v),

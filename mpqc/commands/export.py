@@ -14,7 +14,7 @@ import argparse
 import os
 
 from mpqc.atomic import check_output_file
-from mpqc.errors import UserError
+from mpqc.errors import UserError, first_line
 
 from ._common import add_model_arguments
 
@@ -65,7 +65,7 @@ def _load_checkpoint(qm, path: str, profile: str, *, fixed: bool = True) -> str:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"--checkpoint {path}: not a readable state dict ({str(e).strip().splitlines()[0][:200]})") \
+        raise UserError(f"--checkpoint {path}: not a readable state dict ({first_line(e)})") \
             from None
     grid = obj.get("trained_for") if isinstance(obj, dict) else None
     precision = obj.get("precision") if isinstance(obj, dict) else None
@@ -109,7 +109,7 @@ def _load_checkpoint(qm, path: str, profile: str, *, fixed: bool = True) -> str:
         qm.load_state_dict(obj, strict=True)
     except RuntimeError as e:
         raise UserError(f"--checkpoint {path} does not fit this model and plan "
-                        f"({str(e).strip().splitlines()[0][:200]}); was it fine-tuned with the same --plan?") \
+                        f"({first_line(e)}); was it fine-tuned with the same --plan?") \
             from None
     return profile
 
