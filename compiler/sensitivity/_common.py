@@ -155,8 +155,13 @@ def data_hash(data: Any) -> str:
 
 def weights_hash(qm: QuantizedModel) -> str:
     """A content hash of the model's own parameters and buffers (the quantizers' state left out)."""
+    return state_hash(qm.gm.state_dict())
+
+
+def state_hash(state: dict) -> str:
+    """:func:`weights_hash` of a state dict: a captured graph's, before any quantizer is added."""
     h = hashlib.sha256()
-    for name, t in sorted(qm.gm.state_dict().items()):
+    for name, t in sorted(state.items()):
         if name.startswith(("wq.", "aq.")):
             continue
         h.update(name.encode())

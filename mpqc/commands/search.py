@@ -127,19 +127,19 @@ def _validate(args) -> None:
         args.boundary_cost = v
 
 
-def _measured_on_other_weights(table, loaded) -> str | None:
+def _measured_on_other_weights(table, loaded, cap) -> str | None:
     """A warning when the table's scores were measured on other weights than MODEL's (the same architecture
     trained again, say): the names match, so nothing else would notice."""
     import copy
 
-    from mpqc.compiler.capture import capture
-    from mpqc.compiler.quantize import QuantizedModel
-    from mpqc.compiler.sensitivity._common import weights_hash
+    from mpqc.compiler.passes import fold_batchnorm
+    from mpqc.compiler.sensitivity._common import state_hash
 
     if not table.model_hash or table.method == "synthetic":
         return None
-    folded = capture(copy.deepcopy(loaded.module), loaded.example_inputs, fold_bn=True)  # as sensitivity hashes
-    if weights_hash(QuantizedModel(folded)) == table.model_hash:
+    folded = copy.deepcopy(cap.gm)  # sensitivity hashes the BN-folded graph's weights
+    fold_batchnorm(folded)
+    if state_hash(folded.state_dict()) == table.model_hash:
         return None
     return (f"the sensitivity table ({table.method}) was measured on other weights than {loaded.source}'s; its "
             "scores may not hold for this model: run mpqc sensitivity on it")
@@ -188,7 +188,7 @@ def run(args):
     warnings: list[str] = []
     if args.sensitivity:
         table = read_sensitivity(args.sensitivity, monotone=args.monotone)
-        other = _measured_on_other_weights(table, loaded)
+        other = _measured_on_other_weights(table, loaded, cap)
         if other:
             warnings.append(other)
             log.warning(other)
