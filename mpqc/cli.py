@@ -1,6 +1,7 @@
 """The ``mpqc`` command line: one sub-command per stage, each in ``mpqc/commands/<name>.py``.
 
-Exit codes: 0 success, 1 an internal error (a bug: traceback shown), 2 bad input (one line, no traceback).
+Exit codes: 0 success, 1 an internal error (a bug: traceback shown), 2 bad input (one line, no traceback),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
