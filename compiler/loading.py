@@ -103,20 +103,30 @@ def fit_to_data(loaded: LoadedModel, data, spec: str, *, shape_given: bool = Fal
             raise UserError(f"--data {spec}: samples of shape {shape} do not fit --input-shape "
                             f"{','.join(map(str, loaded.input_shape))}; pass a matching --input-shape or other data")
         loaded.example_inputs = (torch.zeros(1, *shape),)
-    x = data.val.tensors[0][:2]
-    try:
-        with torch.no_grad():
-            out = loaded.module(x)
-    except Exception as e:  # noqa: BLE001 - whatever the model raises, the cause is the data's shape or dtype
-        try:
-            with torch.no_grad():
-                loaded.module(x[:1])
-        except Exception:  # noqa: BLE001 - one sample fails too: the data does not fit
-            raise UserError(f"the data set {spec} does not fit the model's input {model_shape} (samples of shape "
-                            f"{shape}: {first_line(e)}); use data like the model was trained on") from None
-        raise UserError(f"the model runs only at batch size 1 (two samples: {first_line(e)}); export it with a "
-                        "dynamic batch (torch.export.export(model, (x,), dynamic_shapes=({0: "
-                        "torch.export.Dim.AUTO},))) or save a state dict and pass --arch") from None
+    # The pipeline runs the model on batches of every size (1 for capture, 256 for training, a remainder at the
+    # end); a model that runs at one batch size only (a size written into a view, a .pt2 exported with a static
+    # batch) would fail there as a shape guard's traceback. Two sizes show it here, and the model's own batch
+    # (a .pt2's example) tells a fixed batch from data that does not fit.
+    xs = data.val.tensors[0]
+    runs = {}
+    for n in dict.fromkeys((2, 1, int(loaded.input_shape[0]))):
+        if n <= len(xs) and (n in (1, 2) or all(isinstance(r, Exception) for r in runs.values())):
+            try:
+                with torch.no_grad():
+                    runs[n] = loaded.module(xs[:n])
+            except Exception as e:  # noqa: BLE001 - whatever the model raises, the cause is the data or the batch
+                runs[n] = e
+    ok = [n for n, r in runs.items() if not isinstance(r, Exception)]
+    if not ok:
+        raise UserError(f"the data set {spec} does not fit the model's input {model_shape} (samples of shape "
+                        f"{shape}: {first_line(runs[2 if 2 in runs else 1])}); use data like the model was "
+                        "trained on")
+    if len(ok) < len(runs):
+        failed = next(n for n, r in runs.items() if isinstance(r, Exception))
+        raise UserError(f"the model runs only at batch size {ok[0]} ({failed} sample{'s' * (failed > 1)}: "
+                        f"{first_line(runs[failed])}); export it with a dynamic batch (torch.export.export(model, "
+                        "(x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))) or save a state dict and pass --arch")
+    out = runs[ok[0]]
     if not classifier:
         return
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -273,7 +283,16 @@ def _load_file(path: str, *, arch: str | None, trust_pickle: bool):
             shapes = [tuple(n.meta["val"].shape) for n in ep.graph.nodes if n.op == "placeholder"
                       and n.name in ep.graph_signature.user_inputs]
             example = tuple(torch.randn(*s) for s in shapes) if shapes else None
-        return ep.module(), tuple(example) if example is not None else None
+        module = ep.module()
+        if example is not None and all(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1 for t in example):
+            one = tuple(t[:1] for t in example)  # costs are per image (batch 1) where the program allows it
+            try:
+                with torch.no_grad():
+                    module(*one)
+                example = one
+            except Exception:  # noqa: BLE001 - a static batch: keep the exported shape (fit_to_data names it)
+                pass
+        return module, tuple(example) if example is not None else None
     if is_zip and not names:
         raise UserError(f"cannot read {path}: the file is truncated or corrupt")
     if not is_zip:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+from mpqc.compiler.capture import capture
 from mpqc.compiler.loading import load_model, parse_input_shape
 from mpqc.errors import UserError
 from tests.models import DigitsCNN
@@ -41,7 +42,18 @@ def test_export_file_keeps_its_input_shape(tmp_path):
     path = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(m, (torch.randn(2, 1, 8, 8),)), str(path))
     loaded = load_model(str(path))
-    assert loaded.input_shape == [2, 1, 8, 8]
+    assert loaded.input_shape == [2, 1, 8, 8]  # a static batch: the only shape the program runs at
+
+
+def test_an_export_file_with_a_dynamic_batch_is_costed_per_image(tmp_path):
+    m = DigitsCNN().eval()
+    path = tmp_path / "m.pt2"
+    ep = torch.export.export(m, (torch.randn(4, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(ep, str(path))
+    loaded = load_model(str(path))
+    assert loaded.input_shape == [1, 1, 8, 8]
+    g = capture(loaded.module, loaded.example_inputs)
+    assert g.graph.total_macs() == capture(m, (torch.randn(1, 1, 8, 8),)).graph.total_macs()
 
 
 def test_state_dict_with_arch(tmp_path):

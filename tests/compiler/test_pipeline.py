@@ -386,7 +386,8 @@ def test_a_torch_export_or_torchscript_file_compiles_end_to_end(tmp_path, form):
     assert acc["full precision"] == pytest.approx(evaluate(model, load_data("digits", seed=0).val))  # same function
 
 
-def test_a_torchscript_model_fixed_to_its_example_batch_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize("form,batch", [("torchscript", 1), ("pt2", 2), ("pt2", 3)])
+def test_a_model_fixed_to_its_example_batch_is_one_line_and_exit_2(tmp_path, form, batch):
     import torch
     from torch import nn
 
@@ -396,16 +397,22 @@ def test_a_torchscript_model_fixed_to_its_example_batch_is_one_line_and_exit_2(t
             self.fc = nn.Linear(64, 10)
 
         def forward(self, x):
-            return self.fc(x.reshape(1, 64))  # the batch written into a shape
+            return self.fc(x.reshape(batch, 64))  # the batch written into a shape
 
-    torch.jit.trace(Baked().eval(), torch.randn(1, 1, 8, 8)).save(str(tmp_path / "b.ts"))
+    x = torch.randn(batch, 1, 8, 8)
+    if form == "torchscript":
+        path, shape = tmp_path / "b.ts", ["--input-shape", "1,1,8,8"]
+        torch.jit.trace(Baked().eval(), x).save(str(path))
+    else:  # a .pt2 exported without dynamic_shapes: every view is specialised to the example's batch
+        path, shape = tmp_path / "b.pt2", []
+        torch.export.save(torch.export.export(Baked().eval(), (x,)), str(path))
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "mpqc", "compile", str(tmp_path / "b.ts"), "--input-shape", "1,1,8,8",
+    p = subprocess.run([sys.executable, "-m", "mpqc", "compile", str(path), *shape,
                         "--target", "generic", "--avg-bits", "W4A4", "--data", "digits", "-o", str(out)],
                        capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and "only at batch size 1" in err[0] and "dynamic_shapes" in err[0], err
+    assert len(err) == 1 and f"only at batch size {batch}" in err[0] and "dynamic_shapes" in err[0], err
     assert "Traceback" not in p.stderr
     assert not out.exists() or not any(out.iterdir())
 
