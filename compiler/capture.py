@@ -57,8 +57,16 @@ _RESHAPE = {"view", "reshape", "flatten", "permute", "transpose", "t", "contiguo
             "native_dropout", "feature_dropout", "alpha_dropout", "lift_fresh_copy", "expand_as", "repeat",
             "flip", "roll", "pad", "constant_pad_nd", "channel_shuffle", "pixel_shuffle", "movedim", "squeeze_",
             "unsqueeze_", "as_strided", "view_as", "identity"}
-# passthrough kinds keep "known non-negative" when every input is
+# passthrough kinds keep "known non-negative" when every input is (a subtraction does not, whatever its inputs)
 _PASSTHROUGH = {OpKind.POOL, OpKind.RESHAPE, OpKind.CAT, OpKind.ADD, OpKind.MUL}
+_SUBTRACT = {"sub", "sub_", "isub", "rsub", "__sub__", "__rsub__"}
+_FILL = {"pad", "constant_pad_nd"}  # pass data through, with a fill value that may be negative
+# resampling by non-negative weights (a nearest pick or a convex combination) keeps non-negative values so;
+# bicubic's weights go below zero and do not
+_RESAMPLE = {"upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+             "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d",
+             "upsample_trilinear3d", "_upsample_bilinear2d_aa", "adaptive_avg_pool3d"}
+_RESAMPLE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 
 _MODULE_KINDS: list[tuple[type, OpKind]] = [
     (torch.nn.modules.conv._ConvNd, OpKind.CONV),
@@ -399,9 +407,8 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
         _annotate(op, node, params)
         # a shape argument (x.view(x.size(0), -1): a symbolic size) is not data the op passes through
         data_in = [name_of[a.name] for a in in_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-        nonneg = nonneg_act or (kind in _PASSTHROUGH and data_in and
-                                all(tensors[n].nonnegative for n in data_in) and
-                                (kind not in (OpKind.ADD, OpKind.MUL) or _scalars_nonnegative(node)))
+        nonneg = nonneg_act or (bool(data_in) and all(tensors[n].nonnegative for n in data_in) and
+                                _keeps_nonnegative(node, kind, base))
         tensors[name] = Tensor(name, out_shape, _dtype(val), name, nonnegative=bool(nonneg))
         for n in in_names:
             if name not in tensors[n].consumers:
@@ -416,6 +423,24 @@ def _is_leaf_module_op(node: torch.fx.Node) -> bool:
     """True when the op is the whole of a library leaf module (e.g. a BatchNorm2d), so it can take its name."""
     _, typ = _module_path(node)
     return typ is not None and typ.__module__.startswith("torch.nn.modules")
+
+
+def _keeps_nonnegative(node: torch.fx.Node, kind: OpKind, base: str) -> bool:
+    """Whether the op's output is non-negative whenever its data inputs are."""
+    if node.op == "call_module":  # base: the module's class name, lower case
+        if isinstance(node.graph.owning_module.get_submodule(str(node.target)), torch.nn.Upsample):
+            return node.graph.owning_module.get_submodule(str(node.target)).mode in _RESAMPLE_MODES
+        return kind in _PASSTHROUGH
+    if base in _SUBTRACT:
+        return False
+    if base in _RESAMPLE:
+        return True
+    if base == "interpolate":
+        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+        return mode in _RESAMPLE_MODES
+    if kind in (OpKind.ADD, OpKind.MUL) or base in _FILL:
+        return _scalars_nonnegative(node)
+    return kind in _PASSTHROUGH
 
 
 def _scalars_nonnegative(node: torch.fx.Node) -> bool:
