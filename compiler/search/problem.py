@@ -838,6 +838,8 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
                 else:
                     missing.append(op.name)
                 opts = [(w, ab if op.act_inputs else None, "int", e) for e in es]
+            if amax is not None and op.act_inputs and max(numel[t] for t in op.act_inputs) * ab > amax * (1 + 1e-12):
+                raise _act_mem_max_error(amax, op.name, max(numel[t] for t in op.act_inputs) * ab)  # A is fixed
             cands[op.name] = opts
             continue
         if fx is not None and fx.get("e") is not None:
@@ -896,11 +898,8 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
         if not opts:
             why = "the candidates left by --candidates, the sensitivity table, --act-mem-max and the latency table"
             if amax is not None and op.act_inputs:
-                need = max(numel[t] for t in op.act_inputs) * min(bits_of(o[1]) for o in full)
-                err = InfeasibleError(f"--act-mem-max {amax / BITS_PER_KIB:g} KiB: layer {op.name} reads a tensor "
-                                      f"of at least {need / BITS_PER_KIB:g} KiB at its lowest width; raise it")
-                err.minimums = [need]  # type: ignore[attr-defined]
-                raise err
+                raise _act_mem_max_error(amax, op.name, max(numel[t] for t in op.act_inputs) *
+                                         min(bits_of(o[1]) for o in full))
             raise UserError(f"layer {op.name} has no candidate precision left ({why})")
         cands[op.name] = opts
     if missing:
@@ -1174,6 +1173,18 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
         coupling = {}
     return SearchProblem(problem, units, rows, graph, target, opt, act_units, layer_unit, channel_groups, warnings,
                          n_edges, coupling, energy_groups, [b for b in budgets if b.kind == "act_mem_max"])
+
+
+def _act_mem_max_error(amax: float, layer: str, need: float):
+    """--act-mem-max below what ``layer``'s input needs (``need`` bits) at its lowest width."""
+    from mpqc.errors import InfeasibleError
+
+    from .budgets import BITS_PER_KIB
+
+    err = InfeasibleError(f"--act-mem-max {amax / BITS_PER_KIB:g} KiB: layer {layer} reads a tensor of at least "
+                          f"{need / BITS_PER_KIB:g} KiB at its lowest width; raise it")
+    err.minimums = [need]  # type: ignore[attr-defined]
+    return err
 
 
 def _label(o) -> str:

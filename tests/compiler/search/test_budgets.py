@@ -104,6 +104,20 @@ def test_act_mem_max_removes_candidates_and_reports_an_impossible_limit(graph, t
         build_problem(graph, load_target("generic"), parse_budgets(act_mem_max=str(numel / BITS_PER_KIB)), table)
 
 
+def test_act_mem_max_on_an_analog_target_holds_or_is_infeasible(graph):
+    """Analog layers read their inputs at the target's one width, so --act-mem-max either fits every tensor
+    there or cannot be met; it was skipped on analog targets and its violated row reported as binding."""
+    target = load_target("analog")
+    grid = [float(e) for e in target.analog.e_grid()]
+    table = read_sensitivity(synthetic_table(graph, (8,), np.random.default_rng(1), energies=grid))
+    a = max(target.act_bits)
+    biggest = max(int(np.prod(graph.tensors[t].shape[1:])) for op in graph.layers() for t in op.act_inputs)
+    build_problem(graph, target, parse_budgets(emac="50", act_mem_max=str(biggest * a / BITS_PER_KIB)), table)
+    with pytest.raises(InfeasibleError, match="act-mem-max"):
+        build_problem(graph, target, parse_budgets(emac="50", act_mem_max=str((biggest * a - 1) / BITS_PER_KIB)),
+                      table)
+
+
 def test_emac_on_a_digital_target_is_rejected(graph, table):
     with pytest.raises(UserError, match="analog"):
         build_problem(graph, load_target("generic"), parse_budgets(emac="10"), table)
