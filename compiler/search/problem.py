@@ -765,9 +765,9 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     from mpqc.compiler.plan import layer_edges
     from mpqc.cost_models import digital
     from mpqc.cost_models.boundary import target_boundary
-    from mpqc.errors import InfeasibleError, UserError
+    from mpqc.errors import UserError
 
-    from .budgets import BITS_PER_KIB, energy_in_unit, raw_limit
+    from .budgets import energy_in_unit, raw_limit
 
     opt = options or SearchOptions()
     if opt.granularity not in ("layer", "channel"):
