@@ -72,7 +72,8 @@ def pareto_sweep(sp: SearchProblem, n: int, *, row: int = 0, solver: str = "auto
     """Solve for ``n`` limits of budget ``row`` (raw units), evenly spaced over :func:`sweep_range`.
 
     ``values`` overrides the limits; ``accuracy_fn(choice)`` (optional) measures each point's accuracy. The
-    point nearest the problem's own limit is marked ``chosen``.
+    problem's own limit is added to the evenly spaced points (when inside the range), and that point is marked
+    ``chosen``; with ``values`` given, the nearest one within the limit is.
     """
     P = sp.problem
     if P.n_budgets == 0:
@@ -86,6 +87,9 @@ def pareto_sweep(sp: SearchProblem, n: int, *, row: int = 0, solver: str = "auto
         if not np.isfinite(lo):
             raise ValueError("the other budgets leave no feasible point; nothing to sweep")
         values = list(np.linspace(lo, hi, n)) if n > 1 else [hi]
+        own = float(P.budget_limit[row])
+        if lo <= own <= hi and not any(abs(v - own) <= 1e-9 * max(abs(own), 1.0) for v in values):
+            values = sorted(values + [own])  # the user's own limit is a point too, so the marked one is their plan
     r = sp.rows[row]
     own = float(P.budget_limit[row])
     points: list[ParetoPoint] = []
@@ -99,8 +103,9 @@ def pareto_sweep(sp: SearchProblem, n: int, *, row: int = 0, solver: str = "auto
         points.append(ParetoPoint(float(v) / _div(r), float(sol.objective) if sol.ok else float("nan"),
                                   sol.status.value, float(sol.gap), float(sol.time_s), rows, acc,
                                   choice=sol.choice if sol.ok else None, solver=sol.solver))
-    if points:
-        k = int(np.argmin([abs(p.budget - own / _div(r)) for p in points]))
+    if points:  # the user's own limit, else the nearest within it (a point above it breaks their budget)
+        within = [i for i, v in enumerate(values) if v <= own * (1 + 1e-12)] or range(len(points))
+        k = min(within, key=lambda i: abs(float(values[i]) - own))
         points[k].chosen = True
     return points
 

@@ -83,7 +83,8 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--search", choices=("ilp", "greedy", "learned"), default="ilp",
                    help="ilp (exact), greedy (IMPQ's iterative reduction) or learned (analog, Garg et al.)")
     s.add_argument("--pareto", type=int, metavar="N",
-                   help="also sweep N values of the first budget; writes PLAN.pareto.csv and PLAN.pareto.png")
+                   help="also sweep N values of the first budget, and its own limit (the point marked chosen); writes "
+                        "PLAN.pareto.csv and PLAN.pareto.png")
 
 
 def add_search_extras(p: argparse.ArgumentParser) -> None:
