@@ -809,16 +809,27 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     dropped: dict[str, set] = {}
     flat: list[str] = []
     digital_layers: set[str] = set()
+    uncovered: dict[str, str] = {}  # layers no analog array runs: digital, and the search says so
     if analog:
         for pat in target.analog.digital_layers:
             digital_layers.update(resolve_fixed(names, {pat: {}}, {}).keys())
         grid = [float(e) for e in target.analog.e_grid()]
+        skipped = (getattr(table, "meta", None) or {}).get("skipped") or {}
+        for op in layers:
+            if op.kind == OpKind.MATMUL:
+                uncovered[op.name] = "an activation x activation product; an analog array holds weights"
+            elif op.name in skipped and not table.e(op.name):
+                uncovered[op.name] = str(skipped[op.name])
+        digital_layers.update(uncovered)
     for op in layers:
         fx = fixed.get(op.name)
         mm = op.kind == OpKind.MATMUL
         if analog:
             wb, ab = max(target.weight_bits), max(target.act_bits)
             w = None if mm else (wb if op.weight_shape else None)
+            if op.name in uncovered and fx is not None and fx.get("e") is not None:
+                raise UserError(f"--fix {op.name}=E{fx['e']:g}: {op.name} is {uncovered[op.name]}, which runs "
+                                "digitally on an analog target; drop that --fix")
             if op.name in digital_layers:
                 opts = [(w, ab if op.act_inputs else None, "int", None)]
             elif fx is not None and fx.get("e") is not None:
@@ -911,6 +922,10 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
                         + (f" and {len(flat) - 3} more" if len(flat) > 3 else "")
                         + "; the search will give them the cheapest precision. Check the sensitivity table "
                           "(more samples or probes), or fix them with --fix NAME=BITS")
+    if uncovered:
+        some = "; ".join(f"{k} ({v})" for k, v in list(uncovered.items())[:3])
+        warnings.append(f"running {len(uncovered)} layer(s) digitally at W{max(target.weight_bits)}"
+                        f"A{max(target.act_bits)}: {some}" + (" ..." if len(uncovered) > 3 else ""))
     if dropped:
         some = ", ".join(f"{k} ({', '.join(sorted(v))})" for k, v in list(dropped.items())[:3])
         warnings.append(f"candidates without a score in the sensitivity table were dropped: {some}"

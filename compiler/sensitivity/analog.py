@@ -47,13 +47,18 @@ def run(ctx: Context) -> RawScores:
     qm, target = ctx.qmodel, ctx.target
     per_channel = ctx.options.granularity == "channel"
     grid = [float(e) for e in target.analog.e_grid()]
-    ops = [op for op in weighted_layers(qm) if op.kind in (OpKind.CONV, OpKind.LINEAR)
-           and len(op.weight_shape or []) in (2, 4)]
+    ops, skipped = [], {}
+    for op in weighted_layers(qm):
+        if op.kind in (OpKind.CONV, OpKind.LINEAR) and len(op.weight_shape or []) in (2, 4):
+            ops.append(op)
+        else:  # the search runs these digitally and says so
+            what = f"a {len(op.weight_shape) - 2}-d convolution" if op.kind == OpKind.CONV and op.weight_shape \
+                else f"a {op.kind.value}"
+            skipped[op.name] = f"{what}; the analog noise model covers 2-d convolutions and linear layers"
     node_of = {layer_node(qm, op.name): op for op in ops}
     gsq = {op.name: torch.zeros(op.out_channels, dtype=torch.float64) for op in ops}
     xsq: dict[str, np.ndarray | float] = {}
     rx: dict[str, float] = {}
-    skipped: dict[str, str] = {}
     n = 0
     runner = NodeTaps(qm.gm, set(node_of))
     with ctx.stage("analog: output gradients", ctx.n_batches()) as tick:
@@ -74,7 +79,7 @@ def run(ctx: Context) -> RawScores:
                     st = LayerStats.from_tensors(qm.weight(op.name), inp, **(_stat_args(op) if op.kind == OpKind.CONV
                                                                            else {}))
                 except ValueError as e:
-                    skipped[op.name] = str(e)
+                    skipped[op.name] = f"{e}, which the analog noise model does not cover"
                     continue
                 prev = xsq.get(op.name, 0.0)
                 xsq[op.name] = prev + np.asarray(st.x_patch_sq) * len(x)

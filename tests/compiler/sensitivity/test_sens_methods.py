@@ -209,3 +209,43 @@ def test_the_callers_model_is_not_changed(digits, method, options):
     assert qm.weight_quantizer("conv2").enabled and qm.act_quantizers("conv2")[0].bits == 6
     assert not qm.weight_quantizer("conv1").enabled
     qm.disable()
+
+
+class _VolumeAndProduct(torch.nn.Module):
+    """A Conv3d (the analog noise model has no 3-d form) and an activation x activation product beside 2-d layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c3d = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv3d(1, 2, 3, padding=1)
+        self.c2, self.fc = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c3d(h.unsqueeze(1))).flatten(1, 2)
+        h = torch.relu(self.c2(h)).flatten(2)
+        return self.fc((h @ h.transpose(1, 2) @ h).flatten(1))
+
+
+def test_layers_without_an_analog_form_run_digitally_and_the_search_says_so(trained_digits):
+    """A Conv3d got no analog score and no skip note, so the search stopped with 'no scores ... re-run mpqc
+    sensitivity', which could never help; a matmul on an analog target did the same."""
+    from mpqc.compiler.search import SearchOptions, build_problem, parse_budgets, parse_fix, read_sensitivity, solve
+    from mpqc.targets import load_target
+
+    _, data = trained_digits
+    torch.manual_seed(0)
+    qm = QuantizedModel(capture(_VolumeAndProduct().eval(), (torch.randn(1, 1, 8, 8),)))
+    qm.calibrate(make_loader(data.calib, 64))
+    t = run_sensitivity("analog", qm, data, {"samples": 32, "target": "analog"})
+    assert "3-d convolution" in t.meta["skipped"]["c3d"] and "c3d" not in {n for n, ls in t.layers.items() if ls.e}
+    target, g = load_target("analog"), qm.graph_ir
+    matmuls = [op.name for op in g.layers() if op.kind.value == "matmul"]
+    assert matmuls
+    sp = build_problem(g, target, parse_budgets(emac="100"), read_sensitivity(t.to_dict()))
+    assert any("digitally" in w and "c3d" in w and matmuls[0] in w for w in sp.warnings), sp.warnings
+    plan = sp.to_plan(solve(sp.problem))
+    assert plan.emac("c3d") is None and all(plan.emac(m) is None for m in matmuls)
+    assert plan.emac("c2") is not None  # the layers it does model stay analog
+    with pytest.raises(UserError, match="runs digitally"):
+        build_problem(g, target, parse_budgets(emac="100"), read_sensitivity(t.to_dict()),
+                      SearchOptions(fix=parse_fix(["c3d=E100"])))
