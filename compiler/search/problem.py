@@ -742,6 +742,11 @@ def resolve_fixed(names: list[str], target_fixed: dict, cli_fixed: dict) -> dict
     return out
 
 
+# Widths at or above this (bf16, fp16, int16) are taken as lossless: score 0 where the table has none. The
+# sensitivity pass measures the integer and fp8 widths up to 8 bits, against which a 16-bit layer's error is
+# negligible; without this a target's 16-bit candidates (cuda's bf16) were dropped for want of a score.
+LOSSLESS_BITS = 16
+
 PRODUCT_MAX = 4096  # a shared tensor's consumers become one group when their agreeing combinations are this few
 
 
@@ -892,8 +897,8 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
             for kind, sc, free in (("weights", sw, w_free), ("inputs", sa, a_free)):
                 if free and len(sc) > 1 and max(sc.values()) <= 0:
                     flat.append(f"{op.name} {kind}")
-            keep = [o for o in opts if (not w_free or o[0] is None or o[0] in sw)
-                    and (not a_free or o[1] is None or o[1] in sa)]
+            keep = [o for o in opts if (not w_free or o[0] is None or o[0] in sw or o[0] >= LOSSLESS_BITS)
+                    and (not a_free or o[1] is None or o[1] in sa or o[1] >= LOSSLESS_BITS)]
             if len(keep) < len(opts):
                 dropped[op.name] = {_label(o) for o in opts if o not in keep}
             opts = keep
@@ -1202,6 +1207,11 @@ def _act_mem_max_error(amax: float, layer: str, need: float):
     return err
 
 
+def _score(scores: dict, bits: int) -> float:
+    """A table's score at ``bits``: 0 for a lossless width it does not list, NaN for another missing one."""
+    return scores.get(bits, 0.0 if bits >= LOSSLESS_BITS else float("nan"))
+
+
 def _label(o) -> str:
     w, a, fmt = o[0], o[1], o[2]
     if w is None and a is None:
@@ -1393,11 +1403,11 @@ def score_plan(plan, graph, table: SensitivityTable, weight_alpha: float = 1.0, 
                 for b in set(w):
                     idx = np.array([i for i, x in enumerate(w) if x == b])
                     s = float(wc[b][idx].sum()) if b in wc and wc[b].size == len(w) else \
-                        table.w(op.name).get(b, float("nan")) * idx.size / len(w)
+                        _score(table.w(op.name), b) * idx.size / len(w)
                     total += weight_alpha * s
             else:
                 wc = table.w_channel(op.name) if channels else {}
-                total += weight_alpha * (float(wc[w].sum()) if w in wc else table.w(op.name).get(w, float("nan")))
+                total += weight_alpha * (float(wc[w].sum()) if w in wc else _score(table.w(op.name), w))
         if lp.a_bits is not None and op.act_inputs:
-            total += table.a(op.name).get(lp.a_bits, float("nan"))
+            total += _score(table.a(op.name), lp.a_bits)
     return total

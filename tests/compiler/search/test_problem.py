@@ -42,3 +42,21 @@ def test_a_layer_scored_zero_at_every_width_is_named_in_a_warning():
     sp = build_problem(graph, target, parse_budgets(avg_bits="W4A4"), read_sensitivity(raw))
     flat = [w for w in sp.warnings if "zero score" in w]
     assert len(flat) == 1 and "fc inputs" in flat[0] and "conv_b" not in flat[0]
+
+
+def test_a_targets_16_bit_candidates_count_as_lossless_not_unscored():
+    """The sensitivity pass scores widths up to 8; cuda's bf16 (16-bit) candidates had no score and were all
+    dropped with a warning, so a compile for cuda could never keep a layer in bf16."""
+    from mpqc.compiler.search import score_plan, solve
+
+    g = branchy_graph()
+    table = read_sensitivity(synthetic_table(g, (8, 4), np.random.default_rng(0)))
+    target = load_target("cuda")
+    tight = build_problem(g, target, parse_budgets(avg_bits="W8A8"), table)
+    assert not any("dropped" in w for w in tight.warnings), tight.warnings
+    roomy = build_problem(g, target, parse_budgets(avg_bits="W16A16"), table)
+    plan = roomy.to_plan(solve(roomy.problem))
+    assert {lp.w_bits for lp in plan.layers.values() if lp.w_bits is not None} == {16}  # free of loss, and affordable
+    assert score_plan(plan, g, table) == 0.0
+    plan8 = tight.to_plan(solve(tight.problem))
+    assert 0 < score_plan(plan8, g, table) < float("inf")
