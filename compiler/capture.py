@@ -284,15 +284,19 @@ def _module_path(node: torch.fx.Node) -> tuple[str, type | None]:
     return path, typ
 
 
+# what stands between a parameter and its matmul: a decomposed .pt2's linear is t -> unsqueeze -> expand -> bmm
+_WEIGHT_VIEWS = {"t", "permute", "transpose", "view", "reshape", "_unsafe_view", "to", "_to_copy", "expand",
+                 "unsqueeze", "squeeze", "contiguous", "clone", "alias"}
+
+
 def _param_name(gm: torch.fx.GraphModule, node) -> str | None:
-    """The parameter FQN a node reads, following single-input views (t, permute) back to a get_attr."""
-    for _ in range(4):
+    """The parameter FQN a node reads, following single-input views (t, permute, expand) back to a get_attr."""
+    for _ in range(8):
         if not isinstance(node, torch.fx.Node):
             return None
         if node.op == "get_attr":
             return str(node.target)
-        if node.op in ("call_function", "call_method") and _base_name(node) in {"t", "permute", "transpose",
-                                                                                  "view", "reshape", "to"}:
+        if node.op in ("call_function", "call_method") and _base_name(node) in _WEIGHT_VIEWS:
             node = node.args[0]
             continue
         return None
@@ -377,7 +381,7 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
             elif kind == OpKind.EMBEDDING:
                 weight_fqn = _param_name(gm, args[0])
             elif kind == OpKind.MATMUL:
-                for a in args[:2]:
+                for a in (args[1:3] if base == "baddbmm" else args[:2]):  # the product's operands
                     if _param_name(gm, a):  # a matmul with a parameter operand is a linear layer
                         kind, weight_fqn = OpKind.LINEAR, _param_name(gm, a)
             if kind in (OpKind.CONV, OpKind.LINEAR, OpKind.EMBEDDING) and weight_fqn is None:
@@ -478,6 +482,11 @@ def _annotate(op: Op, node: torch.fx.Node, params: dict) -> None:
         op.attrs.update(_conv_attrs(node))
     elif op.kind == OpKind.LINEAR:
         op.fan_in = op.weight_shape[-1] if len(op.weight_shape) == 2 else op.weight_shape[0]
+        base = _base_name(node) if node.op != "call_module" else ""
+        if base in _MATMUL and base != "baddbmm":  # x @ W: the reduced dimension is the first operand's last
+            a = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+            if isinstance(a, torch.Tensor) and a.dim():  # (a parameter stored (in, out) is not transposed)
+                op.fan_in = int(a.shape[-1])
         op.macs = out_numel * op.fan_in
         op.act_inputs = [n for n in op.inputs][:1]
     elif op.kind == OpKind.MATMUL:
@@ -489,11 +498,12 @@ def _annotate(op: Op, node: torch.fx.Node, params: dict) -> None:
             op.fan_in = q[-1]
             op.act_inputs = op.inputs[:3]
         else:
-            a = op.in_shapes[0] if op.in_shapes else []
+            # baddbmm(input, a, b): the product operands are the last two, and a's last dimension is reduced
+            a = (op.in_shapes[-2] if len(op.in_shapes) >= 3 else []) if base == "baddbmm" else \
+                (op.in_shapes[0] if op.in_shapes else [])
             k = a[-1] if a else 0
             op.fan_in = k
             op.macs = out_numel * k
-            # baddbmm(input, a, b): the product operands are the last two
             op.act_inputs = op.inputs[-2:] if base == "baddbmm" else op.inputs[:2]
     elif op.kind == OpKind.EMBEDDING:
         op.fan_in = 1

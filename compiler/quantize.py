@@ -228,12 +228,12 @@ class QuantizedModel(nn.Module):
         for op in ir.layers():
             node = nodes[op.attrs["node"]]
             if op.kind in (OpKind.CONV, OpKind.LINEAR, OpKind.EMBEDDING) and op.weight_fqn:
-                w_node = next(a for a in node.all_input_nodes if a.op == "get_attr" and a.target == op.weight_fqn)
+                w_node, reader = _weight_read(node, op.weight_fqn)
                 key = _key(op.name)
                 self.wq[key] = WeightQuantizer(self._param(op.weight_fqn), None, method)
                 with gm.graph.inserting_after(w_node):
                     q = gm.graph.call_module(f"wq.{key}", (w_node,))
-                node.replace_input_with(w_node, q)
+                reader.replace_input_with(w_node, q)  # the op itself, or the first view between it and the weight
             keys = []
             for t in op.act_inputs:
                 src = tensor_node[t]
@@ -442,6 +442,19 @@ def bias_sites(gm: torch.fx.GraphModule, act_prefixes=("aq.",), ops=INTEGER_BIAS
         if act.enabled and weight.enabled:
             out.append((n, args[2], str(w.target)[3:], act, weight))
     return out
+
+
+def _weight_read(node: torch.fx.Node, fqn: str) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """The get_attr of parameter ``fqn`` that ``node`` reads, directly or through a chain of single-input views
+    (``x @ W.t()``; a decomposed linear's permute -> expand -> view -> bmm), and the node that reads it."""
+    stack = [(a, node) for a in node.all_input_nodes]
+    while stack:
+        a, reader = stack.pop()
+        if a.op == "get_attr" and str(a.target) == fqn:
+            return a, reader
+        if a.op in ("call_function", "call_method") and a.args and isinstance(a.args[0], torch.fx.Node):
+            stack.append((a.args[0], a))
+    raise ValueError(f"{node.name} does not read parameter {fqn}")
 
 
 def bits_of(wq: WeightQuantizer) -> int | list[int]:

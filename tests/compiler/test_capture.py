@@ -356,3 +356,81 @@ def test_a_difference_of_non_negative_tensors_is_signed_and_resampling_keeps_uns
     signed = {k: not cap.graph.tensors[cap.graph.layer(k).act_inputs[0]].nonnegative
               for k in _SignsOfDerivedTensors.SIGNED}
     assert signed == _SignsOfDerivedTensors.SIGNED
+
+
+class _ProductsWithParameters(nn.Module):
+    """A parameter stored (in, out) and used as x @ W, and a baddbmm whose added input is a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(8, 32))  # (in, out)
+        self.q, self.k = nn.Linear(32, 16), nn.Linear(32, 16)
+        self.bias = nn.Parameter(torch.zeros(8, 8))
+
+    def forward(self, x):
+        h = x.flatten(1, 2) @ self.W  # [B, 8, 8] @ [8, 32]
+        q, k = self.q(h), self.k(h)
+        return torch.baddbmm(self.bias.expand(x.shape[0], 8, 8), q, k.transpose(1, 2))
+
+
+def test_products_with_parameters_count_the_dimension_they_reduce():
+    """x @ W with W stored (in, out) was counted with fan-in 32 (its output size: 4x the MACs), and baddbmm read
+    the reduced size off its added input (half the MACs); following expand() must not turn that input into a
+    weight."""
+    cap = capture(_ProductsWithParameters().eval(), (torch.randn(1, 1, 8, 8),))
+    ops = {op.name: op for op in cap.graph.layers()}
+    assert ops["W"].kind.value == "linear" and ops["W"].macs == 8 * 32 * 8
+    bad = next(op for op in ops.values() if op.kind.value == "matmul")
+    assert bad.macs == 8 * 8 * 16 and bad.weight_fqn is None
+    assert "bias" not in ops
+
+
+def test_a_decomposed_export_finds_the_weight_of_its_batched_linear(tmp_path):
+    """run_decompositions() turns MultiheadAttention's in-projection into t -> unsqueeze -> expand -> bmm; the
+    weight was not traced back, so it was quantized as a per-tensor activation and left out of the size."""
+    from mpqc.compiler.loading import load_model
+
+    class MHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):  # x: [N, L, E]
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(2, 8, 16)  # a dynamic batch: the in-projection becomes a bmm on an expanded weight
+    ep = torch.export.export(MHA().eval(), (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).run_decompositions()
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    loaded = load_model(str(tmp_path / "m.pt2"))
+    g = capture(loaded.module, loaded.example_inputs).graph
+    weighted = {op.weight_fqn for op in g.layers() if op.weight_fqn}
+    assert any(w.endswith("in_proj_weight") for w in weighted), weighted
+    in_proj = next(op for op in g.layers() if op.weight_fqn and op.weight_fqn.endswith("in_proj_weight"))
+    assert in_proj.macs == 8 * 48 * 16 and in_proj.params >= 48 * 16
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_a_weight_read_through_views_gets_its_quantizer(method):
+    """``x @ W.t()`` is a linear layer whose weight reaches the product through a view; inserting its quantizer
+    looked for the parameter among the product's direct inputs and stopped with StopIteration."""
+    from mpqc.compiler.quantize import QuantizedModel
+
+    class ViewedWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(10, 64))
+
+        def forward(self, x):
+            return x.flatten(1) @ self.W.t()
+
+    model, x = ViewedWeight().eval(), torch.randn(4, 1, 8, 8)
+    qm = QuantizedModel(capture(model, (x,), method=method))
+    (op,) = qm.graph_ir.layers()
+    assert op.kind.value == "linear" and op.weight_fqn == "W"
+    qm.set_precision(op.name, w_bits=4)
+    w4 = qm(x)
+    qm.set_precision(op.name, w_bits=8)
+    w8 = qm(x)
+    ref = model(x)
+    assert (w8 - ref).abs().max() < (w4 - ref).abs().max()  # the weight is what gets quantized
+    assert (w8 - ref).abs().max() < 0.05 * ref.abs().max()
