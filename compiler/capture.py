@@ -320,6 +320,7 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
     used: set[str] = set()
     inputs: list[str] = []
     outputs: list[str] = []
+    unquantized: dict[str, dict] = {}
 
     def unique(name: str) -> str:
         base, k = name, 1
@@ -418,9 +419,44 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
             if name not in tensors[n].consumers:
                 tensors[n].consumers.append(name)
         ops.append(op)
+        if kind not in (OpKind.CONV, OpKind.LINEAR, OpKind.EMBEDDING, OpKind.MATMUL, OpKind.NORM):
+            held = _params_read(gm, node, modules, params)
+            if held:
+                unquantized[name] = {"op": op.target if node.op == "call_module" else base, "params": held,
+                                     "macs": _transposed_conv_macs(node, val)}
 
     meta = {"total_params": int(total_params), "input_shapes": input_shapes, "capture": method}
+    if unquantized:  # parameterised ops that stay float and outside every cost (LSTM, ConvTranspose, einsum)
+        meta["unquantized"] = unquantized
     return Graph(ops, tensors.values(), inputs, outputs, meta)
+
+
+def _params_read(gm, node: torch.fx.Node, modules: dict, params: dict) -> int:
+    """How many parameter elements an op reads: its module's own, or those of get_attr inputs (through views)."""
+    if node.op == "call_module":
+        return sum(p.numel() for p in modules[str(node.target)].parameters())
+    seen = {_param_name(gm, a) for a in _flat_nodes((node.args, node.kwargs))}
+    return sum(params[f].numel() for f in seen if f in params and isinstance(params[f], torch.nn.Parameter))
+
+
+def _transposed_conv_macs(node: torch.fx.Node, val) -> int:
+    """A transposed convolution's MACs: every input element times C_out/groups·k (each input pixel scatters one
+    kernel per output channel of its group); 0 for any other op."""
+    mod = node.graph.owning_module.get_submodule(str(node.target)) if node.op == "call_module" else None
+    if isinstance(mod, torch.nn.modules.conv._ConvTransposeNd):
+        w = mod.weight
+    elif node.op == "call_function" and ("conv_transpose" in _base_name(node) or (
+            _base_name(node) in {"convolution", "_convolution"} and len(node.args) > 6 and node.args[6])):
+        wv = node.args[1].meta.get("val") if isinstance(node.args[1], torch.fx.Node) else None
+        if not isinstance(wv, torch.Tensor):
+            return 0
+        w = wv
+    else:
+        return 0
+    x = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if not isinstance(x, torch.Tensor):
+        return 0
+    return int(x.numel() * math.prod(w.shape[1:]))  # weight: (C_in, C_out/groups, k...)
 
 
 def _is_leaf_module_op(node: torch.fx.Node) -> bool:

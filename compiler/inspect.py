@@ -24,7 +24,7 @@ def inspect_summary(graph: Graph) -> dict:
     return {"layers": layers, "total_macs": graph.total_macs(), "total_params": graph.total_params(),
             "act_groups": [{"name": g.name, "consumers": list(g.consumers), "signed": g.signed}
                            for g in graph.act_groups()],
-            "capture": graph.meta.get("capture")}
+            "capture": graph.meta.get("capture"), "unquantized": graph.unquantized()}
 
 
 def _fmt(n: float) -> str:
@@ -45,7 +45,13 @@ def print_inspect_table(graph: Graph, *, all_ops: bool = False, console: Console
     for op in (graph.ops.values() if all_ops else graph.layers()):
         table.add_row(op.name, op.kind.value, str(op.in_shapes[0] if op.in_shapes else "-"), str(op.out_shape),
                       _fmt(op.macs), _fmt(op.params), groups.get(op.name, ""))
+    if graph.unquantized():
+        table.add_section()
+        for name, u in graph.unquantized().items():
+            table.add_row(name, f"float: {u['op']}", "", "", _fmt(u.get("macs", 0)), _fmt(u["params"]), "-")
     table.add_section()
     table.add_row("total", f"{len(graph.layers())} layers", "", "", _fmt(graph.total_macs()),
                   _fmt(graph.total_params()), f"{len(graph.act_groups())} groups")
     console.print(table)
+    if graph.unquantized_note():
+        console.print(f"note: {graph.unquantized_note()}")

@@ -206,7 +206,25 @@ class Graph:
         return {op.name: list(op.act_inputs) for op in self.layers()}
 
     def total_macs(self) -> int:
-        return sum(op.macs for op in self.ops.values())
+        """Every MAC the model does: its ops' and those of the parameterised ops that stay float."""
+        float_ops = sum(int(u.get("macs", 0)) for u in self.unquantized().values())
+        return sum(op.macs for op in self.ops.values()) + float_ops
+
+    def unquantized(self) -> dict[str, dict]:
+        """Ops that read parameters but that mpqc neither quantizes nor prices (ConvTranspose, LSTM, einsum with a
+        weight): name -> {"op", "params", "macs"}; they run in float."""
+        return dict(self.meta.get("unquantized") or {})
+
+    def unquantized_note(self) -> str | None:
+        """One line naming the ops of :meth:`unquantized`, for warnings and reports; None when there are none."""
+        u = self.unquantized()
+        if not u:
+            return None
+        items = [f"{k} ({v['op']}, {v['params']:,} params" + (f", {v['macs']:,} MACs)" if v.get("macs") else ")")
+                 for k, v in list(u.items())[:3]]
+        more = f" and {len(u) - 3} more" if len(u) > 3 else ""
+        return (f"{len(u)} op(s) with weights stay float and outside every cost and budget: {'; '.join(items)}{more}"
+                "; mpqc quantizes conv, linear, matmul and embedding layers")
 
     def total_params(self) -> int:
         """All parameters of the model (norms and biases included), as recorded at capture."""

@@ -927,6 +927,8 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
                         + (f" and {len(flat) - 3} more" if len(flat) > 3 else "")
                         + "; the search will give them the cheapest precision. Check the sensitivity table "
                           "(more samples or probes), or fix them with --fix NAME=BITS")
+    if graph.unquantized_note():
+        warnings.append(graph.unquantized_note())
     if uncovered:
         some = "; ".join(f"{k} ({v})" for k, v in list(uncovered.items())[:3])
         warnings.append(f"running {len(uncovered)} layer(s) digitally at W{max(target.weight_bits)}"

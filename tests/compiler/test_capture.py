@@ -434,3 +434,43 @@ def test_a_weight_read_through_views_gets_its_quantizer(method):
     ref = model(x)
     assert (w8 - ref).abs().max() < (w4 - ref).abs().max()  # the weight is what gets quantized
     assert (w8 - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+class _FloatOnlyOps(nn.Module):
+    """Parameterised ops mpqc does not quantize: a transposed conv (grouped too) and an LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 16, 3, stride=2, padding=1, output_padding=1)
+        self.up2 = nn.ConvTranspose2d(16, 16, 2, stride=2, groups=4, bias=False)
+        self.rnn = nn.LSTM(16, 8, batch_first=True)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.up2(self.up(torch.relu(self.c(x))))  # [B, 16, 32, 32]
+        seq = h.mean(3).transpose(1, 2)  # [B, 32, 16]
+        return self.fc(self.rnn(seq)[0][:, -1])
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_parameterised_ops_left_float_are_listed_with_their_macs_and_params(method):
+    """A ConvTranspose2d counted 0 MACs and 0 params and an LSTM vanished from the IR, with no word anywhere:
+    a UNet's compile reported half its MACs, and the plan's size left their weights out."""
+    import numpy as np
+
+    from mpqc.compiler.search import build_problem, parse_budgets, read_sensitivity
+    from mpqc.targets import load_target
+    from tests.compiler.search.helpers import synthetic_table
+
+    g = capture(_FloatOnlyOps().eval(), (torch.randn(1, 1, 8, 8),), method=method).graph
+    u = sorted(g.unquantized().values(), key=lambda v: -v["params"])
+    assert [v["params"] for v in u] == [8 * 16 * 9 + 16, 4 * 8 * (16 + 8) + 2 * 4 * 8, 16 * 4 * 4]
+    macs = {v["params"]: v["macs"] for v in u}
+    assert macs[8 * 16 * 9 + 16] == (8 * 8 * 8) * 16 * 9  # each input pixel scatters a 3x3 kernel per channel
+    assert macs[16 * 4 * 4] == (16 * 16 * 16) * 4 * 4  # groups of 4: C_out/groups = 4 per input channel
+    layer_macs = sum(op.macs for op in g.ops.values())
+    assert g.total_macs() == layer_macs + sum(v["macs"] for v in u)
+    table = read_sensitivity(synthetic_table(g, (8, 4, 2), np.random.default_rng(0)))
+    sp = build_problem(g, load_target("generic"), parse_budgets(avg_bits="W4A4"), table)
+    assert any("stay float" in w and "3 op(s)" in w for w in sp.warnings), sp.warnings
