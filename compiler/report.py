@@ -341,10 +341,16 @@ def _parity_html(parity: dict | None) -> str:
              m.get("err_max_lsb"), m.get("err_mean_lsb"), None if m.get("exact_fraction") is None
              else 100 * m["exact_fraction"]] for m in parity["modes"]]
     verdict = "passed" if parity.get("passed") else "failed"
-    text = (f"<h2>Export check</h2><p>The QDQ ONNX file against the fake-quant model in onnxruntime on "
+    text = (f"<h2>Export check</h2><p>The QDQ ONNX file in onnxruntime against its PyTorch reference (the "
+            f"fine-tuned fake-quant model as deployed: biases on the integer grid) on "
             f"{parity.get('samples')} held-out samples: {verdict} (top-1 agreement needed: "
             f"{_fmt(100 * parity.get('threshold', parity.get('min_top1', 0)))} %; LSB = {_fmt(parity.get('lsb'))}, "
             f"{html.escape(str(parity.get('lsb_source')))}).</p>")
+    gap = parity.get("reference_vs_trained")
+    if gap:
+        text += (f"<p>That reference against the fine-tuned fake-quant model itself: top-1 agreement "
+                 f"{_fmt(100 * gap['top1_agreement'])} % on {gap['samples']} samples (largest output difference "
+                 f"{_fmt(gap['max_abs_diff'])}); <code>--deploy-tail F</code> fine-tunes through the rounding.</p>")
     return text + _table(rows, ["onnxruntime mode", "top-1 agreement (%)", "max error (LSB)", "mean error (LSB)",
                                 "samples exact (%)"])
 
