@@ -167,6 +167,28 @@ class Graph:
         """Quantizable ops (conv, linear, matmul, embedding) in topological order."""
         return [op for op in self.ops.values() if op.quantizable]
 
+    def end_layers(self) -> tuple[list[str], list[str]]:
+        """The layers no other layer feeds (``first``: every stem reading the input) and the layers that feed no
+        other layer (``last``: every head of a two-headed model), in graph order."""
+        upstream: set[str] = set()  # tensors some layer's output reaches
+        first = []
+        for op in self.ops.values():
+            fed = any(t in upstream for t in op.inputs)
+            if op.quantizable and not fed:
+                first.append(op.name)
+            if op.quantizable or fed:
+                upstream.add(op.output)
+        downstream: set[str] = set()  # ops from which a layer is reachable
+        last = []
+        for op in reversed(list(self.ops.values())):
+            feeds = any(c in downstream or self.ops[c].quantizable for c in self.tensors[op.output].consumers
+                        if c in self.ops)
+            if op.quantizable and not feeds:
+                last.append(op.name)
+            if feeds:
+                downstream.add(op.name)
+        return first, last[::-1]
+
     def weighted_layers(self) -> list[Op]:
         return [op for op in self.ops.values() if op.kind in WEIGHTED and op.weight_shape]
 

@@ -707,8 +707,11 @@ def _numel(shape) -> int:
     return int(math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape))
 
 
-def resolve_fixed(names: list[str], target_fixed: dict, cli_fixed: dict) -> dict[str, dict]:
-    """Layer -> {"w", "a", "e"} from the target's [fixed] table and --fix (which wins); names may be globs."""
+def resolve_fixed(names: list[str], target_fixed: dict, cli_fixed: dict,
+                  ends: tuple[list[str], list[str]] | None = None) -> dict[str, dict]:
+    """Layer -> {"w", "a", "e"} from the target's [fixed] table and --fix (which wins); names may be globs.
+    ``first``/``last`` name ``ends`` (:meth:`Graph.end_layers`: every stem, every head), else the first and
+    last of ``names``."""
     import difflib
     import fnmatch
 
@@ -724,9 +727,9 @@ def resolve_fixed(names: list[str], target_fixed: dict, cli_fixed: dict) -> dict
         if True:
             spec = {"w": spec.get("w"), "a": spec.get("a"), "e": spec.get("e")}
             if pat == "first":
-                hits = names[:1]
+                hits = [n for n in ends[0] if n in names] if ends else names[:1]
             elif pat == "last":
-                hits = names[-1:]
+                hits = [n for n in ends[1] if n in names] if ends else names[-1:]
             elif pat in names:
                 hits = [pat]
             else:
@@ -797,7 +800,8 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     if foreign:
         warnings.append(f"--candidates: target {target.name} runs no layer at {', '.join(map(str, foreign))} bits "
                         f"(it offers {', '.join(map(str, sorted(offered)))}); those widths are left out")
-    fixed = resolve_fixed(names, target.fixed, opt.fix)
+    ends = graph.end_layers()
+    fixed = resolve_fixed(names, target.fixed, opt.fix, ends)
     alpha = float(opt.weight_alpha)
     numel = {t: _numel(graph.tensors[t].shape) for op in layers for t in op.act_inputs}
     bits_of = lambda b: fb if b is None else b
@@ -817,7 +821,7 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     uncovered: dict[str, str] = {}  # layers no analog array runs: digital, and the search says so
     if analog:
         for pat in target.analog.digital_layers:
-            digital_layers.update(resolve_fixed(names, {pat: {}}, {}).keys())
+            digital_layers.update(resolve_fixed(names, {pat: {}}, {}, ends).keys())
         grid = [float(e) for e in target.analog.e_grid()]
         skipped = (getattr(table, "meta", None) or {}).get("skipped") or {}
         for op in layers:

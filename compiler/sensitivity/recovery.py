@@ -150,9 +150,9 @@ def held_layers(graph, fix: dict, high_bits: int) -> dict[str, tuple[int | None,
 
     layers = graph.layers()
     held: dict[str, tuple[int | None, int | None]] = {}
-    if layers:
-        for op in (layers[0], layers[-1]):
-            held[op.name] = (high_bits, high_bits)
+    first, last = graph.end_layers()
+    for name in first + last:  # every stem and every head
+        held[name] = (high_bits, high_bits)
     for op in layers:
         for pat, d in fix.items():
             if fnmatch.fnmatchcase(op.name, pat):

@@ -33,3 +33,38 @@ def test_attention_operands_are_activation_groups():
         assert set(op.act_inputs) <= names
     nx = graph.to_networkx()
     assert nx.number_of_nodes() == len(graph)
+
+
+def test_end_layers_are_every_stem_and_every_head():
+    """'first'/'last' (--fix, the analog target's digital layers) took one layer in graph order, so a
+    two-headed model ran one head analog while the other stayed digital."""
+    import torch
+    from torch import nn
+
+    from mpqc.compiler.capture import capture
+
+    class TwoStemsTwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s1, self.s2 = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 5, padding=1)
+            self.body = nn.Conv2d(8, 8, 3)
+            self.h1, self.h2 = nn.Linear(8, 10), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.body(torch.cat([self.s1(x), self.s2(x)], 1))).mean((2, 3))
+            return self.h1(h) + self.h2(h).sum(1, keepdim=True)
+
+    g = capture(TwoStemsTwoHeads().eval(), (torch.randn(1, 1, 8, 8),)).graph
+    assert g.end_layers() == (["s1", "s2"], ["h1", "h2"])
+    import numpy as np
+
+    from mpqc.compiler.search import build_problem, parse_budgets, read_sensitivity, solve
+    from mpqc.targets import load_target
+    from tests.compiler.search.helpers import synthetic_table
+
+    target = load_target("analog")  # digital_layers = ["first", "last"]
+    grid = [float(e) for e in target.analog.e_grid()]
+    sp = build_problem(g, target, parse_budgets(emac="50"),
+                       read_sensitivity(synthetic_table(g, (8,), np.random.default_rng(0), energies=grid)))
+    plan = sp.to_plan(solve(sp.problem))
+    assert [n for n in ("s1", "s2", "body", "h1", "h2") if plan.emac(n) is None] == ["s1", "s2", "h1", "h2"]
