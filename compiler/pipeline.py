@@ -395,7 +395,7 @@ def _learn_energies(r: _Run, plan, table):
     cfg = FinetuneConfig(epochs=1, method="energy", batch_size=bs, scheduler="constant", seed=o.seed,
                          distill=DistillConfig(enabled=False), checkpoint_dir=None, device=r.device.type,
                          energy=EnergyConfig(mode="learn", e_init=budget, e_target=budget, penalty=4.0, lr=0.01,
-                                             per_channel=channel))
+                                             per_channel=channel, **_noise_settings(r.target)))
     res = finetune(q, None, subset, cfg, progress=o.progress, emac={n: budget for n in analog})
     learned = {n: np.asarray(res.emac[n], dtype=float) for n in analog}
     total = sum(macs[n] for n in analog)
@@ -421,6 +421,12 @@ def _learn_energies(r: _Run, plan, table):
     return plan
 
 
+def _noise_settings(target) -> dict:
+    """The target's analog noise model, as the energy fine-tuning config carries it."""
+    a = target.analog
+    return {"noise": a.noise, "sigma_t": a.sigma_t, "weight_noise": a.weight_noise}
+
+
 def _stage_finetune(r: _Run) -> dict:
     from .finetune import FinetuneConfig, finetune
 
@@ -437,7 +443,7 @@ def _stage_finetune(r: _Run) -> dict:
     if method == "energy":
         from .finetune.config import EnergyConfig
 
-        cfg["energy"] = EnergyConfig(mode="fixed")
+        cfg["energy"] = EnergyConfig(mode="fixed", **_noise_settings(r.target))
     config = FinetuneConfig(**cfg)
     _drop_stale_checkpoint(config, q)
     from .finetune import accuracy
@@ -580,7 +586,8 @@ def _analog_comparison(r: _Run, q, plan, acc: dict) -> dict:
     shape = {n: emac[n] / e_avg for n in macs}  # the allocation's profile, MAC-weighted mean 1
 
     def at(scale: float, profile: dict) -> float:
-        return evaluate_at_energy(q, r.data.val, {n: (np.asarray(profile[n]) * scale).tolist() for n in macs})
+        return evaluate_at_energy(q, r.data.val, {n: (np.asarray(profile[n]) * scale).tolist() for n in macs},
+                                  noise=r.target, layers=list(macs))
 
     planned, uniform = at(e_avg, shape), at(e_avg, {n: 1.0 for n in macs})
     acc["fake-quant + analog noise (planned E)"] = planned

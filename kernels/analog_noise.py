@@ -419,9 +419,13 @@ def _sqrt_e(e: torch.Tensor | float) -> torch.Tensor:
 
 
 def thermal_sigma(
-    n_fan_in: int, r_w: torch.Tensor | float, r_x: torch.Tensor | float, e: torch.Tensor | float
+    n_fan_in: int,
+    r_w: torch.Tensor | float,
+    r_x: torch.Tensor | float,
+    e: torch.Tensor | float,
+    sigma_t: float = THERMAL_SIGMA_T,
 ) -> torch.Tensor:
-    """Thermal-noise std on a GEMM output: sigma = 0.01 * sqrt(N) * R_w * R_x / sqrt(E).
+    """Thermal-noise std on a GEMM output: sigma = sigma_t * sqrt(N) * R_w * R_x / sqrt(E).
 
     Args:
         n_fan_in: N, the fan-in k_h * k_w * C_in (the seed code does not divide by groups
@@ -431,11 +435,12 @@ def thermal_sigma(
         r_x: R_x = Delta_in * (2^b_a - 1), the full range of the quantized input; the seed code
             infers Delta_in as the smallest non-zero |input| seen during calibration.
         e: energy per MAC E (> 0), float or tensor.
+        sigma_t: the thermal noise constant (a target's ``[analog] sigma_t``; the seed code's 0.01).
 
     Returns:
         The std of the noise added to the layer output (fixed scale relative to full scale).
     """
-    return THERMAL_SIGMA_T * math.sqrt(n_fan_in) * r_w * r_x / _sqrt_e(e)
+    return sigma_t * math.sqrt(n_fan_in) * r_w * r_x / _sqrt_e(e)
 
 
 def shot_sigma(
@@ -458,11 +463,14 @@ def shot_sigma(
     return w_norm_per_channel * x_norm / (math.sqrt(n_fan_in) * _sqrt_e(e))
 
 
-def weight_sigma(r_w: torch.Tensor | float, e: torch.Tensor | float) -> torch.Tensor:
-    """Weight-noise std, added to each quantized weight before the GEMM: 0.1 * R_w / sqrt(E).
+def weight_sigma(
+    r_w: torch.Tensor | float, e: torch.Tensor | float, scale: float = WEIGHT_NOISE_SCALE
+) -> torch.Tensor:
+    """Weight-noise std, added to each quantized weight before the GEMM: scale * R_w / sqrt(E).
 
     Args:
         r_w: R_w = Delta_w * (2^b_w - 1), the weight range (per output channel or scalar).
         e: energy per MAC E (> 0).
+        scale: the weight-noise constant (a target's ``[analog] weight_noise``; the seed code's 0.1).
     """
-    return WEIGHT_NOISE_SCALE * r_w / _sqrt_e(e)
+    return scale * r_w / _sqrt_e(e)

@@ -151,9 +151,16 @@ class EnergyConfig:
     lr: float = 0.01
     e_min: float = 1e-3
     train_ranges: bool = False
+    noise: str = "thermal"  # the target's [analog] noise model and constants (research/seeds.md 2.2)
+    sigma_t: float = 0.01
+    weight_noise: float = 0.1
 
     def __post_init__(self):
         object.__setattr__(self, "mode", EnergyMode(self.mode))
+        if self.noise not in ("thermal", "shot", "weight"):
+            raise ValueError(f"energy.noise must be thermal, shot or weight, not {self.noise!r}")
+        for k in ("sigma_t", "weight_noise"):
+            _pos(f"energy.{k}", getattr(self, k))
         if not isinstance(self.train_ranges, bool):
             raise ValueError("energy.train_ranges must be true or false")
         for k in ("e_init", "e_target", "lr", "e_min"):
