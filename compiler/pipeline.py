@@ -649,6 +649,8 @@ def _compile(o: CompileOptions) -> CompileResult:
     opts = {k: v for k, v in asdict(o).items() if k not in ("out", "progress", "stop_after", "threads")}
     common = {"model": opts["model"], "arch": o.arch, "weights": o.weights, "input_shape": o.input_shape,
               "model_hash": _model_hash(r), "data": o.data, "seed": o.seed}
+    # a target file edited in place keeps its name: its contents key every stage that prices or simulates it
+    common_t = {**common, "target_hash": _target_hash(r.target)}
     plan_in = {"sens": "sensitivity.json"}
     probe_in = {"probe": {k: getattr(o, k) for k in ("lr", "batch_size", "optimizer", "batch_stats",
                                                             "probe_steps")}}
@@ -657,10 +659,10 @@ def _compile(o: CompileOptions) -> CompileResult:
     grid = trained_for(o.profile, o.residual_quant)  # the grid fine-tuning trains on
     steps = [
         ("capture", {**common}, ["ir.json"], _stage_capture),
-        ("sensitivity", {**common, "target": o.target, "method": o.sensitivity, "granularity": o.granularity,
+        ("sensitivity", {**common_t, "target": o.target, "method": o.sensitivity, "granularity": o.granularity,
                          "candidates": o.candidates, "samples": o.samples, "act_groups": o.act_groups},
          ["sensitivity.json"], _stage_sensitivity),
-        ("search", {**common, **{k: v for k, v in opts.items() if k not in ("epochs", "lr", "batch_size", "profile",
+        ("search", {**common_t, **{k: v for k, v in opts.items() if k not in ("epochs", "lr", "batch_size", "profile",
                                                                               "finetune_method", "optimizer",
                                                                               "device", "batch_stats",
                                                                               "deploy_tail", "probe_steps",
@@ -668,15 +670,15 @@ def _compile(o: CompileOptions) -> CompileResult:
                     **(probe_in if o.weight_alpha == "auto" else {}), "_files": plan_in},
          ["plan.json"] + (["pareto.csv"] if o.pareto else []) + (["recovery.json"] if o.weight_alpha == "auto" else []),
          _stage_search),
-        ("finetune", {**common, "epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer,
+        ("finetune", {**common_t, "epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer,
                       "batch_size": o.batch_size, "batch_stats": o.batch_stats, "deploy_tail": o.deploy_tail,
                       "method": o.finetune_method, "_files": {"plan": "plan.json"},
                       "trained_for": grid}, ["model_q.pt"],
          _stage_finetune),
-        ("export", {**common, "profile": o.profile, "residual_quant": o.residual_quant,
+        ("export", {**common_t, "profile": o.profile, "residual_quant": o.residual_quant,
                     "_files": {"plan": "plan.json", "state": "model_q.pt"}},
          ["model.onnx", "parity.json"], _stage_export),
-        ("evaluate", {**common, "trained_for": grid,
+        ("evaluate", {**common_t, "trained_for": grid,
                       "_files": {"plan": "plan.json", "state": "model_q.pt", "onnx": "model.onnx"}},
          ["metrics.json"], _stage_evaluate),
         ("report", {"_files": {"plan": "plan.json", "metrics": "metrics.json"}}, ["report.html"], _stage_report),
@@ -725,6 +727,16 @@ def _out_of_memory(o: CompileOptions, r: _Run, stage: str, e: BaseException) -> 
     else:
         fix = "run with --device cpu"
     return f"{r.device} ran out of memory in the {stage} stage ({what}); {fix}"
+
+
+def _target_hash(target) -> str:
+    """A digest of the loaded target's contents (its costs, rules, analog constants), not of its name."""
+    import dataclasses
+    import hashlib
+    import json
+
+    text = json.dumps(dataclasses.asdict(target), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _model_hash(r: _Run) -> str:

@@ -263,6 +263,35 @@ def test_compile_logs_the_searchs_warnings(tmp_path, caplog):
     assert said[0] in plan["meta"]["warnings"]
 
 
+def test_a_target_file_edited_in_place_reruns_the_stages_that_use_it(tmp_path):
+    """Stages were keyed by the target's name or path, so editing a target TOML (its widths, costs, analog
+    constants) and compiling again into the same folder reused the plan priced with the old contents."""
+    import shutil
+
+    import torch
+
+    import mpqc
+    from mpqc.targets import load_target
+    from tests.models import DigitsCNN
+
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), tmp_path / "m.pt")
+    shutil.copy(load_target("generic").source, tmp_path / "t.toml")
+
+    def run():
+        return mpqc.compile(str(tmp_path / "m.pt"), arch="tests.models:DigitsCNN", target=str(tmp_path / "t.toml"),
+                            data="digits", out=str(tmp_path / "out"), input_shape="1,1,8,8", avg_bits="W4A4",
+                            samples=64, stop_after="search", progress=False)
+
+    run()
+    assert set(run().reused) == {"capture", "sensitivity", "search"}
+    text = (tmp_path / "t.toml").read_text()
+    (tmp_path / "t.toml").write_text(text.replace("bits = [2, 3, 4, 5, 6, 7, 8]", "bits = [2, 4, 8]", 1))
+    assert run().reused == ["capture"]
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert {lp["w_bits"] for lp in plan["layers"].values()} <= {2, 4, 8}
+
+
 def test_the_compiles_stages_show_their_progress_on_a_terminal(tmp_path, monkeypatch):
     """The sensitivity pass is the stage that runs for minutes on a real model; on a terminal it has bars (the
     same as `mpqc sensitivity`), the stages without bars a spinner, and with ``progress=False`` or off a
