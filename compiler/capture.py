@@ -257,12 +257,13 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     integer graph computes); ``mpqc inspect`` shows the model as written, the pipeline folds.
     """
     from .loading import set_eval
-    from .passes import canonical_linear, functional_inplace
+    from .passes import canonical_linear, explicit_attention, functional_inplace
 
     model = set_eval(model)
     gm, method = trace(model, example_inputs, method)
     functional_inplace(gm)
     canonical_linear(gm)
+    explicit_attention(gm)
     if fold_bn:
         from .passes import fold_batchnorm
 

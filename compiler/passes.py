@@ -8,6 +8,11 @@ export, ``ExportedProgram.run_decompositions()`` or the edge dialect, makes of `
 nothing else reads the tensor they would overwrite. The quantizers the compiler inserts later return fresh
 tensors that autograd forbids writing to in place, and a graph of pure functions is one the IR can describe.
 
+``explicit_attention`` spells ``scaled_dot_product_attention`` (no mask, no dropout) as the two products it
+computes, ``softmax((q·scale) @ kᵀ) @ v``: each product then reads quantized operands, the softmax output
+among them, which is what an integer attention and TensorRT's explicit quantization need (the fused op's ONNX
+decomposition hid its operands behind a scale Mul and left the softmax in float).
+
 ``fold_batchnorm`` folds an inference-mode BatchNorm into the convolution (or linear layer) before it, so the
 weights that get quantized are the weights a deployed integer kernel multiplies with: quantizing unfolded
 weights and folding afterwards changes every quantized value.
@@ -15,6 +20,7 @@ weights and folding afterwards changes every quantized value.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -240,3 +246,43 @@ def _drop_unused_attrs(gm: torch.fx.GraphModule) -> None:
             mod = gm.get_submodule(mod_path) if mod_path else gm
             mod._parameters.pop(leaf, None)
             mod._buffers.pop(leaf, None)
+
+
+def explicit_attention(gm: torch.fx.GraphModule) -> int:
+    """``scaled_dot_product_attention(q, k, v)`` -> ``softmax((q * scale) @ k.transpose(-2, -1), -1) @ v`` where it
+    has no mask, no dropout, no causal flag and no grouped heads; returns the count. Nodes carry ``meta['val']``."""
+    done = 0
+    names = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or packet(n) != "scaled_dot_product_attention":
+            continue
+        a = dict(zip(names, n.args))
+        a.update(n.kwargs)
+        q, k, v = a["q"], a["k"], a["v"]
+        if a.get("attn_mask") is not None or a.get("dropout_p", 0.0) or a.get("is_causal", False) \
+                or a.get("enable_gqa", False) or not all(isinstance(t, torch.fx.Node) and
+                                                         isinstance(t.meta.get("val"), torch.Tensor)
+                                                         for t in (q, k, v)):
+            continue
+        qv, kv, vv = q.meta["val"], k.meta["val"], v.meta["val"]
+        scale = a.get("scale") or 1.0 / math.sqrt(qv.shape[-1])
+        with gm.graph.inserting_before(n):
+            qs = gm.graph.call_function(operator.mul, (q, float(scale)))
+            kt = gm.graph.call_function(torch.transpose, (k, -2, -1))
+            scores = gm.graph.call_function(torch.matmul, (qs, kt))
+            attn = gm.graph.call_function(torch.softmax, (scores, -1))
+            out = gm.graph.call_function(torch.matmul, (attn, v))
+        vals = {qs: qv * float(scale), kt: kv.transpose(-2, -1)}
+        vals[scores] = torch.matmul(vals[qs], vals[kt])
+        vals[attn] = torch.softmax(vals[scores], -1)
+        vals[out] = torch.matmul(vals[attn], vv)
+        for node, val in vals.items():
+            node.meta = {k_: v_ for k_, v_ in n.meta.items() if k_ in ("nn_module_stack", "stack_trace")}
+            node.meta["val"] = val
+        n.replace_all_uses_with(out)
+        gm.graph.erase_node(n)
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done

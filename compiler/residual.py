@@ -51,8 +51,21 @@ def at_least(gm: torch.fx.GraphModule, node: torch.fx.Node, bits: int) -> bool:
     return b is None or int(b) >= bits
 
 
-def _weighted_producer(n) -> bool:
-    return isinstance(n, torch.fx.Node) and n.op == "call_function" and packet(n) in _WEIGHTED
+_PASS = {"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "clone", "alias", "contiguous", "detach",
+         "identity", "view", "reshape", "_unsafe_view"}  # between a layer and its add (a post-norm block's dropout)
+
+
+def _weighted_producer(n) -> torch.fx.Node | None:
+    """The conv/linear/matmul that produces ``n``, directly or through pass-through ops; None if none does."""
+    for _ in range(4):
+        if not isinstance(n, torch.fx.Node):
+            return None
+        if n.op == "call_function" and packet(n) in _WEIGHTED:
+            return n
+        if n.op not in ("call_function", "call_method") or packet(n) not in _PASS or not n.args:
+            return None
+        n = n.args[0]
+    return None
 
 
 def _quantized_layer(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
@@ -72,8 +85,8 @@ def residual_adds(gm: torch.fx.GraphModule):
         ins = [a for a in add.args[:2] if isinstance(a, torch.fx.Node)]
         if len(ins) != 2:
             continue
-        weighted = [b for b in (_unwrapped(gm, a) for a in ins) if _weighted_producer(b)]
-        if any(_quantized_layer(gm, b) for b in weighted):
+        weighted = [w for w in (_weighted_producer(_unwrapped(gm, a)) for a in ins) if w is not None]
+        if any(_quantized_layer(gm, w) for w in weighted):
             yield add, ins
 
 
@@ -93,7 +106,7 @@ def quantize_residual_adds(gm: torch.fx.GraphModule, rq: nn.ModuleDict, nonnegat
     for add, ins in list(residual_adds(gm)):
         keep = None
         if fuse_one:
-            keep = next((a for a in ins if _weighted_producer(a)), None)
+            keep = next((a for a in ins if _weighted_producer(a) is not None), None)
         for a in ins:
             if a is keep or is_quantizer(a):  # fused, or already read through a quantizer
                 continue

@@ -63,8 +63,8 @@ def test_vit_linear_and_attention_macs():
         assert graph.ops[name].macs == macs
     tokens, heads, dh = 17, 12, 64  # 4x4 patches + class token
     attn = [op for op in graph.layers() if op.kind == OpKind.MATMUL]
-    assert len(attn) == 12
-    assert all(op.macs == 2 * heads * tokens * tokens * dh for op in attn)
+    assert len(attn) == 24  # the fused attention of each layer spelled as its two products (passes.py)
+    assert all(op.macs == heads * tokens * tokens * dh for op in attn)
     in_proj = graph.ops["encoder.layers.encoder_layer_0.self_attention"]
     assert in_proj.kind == OpKind.LINEAR and in_proj.macs == tokens * 3 * 768 * 768
 
@@ -474,3 +474,29 @@ def test_parameterised_ops_left_float_are_listed_with_their_macs_and_params(meth
     table = read_sensitivity(synthetic_table(g, (8, 4, 2), np.random.default_rng(0)))
     sp = build_problem(g, load_target("generic"), parse_budgets(avg_bits="W4A4"), table)
     assert any("stay float" in w and "3 op(s)" in w for w in sp.warnings), sp.warnings
+
+
+class _Attention(nn.Module):
+    def __init__(self, masked: bool):
+        super().__init__()
+        self.qkv, self.masked = nn.Linear(8, 24), masked
+
+    def forward(self, x):  # [B, 8, 8]: 8 tokens of 8 features, 2 heads
+        q, k, v = self.qkv(x.flatten(1, 2)).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(8, 8, dtype=torch.bool).tril() if self.masked else None
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3 if self.masked else None)
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_fused_attention_is_spelled_as_its_two_products_where_unmasked(method):
+    x = torch.randn(2, 1, 8, 8)
+    for masked, products in ((False, 2), (True, 1)):  # a masked one stays fused (and is priced as one op)
+        model = _Attention(masked).eval()
+        cap = capture(model, (x,), method=method)
+        mm = [op for op in cap.graph.layers() if op.kind.value == "matmul"]
+        assert len(mm) == products and sum(op.macs for op in mm) == 2 * 2 * 8 * 8 * 4 * 2
+        with torch.no_grad():
+            torch.testing.assert_close(cap.gm(x), model(x), atol=1e-5, rtol=1e-5)
+    plain = capture(_Attention(False).eval(), (x,), method=method).graph
+    scores, mixed = [op for op in plain.layers() if op.kind.value == "matmul"]
+    assert plain.tensors[mixed.act_inputs[0]].nonnegative  # softmax output: an unsigned grid

@@ -193,3 +193,39 @@ def test_trt_export_raises_on_violations_it_cannot_avoid():
     apply_plan(qm, {"conv1": LayerQuant(4, None)})  # weight-only convolution: no TensorRT kernel for it
     with pytest.raises(TrtRuleError, match="weight-only-conv"):
         export_qdq(qm, "trt", calib=[torch.randn(8, 1, 8, 8)])
+
+
+class _PostNormEncoder(torch.nn.Module):
+    """nn.TransformerEncoderLayer (post-norm, fused attention, dropout before each residual add) on digits rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 16)
+        self.enc = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.enc(self.proj(x.flatten(1, 2))).mean(1))
+
+
+def test_a_post_norm_transformer_exports_within_the_trt_rules():
+    """Two faults made every nn.TransformerEncoder model fail its trt export: the fused attention's ONNX form
+    hid its operands behind a scale Mul and kept the softmax float (one operand of each product quantized), and
+    the residual adds, reached through a dropout, got no quantizers."""
+    from mpqc.compiler.residual import quantize_residuals_for, residual_adds
+
+    torch.manual_seed(0)
+    model = _PostNormEncoder().eval()
+    x = torch.randn(16, 1, 8, 8)
+    cap = capture(model, (x[:1],), fold_bn=True)
+    layers = {op.name: op for op in cap.graph.layers()}
+    products = [op for op in layers.values() if op.kind.value == "matmul"]
+    assert len(products) == 2 and all(len(op.act_inputs) == 2 for op in products)  # q·kᵀ and softmax·v
+    with torch.no_grad():
+        assert torch.allclose(cap.gm(x), model(x), atol=1e-5)  # the explicit attention computes the same
+    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
+    apply_plan(qm, {name: LayerQuant(8, 8) for name in layers})
+    assert len(list(residual_adds(qm.gm))) == 2  # both post-norm adds, each reached through a dropout
+    quantize_residuals_for(qm, "trt")
+    qm.calibrate([x])
+    assert check_trt(export_qdq(qm, "trt", calib=[x], check_trt=False).model) == []
