@@ -2,9 +2,11 @@
 
 SPEC: ``digits`` (ships with scikit-learn), ``cifar10:DIR`` (npz shards as in shared/data/cifar10),
 ``imagefolder:DIR`` (one sub-folder per class, each picture resized to the model's input size), ``npz:FILE``
-(arrays ``x`` and ``y``). Images become float tensors in NCHW, normalised per channel with statistics of the
-training split; CIFAR-10 uses the full training split's published statistics, so a subset (``limit``, a reduced
-copy of the shards) sees the same inputs as the model trained on all of it.
+(arrays ``x`` and ``y``: images (N, C, H, W) or (N, H, W, C), and also features (N, F), sequences (N, C, L)
+for a Conv1d model, volumes (N, C, D, H, W)). Inputs become float tensors, normalised per channel (axis 1;
+per feature for (N, F)) with statistics of the training split; CIFAR-10 uses the full training split's
+published statistics, so a subset (``limit``, a reduced copy of the shards) sees the same inputs as the model
+trained on all of it.
 """
 
 from __future__ import annotations
@@ -129,8 +131,9 @@ def _check(x: np.ndarray, y: np.ndarray, what: str) -> None:
         raise UserError(f"{what}: labels must be a 1-D integer array")
     if y.min() < 0:
         raise UserError(f"{what}: labels must be >= 0 (found {int(y.min())})")
-    if x.ndim != 4:
-        raise UserError(f"{what}: images must be 4-D (N, C, H, W) or (N, H, W, C); got shape {x.shape}")
+    if not 2 <= x.ndim <= 5:
+        raise UserError(f"{what}: inputs must be (N, F) features, (N, C, L) sequences, (N, C, H, W) or (N, H, W, C) "
+                        f"images or (N, C, D, H, W) volumes; got shape {x.shape}")
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise UserError(f"{what}: inputs contain NaN or Inf")
 
@@ -164,8 +167,9 @@ def _to_splits(name, x, y, *, seed, calib, val_frac=0.15, test=None, num_classes
         mean = np.asarray(stats[0], np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(stats[1], np.float32).reshape(1, -1, 1, 1)
     else:  # accumulate in float64: a float32 sum over 50,000 CIFAR images stalls at 2**24 (mean 0.328, not 0.49)
-        mean = xtr.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
-        std = (xtr.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64) + 1e-6).astype(np.float32)
+        axes = (0, *range(2, xtr.ndim))  # per channel (axis 1); per feature for (N, F)
+        mean = xtr.mean(axis=axes, keepdims=True, dtype=np.float64).astype(np.float32)
+        std = (xtr.std(axis=axes, keepdims=True, dtype=np.float64) + 1e-6).astype(np.float32)
     for a in (xtr, xva):
         a -= mean
         a /= std
@@ -180,9 +184,11 @@ def _to_splits(name, x, y, *, seed, calib, val_frac=0.15, test=None, num_classes
 
 
 def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None = None,
-              image_size: tuple[int, int] | None = None) -> DataSplits:
+              image_size: tuple[int, int] | None = None, input_rank: int | None = None) -> DataSplits:
     """Load and split the data set named by ``spec`` (see the module docstring). ``image_size`` (height, width):
-    what an image folder's pictures are resized to, the model's input size where it is known (224 x 224 else)."""
+    what an image folder's pictures are resized to, the model's input size where it is known (224 x 224 else).
+    ``input_rank``: the model's input rank (batch included) where known; a 3-D npz array is (N, C, L) sequences
+    for a rank-3 model and (N, H, W) one-channel images otherwise."""
     kind, _, arg = spec.partition(":")
     if kind == "digits":
         if arg:
@@ -207,11 +213,21 @@ def load_data(spec: str, *, seed: int = 0, calib: int = 512, limit: int | None =
             why = "it holds Python objects, not plain arrays" if "allow_pickle" in str(e) else first_line(e)
             raise UserError(f"--data npz:{arg}: not a readable npz file ({why}); save it with np.savez(FILE, x=..., "
                             "y=...) from numeric arrays") from None
-        x = _nchw(x.astype(np.float32))
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise UserError(f"--data npz:{arg}: x holds {x.dtype} values; save numeric arrays")
+        x = _layout(x.astype(np.float32), input_rank)
         return _to_splits(f"npz:{os.path.basename(arg)}", x, y, seed=seed, calib=calib)
     if kind == "imagefolder":
         return _load_imagefolder(arg, seed=seed, calib=calib, size=image_size or (224, 224))
     raise UserError(f"--data {spec!r}: unknown data set; use digits, cifar10:DIR, imagefolder:DIR or npz:FILE")
+
+
+def _layout(x: np.ndarray, input_rank: int | None) -> np.ndarray:
+    """The model's layout: (N, H, W) gains a channel axis unless the model takes (N, C, L); (N, H, W, C) images
+    become NCHW; features, sequences and volumes stay as they are."""
+    if x.ndim == 3 and input_rank == 3:
+        return x
+    return _nchw(x)
 
 
 def _nchw(x: np.ndarray) -> np.ndarray:

@@ -117,6 +117,9 @@ def fit_to_data(loaded: LoadedModel, data, spec: str, *, shape_given: bool = Fal
             except Exception as e:  # noqa: BLE001 - whatever the model raises, the cause is the data or the batch
                 runs[n] = e
     ok = [n for n, r in runs.items() if not isinstance(r, Exception)]
+    if not ok and any("indices" in str(r) or "embedding" in str(r).lower() for r in runs.values()):
+        raise UserError(f"the model takes integer ids (an embedding reads its input), and mpqc feeds every model "
+                        f"float inputs, normalised: token models are not supported yet (--data {spec})")
     if not ok:
         raise UserError(f"the data set {spec} does not fit the model's input {model_shape} (samples of shape "
                         f"{shape}: {first_line(runs[2 if 2 in runs else 1])}); use data like the model was "

@@ -168,3 +168,17 @@ class TwoHeadDigits(nn.Module):
     def forward(self, x):
         h = torch.relu(self.fc1(x.flatten(1)))
         return self.fc2(h), self.aux(h)
+
+
+class SequenceConv1d(nn.Module):
+    """A Conv1d classifier of (N, 4, 32) sequences: its input is not an image."""
+
+    input_shape = (1, 4, 32)
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(4, 8, 5, padding=2), nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean(2))

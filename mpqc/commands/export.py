@@ -136,7 +136,15 @@ def run(args):
         load_tensorrt()  # fail before the slow part when TensorRT is missing
     plan = Plan.load(args.plan)
     # the data comes first here (its shape is a TorchScript model's fallback); pictures take --input-shape's size
-    data = load_data(args.data, image_size=image_size(parse_input_shape(args.input_shape)))
+    shape = parse_input_shape(args.input_shape)
+    rank = len(shape) if shape else None
+    if rank is None:  # the model's own shape, where it knows one, says how to lay out a 3-D npz array
+        try:
+            rank = len(load_model(args.model, arch=args.arch, weights=args.weights,
+                                  trust_pickle=args.trust_pickle).input_shape)
+        except UserError:
+            pass  # a TorchScript file: the data's shape decides
+    data = load_data(args.data, image_size=image_size(shape), input_rank=rank)
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape or tuple(data.input_shape))
     fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None, classifier=False)

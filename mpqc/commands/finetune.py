@@ -122,7 +122,7 @@ def run(args):
     plan = Plan.load(args.plan)
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape)
-    data = load_data(args.data, image_size=image_size(loaded.input_shape))
+    data = load_data(args.data, image_size=image_size(loaded.input_shape), input_rank=len(loaded.input_shape))
     fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None)
     teacher = loaded.module
     cap = capture(teacher, loaded.example_inputs, fold_bn=True)

@@ -111,7 +111,7 @@ def run(args):
         raise UserError("--method analog needs --target (a target with an [analog] section, e.g. analog)")
     loaded = load_model(args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape)
-    data = load_data(args.data, image_size=image_size(loaded.input_shape))
+    data = load_data(args.data, image_size=image_size(loaded.input_shape), input_rank=len(loaded.input_shape))
     fit_to_data(loaded, data, args.data, shape_given=args.input_shape is not None)
     captured = capture(loaded.module, loaded.example_inputs, fold_bn=True)
     cache = None if args.no_cache else SensitivityCache(args.cache_dir)

@@ -182,3 +182,60 @@ def test_an_image_folder_is_read_at_the_models_input_size(tmp_path):
 
     ir = json.loads((tmp_path / "out" / "ir.json").read_text())
     assert ir["meta"]["input_shapes"] == [[1, 3, 16, 16]]  # before: "samples of shape [3, 224, 224] do not fit"
+
+
+@pytest.mark.parametrize("shape,rank,laid_out", [
+    ((60, 12), None, (12,)),                    # features
+    ((60, 4, 32), 3, (4, 32)),                  # sequences for a Conv1d model
+    ((60, 8, 8), None, (1, 8, 8)),              # one-channel images
+    ((60, 8, 8), 4, (1, 8, 8)),
+    ((60, 8, 8, 3), None, (3, 8, 8)),           # channel-last images
+    ((60, 2, 4, 6, 6), 5, (2, 4, 6, 6)),        # volumes
+])
+def test_npz_data_of_every_rank_is_laid_out_for_the_model_and_normalised_per_channel(tmp_path, shape, rank, laid_out):
+    """npz data had to be images: (N, F) features and Conv1d sequences were refused or made one-channel images."""
+    from mpqc.compiler.data import load_data
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=shape) * np.arange(1, shape[-1] + 1) + 5).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(shape[0]) % 3)
+    d = load_data(f"npz:{tmp_path / 'd.npz'}", calib=16, input_rank=rank)
+    xt = d.train.tensors[0]
+    assert tuple(xt.shape[1:]) == laid_out and d.input_shape == [1, *laid_out]
+    axes = (0, *range(2, xt.dim()))
+    torch.testing.assert_close(xt.mean(axes), torch.zeros(xt.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(xt.std(axes, unbiased=False), torch.ones(xt.shape[1]), atol=1e-3, rtol=0)
+
+
+def test_npz_data_without_a_sample_axis_and_more_is_one_line(tmp_path):
+    from mpqc.compiler.data import load_data
+    from mpqc.errors import UserError
+
+    np.savez(tmp_path / "d.npz", x=np.arange(10.0), y=np.arange(10) % 2)
+    with pytest.raises(UserError, match="features"):
+        load_data(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_a_conv1d_model_compiles_on_sequence_data(tmp_path):
+    import mpqc
+    from tests.models import SequenceConv1d
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = rng.normal(size=(300, 4, 32)).astype(np.float32) + y[:, None, None]  # separable by the mean
+    np.savez(tmp_path / "seq.npz", x=x, y=y)
+    torch.manual_seed(0)
+    model = SequenceConv1d()
+    opt = torch.optim.Adam(model.parameters(), 0.01)
+    xs = torch.from_numpy((x - x.mean((0, 2), keepdims=True)) / x.std((0, 2), keepdims=True)).float()
+    ys = torch.from_numpy(y)
+    for _ in range(60):  # a trained float model (the data is normalised per channel, as mpqc feeds it)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xs), ys).backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    r = mpqc.compile(str(tmp_path / "m.pt"), arch="tests.models:SequenceConv1d", target="generic",
+                     data=f"npz:{tmp_path / 'seq.npz'}", out=str(tmp_path / "out"), avg_bits="W4A4", samples=64,
+                     epochs=1, progress=False)
+    acc = r.metrics["accuracy"]
+    assert acc["full precision"] > 80 and acc["exported ONNX (onnxruntime)"] > 70, acc
