@@ -734,6 +734,8 @@ def resolve_fixed(names: list[str], target_fixed: dict, cli_fixed: dict,
                 hits = [pat]
             else:
                 hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+            if not hits and source == "target" and any(c in pat for c in "*?["):
+                continue  # a target's glob is a rule for the models it fits (a file reused across models)
             if not hits:
                 close = difflib.get_close_matches(pat, names, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else "; see `mpqc inspect MODEL`"
@@ -884,8 +886,9 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
             sel = [o for o in opts if match(o)] or [o for o in full if match(o)]
             if not sel:
                 allowed = ", ".join(sorted({_label(o) for o in full}))
+                asked = "".join(f"{k}{v}" for k, v in (("W", fw), ("A", fa)) if v is not None)
                 raise UserError(f"--fix {op.name}: target {target.name} does not run a {op.kind.value} layer at "
-                                f"W{fw}A{fa}; it allows {allowed}")
+                                f"{asked}; it allows {allowed}")
             opts = sel
         fw = fx.get("w") if fx else None
         fa = fx.get("a") if fx else None
@@ -1081,7 +1084,11 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
                 ws = sorted({o[0] for o in cands[op.name]}, key=lambda b: -1 if b is None else b, reverse=True)
                 as_ = sorted({o[1] for o in cands[op.name]}, key=lambda b: -1 if b is None else b, reverse=True)
                 pairs = {(o[0], o[1]) for o in cands[op.name]}
-                if None in ws or len(pairs) != len(ws) * len(as_):
+                if None in ws:
+                    raise UserError(f"--granularity channel: target {target.name} may keep {op.name}'s weights in "
+                                    "float, and a float layer has no per-channel widths; use --granularity layer, "
+                                    f"or --fix {op.name}=W<bits> to keep it integer")
+                if len(pairs) != len(ws) * len(as_):
                     raise UserError(f"--granularity channel: target {target.name} does not combine every weight "
                                     f"width with every activation width for {op.name}; use --granularity layer")
                 channel_layers.add(op.name)

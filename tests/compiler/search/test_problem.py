@@ -60,3 +60,29 @@ def test_a_targets_16_bit_candidates_count_as_lossless_not_unscored():
     assert score_plan(plan, g, table) == 0.0
     plan8 = tight.to_plan(solve(tight.problem))
     assert 0 < score_plan(plan8, g, table) < float("inf")
+
+
+def test_search_messages_name_the_real_cause(tmp_path):
+    """A float option at channel granularity was reported as a missing width combination, --fix NAME=W3 as
+    'W3ANone', and a target's [fixed] glob written for other models stopped the search."""
+    from mpqc.compiler.search.problem import SearchOptions, parse_fix
+    from mpqc.targets import load_target
+
+    g = branchy_graph()
+    table = read_sensitivity(synthetic_table(g, (8, 4, 2), np.random.default_rng(0)))
+    with pytest.raises(UserError, match="W3; it allows"):
+        build_problem(g, load_target("bitserial"), parse_budgets(avg_bits="W4A4"), table,
+                      SearchOptions(fix=parse_fix(["conv_a=W3"])))
+    text = open(load_target("generic").source).read()
+    assert "[fixed]" not in text
+    (tmp_path / "t.toml").write_text(text + '\n[fixed]\n"se.*" = 8\n')  # a rule for models with an SE block
+    build_problem(g, load_target(str(tmp_path / "t.toml")), parse_budgets(avg_bits="W4A4"), table)  # no match: fine
+    with pytest.raises(UserError, match="se.fc: no quantizable layer"):
+        build_problem(g, load_target("generic"), parse_budgets(avg_bits="W4A4"), table,
+                      SearchOptions(fix=parse_fix(["se.fc=8"])))
+    ort = open(load_target("ort-cpu").source).read()
+    assert 'granularity = ["layer"]' in ort
+    (tmp_path / "o.toml").write_text(ort.replace('granularity = ["layer"]', 'granularity = ["layer", "channel"]', 1))
+    with pytest.raises(UserError, match="float, and a float layer has no per-channel widths"):
+        build_problem(g, load_target(str(tmp_path / "o.toml")), parse_budgets(compression="3"), table,
+                      SearchOptions(granularity="channel"))
