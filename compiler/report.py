@@ -400,7 +400,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 img{{max-width:100%}}</style></head><body>
 <h1>mpqc report: {html.escape(str(plan.get('target', '')))}</h1>
 <p>Units: MACs by exact geometry at the captured input shape; BitOPs = Σ MACs·b_w·b_a; sizes in bytes
-(MiB = 2<sup>20</sup> bytes); energy in the target's unit per MAC.</p>
+(MiB = 2<sup>20</sup> bytes); energy in the target's unit per forward pass, and E (analog) per MAC.</p>
 <h2>Accuracy</h2>{_table(acc_rows, ["model", "top-1 accuracy (%)"])}
 <h2>Budgets</h2>{_table(cost_rows, ["cost", "value", "budget", "slack", "binding", "unit"])}
 {_search_html(solver, (plan.get("meta") or {}).get("warnings") or [])}

@@ -278,6 +278,18 @@ def failure(report: ParityReport) -> str:
             f"{worst.err_max_lsb:.1f} LSB{where}")
 
 
+def _has_sub_byte_weights(model) -> bool:
+    """Whether an initializer is int4/uint4 or int2/uint2: weights onnxruntime may run as MatMulNBits."""
+    import onnx
+
+    sub_byte = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    sub_byte |= {getattr(onnx.TensorProto, n) for n in ("INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
+    proto = model if isinstance(model, onnx.ModelProto) else None
+    if proto is None:
+        return True  # a path or bytes: do not open it twice for a note
+    return any(t.data_type in sub_byte for t in proto.graph.initializer)
+
+
 def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *, min_top1: float = MIN_TOP1,
                  lsb: float | None = None, batch_size: int = 32, modes=tuple(MODES), raise_on_failure: bool = True,
                  exact_matmulnbits: bool = True, threads: int | None = None) -> ParityReport:
@@ -310,7 +322,7 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
         absmax = float(np.abs(ref).max()) if ref.size else 0.0
         step, source = (absmax / 127 if absmax > 0 else 1.0), "int8 step of the reference output range"
     report = ParityReport(samples=0, lsb=float(step), lsb_source=source, min_top1=min_top1)
-    if exact_matmulnbits:
+    if exact_matmulnbits and _has_sub_byte_weights(model):  # what onnxruntime fuses into MatMulNBits
         report.notes.append("MatMulNBits at accuracy level 0 (exact); the default level 4 quantizes activations")
     report.notes.extend(_OPT_NOTES[name] for name in opt_disabled(model))
     for mode in modes:

@@ -585,8 +585,9 @@ class _Inserter:
         y.name = f"{name}.weight_dq"
         y.dtype, y.shape = ir.DataType.FLOAT, ir.Shape(codes.shape)
         self._splice_weight(marker, y, tape, transpose, user, p.layer)
+        widths = [int(b) for b in bits] if len(set(bits)) > 1 else int(bits[0])
         self.layers.setdefault(p.layer, {}).update(
-            {"w_bits": meta["mpqc.bits"], "w_container": container, "w_scale": "per-block" if block else
+            {"w_bits": widths, "w_container": container, "w_scale": "per-block" if block else
              f"per-channel (axis {axis})", "weight_op": op_type})
 
     def _weight_container(self, op_type: str, bits: int, weight_only: bool, shape, axis: int,

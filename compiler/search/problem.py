@@ -521,7 +521,7 @@ class SearchProblem:
         for i, r in enumerate(self.rows):
             v = float(values[i]) if values is not None and i < len(values) else float("nan")
             slack = r.limit - v
-            tol = 1e-6 * max(abs(r.limit), 1.0)
+            tol = 1e-4 * max(abs(r.limit), 1.0)  # within 0.01 %: at the budget (a solver stops near it)
             entry = {"value": v / r.display_div if r.kind == "emac" else _user_unit(r.kind, v),
                      "budget": r.limit / r.display_div if r.kind == "emac" else _user_unit(r.kind, r.limit),
                      "slack": slack / r.display_div if r.kind == "emac" else _user_unit(r.kind, slack),

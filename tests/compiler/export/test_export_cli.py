@@ -55,6 +55,8 @@ def test_export_writes_a_checked_qdq_file(files, capsys):
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["parity"]["passed"] and summary["parity"]["samples"] == 200
+    assert summary["layers"]["conv2"]["w_bits"] == [2, 3, 4, 5, 6, 7, 8, 8] * 2  # numbers, not a JSON string
+    assert summary["layers"]["conv1"]["w_bits"] == 4
     assert summary["speed"]["quantized"]["median_ms"] > 0 and summary["speed"]["fp32"]["median_ms"] > 0
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)

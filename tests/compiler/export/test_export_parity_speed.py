@@ -49,6 +49,16 @@ def test_the_output_step_comes_from_the_output_dequantize():
     assert report.lsb_source == "scale of the output DequantizeLinear"
     assert all(m.err_max_lsb == 0 and m.top1_agreement == 1.0 for m in report.modes)
     assert report.to_dict()["passed"] is True and "LSB" in report.summary()
+    assert not any("MatMulNBits" in n for n in report.notes)  # no sub-byte weights: nothing to run exactly
+
+
+def test_the_matmulnbits_note_is_given_where_sub_byte_weights_are():
+    from mpqc.compiler.export.parity import _has_sub_byte_weights
+
+    model = _qdq_identity(0.05)
+    assert not _has_sub_byte_weights(model)
+    model.graph.initializer.append(helper.make_tensor("w4", TensorProto.INT4, [2], [1, -2]))
+    assert _has_sub_byte_weights(model)
 
 
 def test_a_disagreeing_reference_raises_a_parity_error():
