@@ -1169,7 +1169,10 @@ def build_problem(graph, target, budgets: list, table: SensitivityTable, options
     if channel and (boundary_w is not None or use_row):
         if boundary_w is not None:
             raise UserError("--boundary-cost applies to --granularity layer")
-        warnings.append("precision-boundary costs are not modelled at channel granularity")
+        # the row would leave the boundary out while the plan's costs add it: a budget met on paper only
+        raise UserError(f"target {target.name} prices precision changes between layers in its {priced[1]} "
+                        f"budget, which --granularity channel does not model; use --granularity layer, or "
+                        f"budget another cost")
     elif not analog and (boundary_w is not None or use_row):
         if boundary_w == "auto":
             spreads = [float(np.ptp([layer_score(op, o) for o in cands[op.name]])) for op in layers]

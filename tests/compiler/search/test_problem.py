@@ -86,3 +86,22 @@ def test_search_messages_name_the_real_cause(tmp_path):
     with pytest.raises(UserError, match="float, and a float layer has no per-channel widths"):
         build_problem(g, load_target(str(tmp_path / "o.toml")), parse_budgets(compression="3"), table,
                       SearchOptions(granularity="channel"))
+
+
+def test_a_budget_that_prices_precision_boundaries_is_refused_at_channel_granularity(tmp_path):
+    """The channel-granularity problem leaves the boundary out of its rows while the plan's costs add it, so an
+    --energy budget on a target whose boundary applies to energy was 'met' at 59,999.68 of 60,000 pJ with the
+    plan's own energy at 80,880 (35 % over)."""
+    from mpqc.compiler.search.problem import SearchOptions
+    from mpqc.targets import load_target
+
+    text = open(load_target("bitserial").source).read()
+    assert 'applies_to = "cycles"' in text
+    (tmp_path / "t.toml").write_text(text.replace('applies_to = "cycles"', 'applies_to = "energy"'))
+    target = load_target(str(tmp_path / "t.toml"))
+    g = branchy_graph()
+    table = read_sensitivity(synthetic_table(g, (8, 4, 2), np.random.default_rng(0), channels=True))
+    build_problem(g, target, parse_budgets(energy="1e9"), table, SearchOptions(granularity="layer"))
+    with pytest.raises(UserError, match="precision changes between layers in its energy budget"):
+        build_problem(g, target, parse_budgets(energy="1e9"), table, SearchOptions(granularity="channel"))
+    build_problem(g, target, parse_budgets(avg_bits="W4A4"), table, SearchOptions(granularity="channel"))
