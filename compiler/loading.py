@@ -117,6 +117,9 @@ def fit_to_data(loaded: LoadedModel, data, spec: str, *, shape_given: bool = Fal
             except Exception as e:  # noqa: BLE001 - whatever the model raises, the cause is the data or the batch
                 runs[n] = e
     ok = [n for n, r in runs.items() if not isinstance(r, Exception)]
+    if not ok and len(loaded.example_inputs) > 1:
+        raise UserError(f"the model takes {len(loaded.example_inputs)} inputs, and --data {spec} feeds one: "
+                        "models with several inputs are not supported yet; wrap it in a module that takes one")
     if not ok and any("indices" in str(r) or "embedding" in str(r).lower() for r in runs.values()):
         raise UserError(f"the model takes integer ids (an embedding reads its input), and mpqc feeds every model "
                         f"float inputs, normalised: token models are not supported yet (--data {spec})")

@@ -186,3 +186,21 @@ def test_a_file_that_is_not_a_model_is_named_for_what_it_is(tmp_path, name, text
     path.write_text(text)
     with pytest.raises(UserError, match=words):
         load_model(str(path))
+
+
+def test_a_model_of_two_inputs_is_named_as_unsupported_not_as_bad_data():
+    from mpqc.compiler.data import load_data
+    from mpqc.compiler.loading import LoadedModel, fit_to_data
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 10), torch.nn.Linear(64, 10)
+
+        def forward(self, x, y):
+            return self.a(x.flatten(1)) + self.b(y.flatten(1))
+
+    x = torch.randn(1, 1, 8, 8)
+    loaded = LoadedModel(TwoInputs().eval(), (x, x), "two")
+    with pytest.raises(UserError, match="takes 2 inputs.*not supported yet"):
+        fit_to_data(loaded, load_data("digits"), "digits")
