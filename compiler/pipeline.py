@@ -487,7 +487,7 @@ def _drop_stale_checkpoint(config, q) -> None:
 def _stage_export(r: _Run) -> dict:
     from .data import make_loader
     from .export import check_parity, export_qdq
-    from .export.parity import failure
+    from .export.parity import failure, reference_vs_trained
 
     q, _ = r.quantized(state=True)
     exported = export_qdq(q, r.o.profile, calib=make_loader(r.data.calib, 64),
@@ -496,7 +496,7 @@ def _stage_export(r: _Run) -> dict:
     report = check_parity(exported.model, exported.reference, x, threads=torch.get_num_threads(),
                           raise_on_failure=False)
     d = report.to_dict()
-    d["reference_vs_trained"] = _reference_vs_trained(q, exported.reference, x)
+    d["reference_vs_trained"] = reference_vs_trained(q, exported.reference, x)
     atomic_write_json(r.path("parity.json"), d)  # kept either way: it says what went wrong
     gap = d["reference_vs_trained"]
     if gap["top1_agreement"] < 0.99 and round((1 - gap["top1_agreement"]) * gap["samples"]) >= 2:  # not one tie
@@ -508,15 +508,6 @@ def _stage_export(r: _Run) -> dict:
                         f"`{_export_command(r)} --no-check` writes the ONNX file anyway")
     exported.save(r.path("model.onnx"))
     return {"parity": report.summary()}
-
-
-def _reference_vs_trained(q, reference, x) -> dict:
-    """How far exporting itself moves the model: the deploy reference (what the ONNX file is checked against:
-    biases on the s_in·s_w grid, folded renorms) against the fine-tuned fake-quant model, on ``x``."""
-    with torch.no_grad():
-        a, b = q(x).float(), reference(x).float()
-    return {"samples": len(x), "top1_agreement": float((a.argmax(1) == b.argmax(1)).float().mean()),
-            "max_abs_diff": float((a - b).abs().max())}
 
 
 def _export_command(r: _Run) -> str:

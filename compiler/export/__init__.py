@@ -13,7 +13,7 @@ Typical use::
 ``tensorrt_engine`` is imported on demand (it needs TensorRT and a GPU).
 """
 
-from .parity import MIN_TOP1, ModeResult, ParityError, ParityReport, check_parity, ort_session
+from .parity import MIN_TOP1, ModeResult, ParityError, ParityReport, check_parity, ort_session, reference_vs_trained
 from .qdq import (
     DEFAULT_OPSET,
     FORMATS,
@@ -34,6 +34,7 @@ from .speed import Latency, compare_latency, feeds_for, machine, speed_report
 from .trt_rules import TrtRuleError, Violation, assert_trt_compatible, check_trt
 
 __all__ = [
+    "reference_vs_trained",
     "DEFAULT_OPSET",
     "FORMATS",
     "MIN_TOP1",

@@ -278,6 +278,15 @@ def failure(report: ParityReport) -> str:
             f"{worst.err_max_lsb:.1f} LSB{where}")
 
 
+def reference_vs_trained(trained, reference, x) -> dict:
+    """How far exporting itself moves the model: the deploy reference (what the ONNX file is checked against:
+    biases on the s_in·s_w grid, folded renorms) against the fine-tuned fake-quant model, on ``x``."""
+    with torch.no_grad():
+        a, b = trained(x).float(), reference(x).float()
+    return {"samples": len(x), "top1_agreement": float((a.argmax(1) == b.argmax(1)).float().mean()),
+            "max_abs_diff": float((a - b).abs().max())}
+
+
 def _has_sub_byte_weights(model) -> bool:
     """Whether an initializer is int4/uint4 or int2/uint2: weights onnxruntime may run as MatMulNBits."""
     import onnx
@@ -361,5 +370,5 @@ def check_parity(model: onnx.ModelProto, reference: torch.nn.Module, samples, *,
     return report
 
 
-__all__ = ["MIN_TOP1", "ModeResult", "ParityError", "ParityReport", "check_parity", "ort_session", "run_onnx",
-           "run_torch", "tie_agreement"]
+__all__ = ["MIN_TOP1", "ModeResult", "ParityError", "ParityReport", "check_parity", "ort_session",
+           "reference_vs_trained", "run_onnx", "run_torch", "tie_agreement"]

@@ -121,6 +121,7 @@ def run(args):
         bits_summary,
         check_parity,
         export_qdq,
+        reference_vs_trained,
         save_model,
         speed_report,
     )
@@ -163,6 +164,8 @@ def run(args):
     if not args.no_check:
         held_out = data.val.tensors[0][: args.samples]
         parity = check_parity(exported.model, exported.reference, held_out)
+        if args.checkpoint and parity.to_dict().get("modes"):  # the trained model beside its deployed form
+            parity.notes.append(_gap_note(reference_vs_trained(qm, exported.reference, held_out)))
     outputs = {"onnx": os.path.abspath(args.output)}
     engine_report = None
     if args.format == "tensorrt":
@@ -190,6 +193,13 @@ def run(args):
     if not args.json:
         _print(summary, parity, engine_report)
     return summary
+
+
+def _gap_note(gap: dict) -> str:
+    return (f"deployed form (biases on the integer grid) against the fine-tuned fake-quant model: top-1 agreement "
+            f"{100 * gap['top1_agreement']:.1f} % on {gap['samples']} samples, largest output difference "
+            f"{gap['max_abs_diff']:.3g}" + ("; --deploy-tail F in fine-tuning trains through it"
+                                             if gap["top1_agreement"] < 0.99 else ""))
 
 
 def _print(summary: dict, parity, engine_report) -> None:

@@ -87,6 +87,7 @@ def test_export_from_a_finetuned_checkpoint(files, capsys):
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["parity"]["passed"] and summary["profile"] == "trt"
+    assert any(n.startswith("deployed form") and "on 100 samples" in n for n in summary["parity"]["notes"])
     scales = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(files / "ft.onnx").graph.initializer}
     conv2_in = next(k for k in qm.aq if "relu" in k)
     assert float(scales[f"aq.{conv2_in}.scale"]) == pytest.approx(float(qm.aq[conv2_in].scale.abs()))
