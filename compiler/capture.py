@@ -341,8 +341,8 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
             tensors[name] = Tensor(name, _shape(val), str(val.dtype).replace("torch.", ""), None)
             inputs.append(name)
             continue
-        if node.op == "get_attr":
-            continue
+        if node.op == "get_attr" or (node.op == "call_module" and str(node.target) == "_guards_fn"):
+            continue  # a loaded .pt2's input-shape check: no data flows through it
         if node.op == "output":
             for a in _flat_nodes(node.args):
                 if a.name in name_of:

@@ -54,6 +54,7 @@ def test_an_export_file_with_a_dynamic_batch_is_costed_per_image(tmp_path):
     assert loaded.input_shape == [1, 1, 8, 8]
     g = capture(loaded.module, loaded.example_inputs)
     assert g.graph.total_macs() == capture(m, (torch.randn(1, 1, 8, 8),)).graph.total_macs()
+    assert not [op for op in g.graph.ops if "guards" in op]  # the program's shape check is not an op of the model
 
 
 def test_state_dict_with_arch(tmp_path):
