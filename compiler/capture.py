@@ -422,9 +422,9 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
         ops.append(op)
         if kind not in (OpKind.CONV, OpKind.LINEAR, OpKind.EMBEDDING, OpKind.MATMUL, OpKind.NORM):
             held = _params_read(gm, node, modules, params)
-            if held:
+            if held or base == "einsum":
                 unquantized[name] = {"op": op.target if node.op == "call_module" else base, "params": held,
-                                     "macs": _transposed_conv_macs(node, val)}
+                                     "macs": _transposed_conv_macs(node, val) or _einsum_macs(node)}
 
     meta = {"total_params": int(total_params), "input_shapes": input_shapes, "capture": method}
     if unquantized:  # parameterised ops that stay float and outside every cost (LSTM, ConvTranspose, einsum)
@@ -438,6 +438,24 @@ def _params_read(gm, node: torch.fx.Node, modules: dict, params: dict) -> int:
         return sum(p.numel() for p in modules[str(node.target)].parameters())
     seen = {_param_name(gm, a) for a in _flat_nodes((node.args, node.kwargs))}
     return sum(params[f].numel() for f in seen if f in params and isinstance(params[f], torch.nn.Parameter))
+
+
+def _einsum_macs(node: torch.fx.Node) -> int:
+    """An einsum's MACs as a direct contraction: the product of the sizes of all its indices (0 when it is not
+    an einsum, or spells broadcast dimensions with '...')."""
+    if node.op != "call_function" or _base_name(node) != "einsum" or not node.args:
+        return 0
+    eq, rest = node.args[0], node.args[1:]
+    ops = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    if not isinstance(eq, str) or "..." in eq or len(ops) < 2:
+        return 0
+    sizes: dict[str, int] = {}
+    for spec, t in zip(eq.replace(" ", "").split("->")[0].split(","), ops):
+        v = t.meta.get("val") if isinstance(t, torch.fx.Node) else None
+        if not isinstance(v, torch.Tensor) or len(spec) != v.dim():
+            return 0
+        sizes.update(zip(spec, (int(d) for d in v.shape)))
+    return int(math.prod(sizes.values()))
 
 
 def _transposed_conv_macs(node: torch.fx.Node, val) -> int:

@@ -233,8 +233,8 @@ class Graph:
         return sum(op.macs for op in self.ops.values()) + float_ops
 
     def unquantized(self) -> dict[str, dict]:
-        """Ops that read parameters but that mpqc neither quantizes nor prices (ConvTranspose, LSTM, einsum with a
-        weight): name -> {"op", "params", "macs"}; they run in float."""
+        """Ops that read parameters, or einsums, that mpqc neither quantizes nor prices (ConvTranspose, LSTM):
+        name -> {"op", "params", "macs"}; they run in float."""
         return dict(self.meta.get("unquantized") or {})
 
     def unquantized_note(self) -> str | None:
@@ -245,7 +245,7 @@ class Graph:
         items = [f"{k} ({v['op']}, {v['params']:,} params" + (f", {v['macs']:,} MACs)" if v.get("macs") else ")")
                  for k, v in list(u.items())[:3]]
         more = f" and {len(u) - 3} more" if len(u) > 3 else ""
-        return (f"{len(u)} op(s) with weights stay float and outside every cost and budget: {'; '.join(items)}{more}"
+        return (f"{len(u)} op(s) stay float and outside every cost and budget: {'; '.join(items)}{more}"
                 "; mpqc quantizes conv, linear, matmul and embedding layers")
 
     def total_params(self) -> int:

@@ -500,3 +500,22 @@ def test_fused_attention_is_spelled_as_its_two_products_where_unmasked(method):
     plain = capture(_Attention(False).eval(), (x,), method=method).graph
     scores, mixed = [op for op in plain.layers() if op.kind.value == "matmul"]
     assert plain.tensors[mixed.act_inputs[0]].nonnegative  # softmax output: an unsigned grid
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_einsums_are_listed_as_float_with_their_contraction_macs(method):
+    """torch.einsum is neither a matmul nor a linear layer to mpqc: it stays float, and was counted nowhere."""
+
+    class Einsums(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(16, 8))
+
+        def forward(self, x):  # [B, 8, 8]
+            h = torch.einsum("bid,ed->bie", x.flatten(1, 2), self.W)  # a weight: [B, 8, 16]
+            return torch.einsum("bid,bjd->bij", h, h).flatten(1)  # two activations: [B, 8, 8]
+
+    g = capture(Einsums().eval(), (torch.randn(1, 1, 8, 8),), method=method).graph
+    u = sorted(g.unquantized().values(), key=lambda v: -v["params"])
+    assert [(v["params"], v["macs"]) for v in u] == [(128, 8 * 8 * 16), (0, 8 * 8 * 16)]
+    assert g.total_macs() == 2 * 8 * 8 * 16
