@@ -420,7 +420,9 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
             if name not in tensors[n].consumers:
                 tensors[n].consumers.append(name)
         ops.append(op)
-        if kind not in (OpKind.CONV, OpKind.LINEAR, OpKind.EMBEDDING, OpKind.MATMUL, OpKind.NORM):
+        if kind == OpKind.OTHER and base not in ("prelu", "_prelu_kernel") and not (
+                node.op == "call_module" and isinstance(modules[str(node.target)], torch.nn.PReLU)):
+            # (element-wise ops reading a parameter, a PReLU slope or a layer scale, multiply nothing)
             held = _params_read(gm, node, modules, params)
             if held or base == "einsum":
                 unquantized[name] = {"op": op.target if node.op == "call_module" else base, "params": held,

@@ -437,18 +437,20 @@ def test_a_weight_read_through_views_gets_its_quantizer(method):
 
 
 class _FloatOnlyOps(nn.Module):
-    """Parameterised ops mpqc does not quantize: a transposed conv (grouped too) and an LSTM."""
+    """Parameterised ops mpqc does not quantize: a transposed conv (grouped too) and an LSTM; and element-wise
+    ones that read a parameter but multiply nothing (a PReLU, a layer scale), which are not listed."""
 
     def __init__(self):
         super().__init__()
         self.c = nn.Conv2d(1, 8, 3, padding=1)
+        self.act, self.gamma = nn.PReLU(), nn.Parameter(torch.ones(8, 1, 1))
         self.up = nn.ConvTranspose2d(8, 16, 3, stride=2, padding=1, output_padding=1)
         self.up2 = nn.ConvTranspose2d(16, 16, 2, stride=2, groups=4, bias=False)
         self.rnn = nn.LSTM(16, 8, batch_first=True)
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
-        h = self.up2(self.up(torch.relu(self.c(x))))  # [B, 16, 32, 32]
+        h = self.up2(self.up(self.act(self.c(x)) * self.gamma + torch.nn.functional.prelu(x, self.act.weight)))
         seq = h.mean(3).transpose(1, 2)  # [B, 32, 16]
         return self.fc(self.rnn(seq)[0][:, -1])
 
