@@ -51,8 +51,10 @@ def at_least(gm: torch.fx.GraphModule, node: torch.fx.Node, bits: int) -> bool:
     return b is None or int(b) >= bits
 
 
+# between a layer and its add, ops that leave no node in the exported graph (a post-norm block's dropout); a
+# reshape stays in ONNX, where TensorRT fuses no add through it, so that input is quantized (and trained so)
 _PASS = {"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "clone", "alias", "contiguous", "detach",
-         "identity", "view", "reshape", "_unsafe_view"}  # between a layer and its add (a post-norm block's dropout)
+         "identity"}
 
 
 def _weighted_producer(n) -> torch.fx.Node | None:
