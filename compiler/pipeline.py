@@ -724,11 +724,10 @@ def _out_of_memory(o: CompileOptions, r: _Run, stage: str, e: BaseException) -> 
 def _target_hash(target) -> str:
     """A digest of the loaded target's contents (its costs, rules, analog constants), not of its name."""
     import dataclasses
-    import hashlib
-    import json
 
-    text = json.dumps(dataclasses.asdict(target), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    from .manifest import key_of
+
+    return key_of(dataclasses.asdict(target))
 
 
 def _model_hash(r: _Run) -> str:
