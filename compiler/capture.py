@@ -257,12 +257,13 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     integer graph computes); ``mpqc inspect`` shows the model as written, the pipeline folds.
     """
     from .loading import set_eval
-    from .passes import canonical_linear, explicit_attention, functional_inplace
+    from .passes import canonical_linear, explicit_attention, functional_inplace, linear_from_matmul
 
     model = set_eval(model)
     gm, method = trace(model, example_inputs, method)
     functional_inplace(gm)
     canonical_linear(gm)
+    linear_from_matmul(gm)
     explicit_attention(gm)
     if fold_bn:
         from .passes import fold_batchnorm
@@ -542,7 +543,7 @@ def _annotate(op: Op, node: torch.fx.Node, params: dict) -> None:
         base = _base_name(node) if node.op != "call_module" else ""
         if base in _MATMUL and base != "baddbmm":  # x @ W: the reduced dimension is the first operand's last
             a = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
-            if isinstance(a, torch.Tensor) and a.dim():  # (a parameter stored (in, out) is not transposed)
+            if isinstance(a, torch.Tensor) and a.dim():  # (a tied (in, out) weight that linear_from_matmul kept)
                 op.fan_in = int(a.shape[-1])
         op.macs = out_numel * op.fan_in
         op.act_inputs = [n for n in op.inputs][:1]

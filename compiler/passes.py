@@ -4,6 +4,9 @@
 export, ``ExportedProgram.run_decompositions()`` or the edge dialect, makes of ``nn.Linear``) back into
 ``linear(x, w, b)``, the one form the IR, the quantizers, the integer-bias grid and the export know.
 
+``linear_from_matmul`` does the same for ``x @ Wᵀ`` and for ``x @ W`` with W stored (in, out), which it stores
+transposed, so that a weight's axis 0 is its output channel everywhere.
+
 ``functional_inplace`` turns in-place ops (``out += identity``, ``relu_``) into their out-of-place forms where
 nothing else reads the tensor they would overwrite. The quantizers the compiler inserts later return fresh
 tensors that autograd forbids writing to in place, and a graph of pure functions is one the IR can describe.
@@ -104,6 +107,87 @@ def canonical_linear(gm: torch.fx.GraphModule) -> int:
         done += 1
     if done:
         gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return done
+
+
+def _tied(gm: torch.fx.GraphModule) -> set[str]:
+    """Names of parameters reachable under more than one name (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n for group in names.values() if len(group) > 1 for n in group}
+
+
+def _absorb_bias(gm: torch.fx.GraphModule, lin: torch.fx.Node) -> None:
+    """``linear(x, W) + b`` -> ``linear(x, W, b)`` for a 1-D parameter b of W's output size that nothing else
+    needs the bias-free product for: the bias then sits on the integer accumulator grid like any layer's."""
+    if len(lin.users) != 1:
+        return
+    (add,) = lin.users
+    if add.op != "call_function" or packet(add) != "add" or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return
+    b_node = add.args[1] if add.args[0] is lin else add.args[0]
+    b, w = _get_attr(gm, b_node), _get_attr(gm, lin.args[1])
+    if not isinstance(b, torch.nn.Parameter) or b.dim() != 1 or w is None or b.shape[0] != w.shape[0] \
+            or not isinstance(add.meta.get("val"), torch.Tensor) or add.meta["val"].shape != lin.meta["val"].shape:
+        return
+    lin.args = (lin.args[0], lin.args[1], b_node)
+    lin.meta = dict(add.meta)
+    add.replace_all_uses_with(lin)
+    gm.graph.erase_node(add)
+
+
+def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
+    """``x @ Wᵀ`` -> ``linear(x, W)``, and ``x @ W`` with a 2-D parameter W stored (in, out) -> ``linear(x, W')``
+    where W' = Wᵀ is stored (out, in) under W's name, taking in a bias added right after; returns the count.
+    Nodes carry ``meta['val']``.
+
+    Every weight stage takes axis 0 as the output channel (per-channel scales and bit-widths, channel
+    sensitivities, the export's per-axis scales); an (in, out) weight would get one scale per *input* row, which
+    no integer kernel can apply after its dot products. Other readers of a flipped W read ``W'ᵀ``, so the
+    function is unchanged; the quantized model's state dict holds W'. Tied parameters are left as they are.
+    """
+    tied, flipped, made = _tied(gm), set(), set()
+    done = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or packet(n) not in ("matmul", "mm") or len(n.args) != 2 or n.kwargs:
+            continue
+        x, w = n.args
+        xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if not isinstance(xv, torch.Tensor) or xv.dim() < 1 or _get_attr(gm, x) is not None:
+            continue
+        weight = _transposed_param(gm, w)
+        if weight is None:
+            p = _get_attr(gm, w)
+            fqn = str(w.target) if isinstance(w, torch.fx.Node) else ""
+            if not isinstance(p, torch.nn.Parameter) or p.dim() != 2 or not p.is_floating_point() or fqn in tied:
+                continue
+            if fqn not in flipped:
+                _set_param(gm, fqn, p.detach().t().contiguous())
+                _get_attr(gm, w).requires_grad_(p.requires_grad)
+                flipped.add(fqn)
+            weight = w
+        with gm.graph.inserting_before(n):
+            lin = gm.graph.call_function(torch.ops.aten.linear.default, (x, weight))
+        lin.meta = dict(n.meta)
+        made.add(lin)
+        n.replace_all_uses_with(lin)
+        gm.graph.erase_node(n)
+        _absorb_bias(gm, lin)
+        done += 1
+    for a in [a for a in gm.graph.nodes if a.op == "get_attr" and str(a.target) in flipped]:
+        flipped_w = _get_attr(gm, a)
+        if isinstance(a.meta.get("val"), torch.Tensor):
+            a.meta["val"] = flipped_w.detach().to("meta")
+        for user in [u for u in a.users if u not in made]:  # any other reader sees the stored (in, out) values
+            with gm.graph.inserting_after(a):
+                back = gm.graph.call_function(torch.ops.aten.t.default, (a,))
+            back.meta = {"val": flipped_w.detach().t().to("meta")}
+            user.replace_input_with(a, back)
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
         gm.recompile()
     return done
 

@@ -385,6 +385,43 @@ def test_products_with_parameters_count_the_dimension_they_reduce():
     assert "bias" not in ops
 
 
+class _InOutWeight(nn.Module):
+    """``x @ W`` with W stored (in, out), a second product ``x @ Vᵀ``, and another reader of W."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(16, 8))  # (in, out)
+        self.V = nn.Parameter(torch.randn(4, 8))  # (out, in), read through .t()
+
+    def forward(self, x):
+        h = torch.relu(x @ self.W) @ self.V.t()
+        return h + self.W.sum(0)[:4]
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_a_weight_stored_in_out_is_quantized_per_output_channel(method):
+    """A weight used as ``x @ W`` got its per-channel scales and bit-widths along axis 0, its *input* rows: one
+    4-bit "channel" then touched every output. It is stored transposed so axis 0 is the output channel."""
+    from mpqc.compiler.quantize import QuantizedModel
+
+    torch.manual_seed(0)
+    model, x = _InOutWeight().eval(), torch.randn(32, 16)
+    cap = capture(model, (x,), method=method)
+    ops = {op.name: op for op in cap.graph.layers()}
+    assert ops["W"].kind.value == "linear" and ops["W"].weight_shape == [8, 16] and ops["W"].out_channels == 8
+    assert ops["W"].macs == 32 * 8 * 16 and ops["V"].weight_shape == [4, 8]
+    assert torch.allclose(cap.gm(x), model(x), atol=1e-5)  # the other reader of W still sees (in, out) values
+    qm = QuantizedModel(cap)
+    qm.set_precision("W", w_bits=(2,) * 4 + (8,) * 4)  # output channels 0..3 coarse, 4..7 fine
+    out = {}
+    hook = qm.act_quantizers("V")[0].register_forward_pre_hook(lambda m, a: out.__setitem__("h", a[0]))
+    qm(x)
+    hook.remove()
+    ref = torch.relu(x @ model.W)
+    err = (out["h"] - ref).abs().mean(0)
+    assert err[4:].max() < 0.2 * err[:4].min()
+
+
 def test_a_decomposed_export_finds_the_weight_of_its_batched_linear(tmp_path):
     """run_decompositions() turns MultiheadAttention's in-projection into t -> unsqueeze -> expand -> bmm; the
     weight was not traced back, so it was quantized as a per-tensor activation and left out of the size."""

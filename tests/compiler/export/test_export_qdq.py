@@ -408,3 +408,44 @@ def test_profiles_are_an_enum():
     assert Profile("trt") is Profile.TRT
     with pytest.raises(ValueError):
         Profile("tensorrt")
+
+
+class _HandWrittenLinear(torch.nn.Module):
+    """``x @ W + b`` with W stored (in, out), as hand-written models and JAX ports spell a dense layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(16, 32) / 4)
+        self.b = torch.nn.Parameter(torch.randn(32))
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(x @ self.W + self.b))
+
+
+@pytest.mark.parametrize("profile", ["ort", "trt"])
+def test_a_weight_stored_in_out_exports_per_output_channel_with_its_bias(profile):
+    """The product gets one scale (and here one bit-width) per output channel along the DQ axis its Gemm reads as
+    N, and the bias added after it joins the layer, on the integer accumulator grid where onnxruntime fuses."""
+    torch.manual_seed(0)
+    cap = capture(_HandWrittenLinear().eval(), (torch.randn(4, 16),), fold_bn=True)
+    op = cap.graph.layer("W")
+    assert op.bias_fqn == "b" and op.weight_shape == [32, 16]
+    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
+    apply_plan(qm, {"W": LayerQuant((3,) * 16 + (8,) * 16, 8), "head": LayerQuant(4, 8)})
+    calib = [torch.randn(32, 16, generator=torch.Generator().manual_seed(1))]
+    qm.calibrate(calib)
+    exported = export_qdq(qm, profile, calib=calib)
+    report = check_parity(exported.model, exported.reference, torch.randn(64, 16))
+    assert report.passed and all(m.top1_agreement == 1.0 for m in report.modes)
+    dq = next(n for n in exported.model.graph.node if n.name == "W/weight_dq")
+    codes, scale = _init(exported.model, dq.input[0]), _init(exported.model, dq.input[1])
+    gemm = next(n for n in exported.model.graph.node if dq.output[0] in n.input)
+    trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+    axis = next(a.i for a in dq.attribute if a.name == "axis")
+    assert gemm.op_type == "Gemm" and codes.shape[axis] == 32 == scale.shape[0] and axis == (0 if trans_b else 1)
+    rows = np.moveaxis(codes, axis, 0)
+    assert rows[:16].max() <= 3 and rows[:16].min() >= -4 and rows[16:].max() > 3  # 3-bit channels are 3-bit
+    assert len(gemm.input) == 3  # the bias is the Gemm's C, not a float Add after it
+    if profile == "trt":
+        assert check_trt(exported.model) == []
