@@ -177,8 +177,8 @@ def run(ctx: Context) -> RawScores:
                     d = act_delta(taps.values[k], scales[k][b], b, qm.aq[k].signed)
                     aacc[k][b] += ((g * d).flatten(1).sum(1).pow(2).sum() if form == "block"
                                    else (g.pow(2) * d.pow(2)).sum()).double()
-            if mode == "batch":  # each batch's summed gradient stands in for one sample's, scaled by 1/B
-                chunks = [{name: g.detach()[None, None] / len(x) ** 0.5
+            if mode == "batch":  # Σ_batches (g_sumᵀΔ)² / n: each batch's (g_sumᵀΔ)²/B is one estimate of the mean
+                chunks = [{name: g.detach()[None, None]
                            for name, g in zip(weights, grads[len(keys):]) if g is not None}]
             else:
                 chunks = per_sample_grads(ctx, weights, x, y, loss_one, mode=mode, chunk=chunk)

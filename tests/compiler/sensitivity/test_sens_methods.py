@@ -98,6 +98,24 @@ def test_fisher_vmap_and_loop_agree(digits):
         assert a.layers[n].a[2] == pytest.approx(b.layers[n].a[2], rel=1e-6)
 
 
+def test_fisher_batch_gradients_estimate_the_same_scale_as_per_sample_ones(digits):
+    """``per_sample="batch"`` divided each summed batch gradient by √B and then by the sample count: weight scores
+    came out ~B times too small while activation scores (always per sample) did not, so the search saw weights
+    as B times less sensitive. At batch 1 it is the per-sample form; at 16 it estimates the same mean."""
+    qm, data, _ = digits
+    scores = {}
+    for mode, bs in (("vmap", 16), ("batch", 1), ("batch", 16)):
+        t = run_sensitivity("fisher", qm, data, {"candidates": (2,), "samples": 512, "batch_size": bs,
+                                                 "per_sample": mode})
+        scores[mode, bs] = {n: (ls.w[2], ls.a[2]) for n, ls in t.layers.items()}
+    exact, one, sixteen = scores["vmap", 16], scores["batch", 1], scores["batch", 16]
+    for n in exact:
+        assert one[n][0] == pytest.approx(exact[n][0], rel=1e-3)
+        assert sixteen[n][1] == pytest.approx(exact[n][1], rel=1e-6)
+    ratio = sum(v[0] for v in sixteen.values()) / sum(v[0] for v in exact.values())
+    assert 0.3 < ratio < 3, ratio  # 32 batch estimates of the trained model's (near-zero-mean) gradients
+
+
 @pytest.mark.parametrize("method,cap", [("fisher", 32), ("impq", 8)])
 def test_the_auto_chunk_fits_its_memory_budget_and_does_not_change_the_scores(digits, monkeypatch, method, cap):
     """Per-sample gradients come ``chunk`` samples per vmap call; a fixed 32 took 13.8 GB on MobileNet-V2 at 224².
