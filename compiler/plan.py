@@ -230,7 +230,8 @@ def layer_edges(graph) -> list[tuple[str, str, str, int]]:
 
     The consumer reads ``tensor`` as an activation; the producers are the quantizable layers reached by
     walking back from it through non-quantizable ops (ReLU, pooling, reshapes, residual adds). ``elements``
-    is the tensor's per-sample element count (what a precision conversion on that edge touches).
+    counts the tensor at the captured input shape (what a precision conversion on that edge touches in the
+    forward pass whose MACs, latency or energy its cost row adds up: batch included, like theirs)
     """
     quant = {op.name for op in graph.layers()}
     out = []
@@ -249,8 +250,7 @@ def layer_edges(graph) -> list[tuple[str, str, str, int]]:
                     producers.append(prod)
                 else:
                     stack.extend(graph.ops[prod].inputs)
-            shape = graph.tensors[t].shape
-            numel = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+            numel = math.prod(graph.tensors[t].shape)  # at the captured shape, like the MACs beside it
             out.extend((p, op.name, t, int(numel)) for p in dict.fromkeys(producers))
     return out
 

@@ -3,9 +3,10 @@
 Mixed precision adds convert ops that uniform precision does not have: a DequantizeLinear→QuantizeLinear pair
 in onnxruntime, a reformat layer in TensorRT, a requantize pass on a bit-serial array. That is why alternating
 4/8/4 can be slower than 4/4/4 (research/anchors.md §14.4). The model here is linear: an edge whose producer
-and consumer run at different precisions costs ``per_element`` per activation element (per sample) crossing
-it, in the unit of the cost row it is added to (``[costs.boundary] applies_to``: ms for latency, cycles,
-or the energy unit). The search turns ``boundary_matrix`` into edge variables.
+and consumer run at different precisions costs ``per_element`` per activation element crossing it (at the
+captured input shape, batch included, like the MACs and latencies of the row it joins), in the unit of the cost
+row it is added to (``[costs.boundary] applies_to``: ms for latency, cycles, or the energy unit). The search
+turns ``boundary_matrix`` into edge variables.
 
 A precision is any hashable key: an activation bit-width, a ``(bits, format)`` pair, or ``None`` for float.
 """
@@ -24,7 +25,7 @@ def _numel(act: ActLike | int) -> int:
 
 
 def boundary_cost(act: ActLike | int, src: Any, dst: Any, per_element: float) -> float:
-    """Cost of the tensor ``act`` (or its per-sample element count) crossing from precision ``src`` to ``dst``."""
+    """Cost of the tensor ``act`` (or its element count) crossing from precision ``src`` to ``dst``."""
     if per_element < 0:
         raise ValueError(f"per_element must be >= 0, not {per_element}")
     return 0.0 if src == dst else float(per_element * _numel(act))

@@ -98,3 +98,25 @@ def test_uniform_plan_and_its_costs():
 def test_layer_edges_walk_through_non_quantized_ops():
     edges = {(u, v) for u, v, _, _ in layer_edges(branchy_graph())}
     assert edges == {("conv_a", "conv_b"), ("conv_a", "conv_c"), ("conv_b", "fc"), ("conv_c", "fc")}
+
+
+def test_boundary_costs_count_the_batch_like_the_macs_of_their_row():
+    """Captured at batch 3 the MACs (and so cycles) are three forward passes, but each precision boundary was
+    priced per sample: a third of its share of the row it joins. Both now scale with the batch alike."""
+    import torch
+    from torch import nn
+
+    from mpqc.compiler.capture import capture
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 10)).eval()
+    costs = {}
+    for batch in (1, 3):
+        g = capture(model, (torch.randn(batch, 3, 8, 8),)).graph
+        names = [op.name for op in g.layers()]
+        plan = uniform_plan(g, 4, 4, "bitserial")
+        plan.layers[names[1]] = LayerPlan(4, 8)  # two boundaries: into and out of the 8-bit conv
+        costs[batch] = plan_costs(plan, g, load_target("bitserial"))
+    assert costs[1]["boundary"]["value"] > 0
+    for row in ("boundary", "cycles", "bitops"):
+        assert costs[3][row]["value"] == pytest.approx(3 * costs[1][row]["value"]), row
