@@ -453,7 +453,7 @@ def shot_sigma(
             row / kernel; shape it to broadcast along y's channel axis, e.g. [1, C, 1, 1].
         x_norm: ||x||, L2 norm of the input patch feeding each output position, per sample
             (for a conv: sqrt of x^2 convolved with a ones kernel), e.g. [B, 1, H, W].
-        n_fan_in: N = k_h * k_w * C_in.
+        n_fan_in: N, the layer's fan-in k_h * k_w * C_in / groups (what one output reduces over).
         e: energy per MAC E (> 0).
 
     Returns:

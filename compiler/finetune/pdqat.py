@@ -17,8 +17,11 @@ two sides' weight gradients would cancel exactly, so letting both flow would tea
 Lagrangian: L = task + sum_l lambda_l (c_l - eps_l) + lambda_out (c_out - eps_out). Primal: one optimizer
 step on L per batch. Dual: once per epoch, after the primal epoch, with no gradient and the quantizers in
 eval mode, the mean slack s over the training split moves lambda <- max(0, lambda + dual_lr * s).
-Deviations from the seed: the output constraint uses KL (its CE to soft targets minus the teacher's entropy,
-a constant) and the teacher is the frozen float model rather than the shared-weight 32-bit path.
+Deviations from the seed: the primal objective is the *quantized* model's task loss, where the seed minimises
+the 32-bit path's CE and lets the quantized one in only through the constraints (mpqc deploys the quantized
+network, so its loss is the one to lower; the λ ranking of seeds.md 5.3 is of this problem, not the seed's); the
+output constraint uses KL (its CE to soft targets minus the teacher's entropy, a constant); and the teacher is
+the frozen float model rather than the shared-weight 32-bit path.
 A large final lambda_l marks a layer whose constraint was hard to meet, i.e. a sensitive layer (seeds.md 5.3):
 :func:`rank_layers` orders layers by it.
 """
