@@ -2,8 +2,9 @@
 
 ``torch.export`` (non-strict) is tried first: it gives ATen ops with shapes and ``nn_module_stack``
 metadata, and its ``.module()`` is a GraphModule whose ``get_attr`` nodes carry the parameters' full names,
-so every op maps back to its module path. ``torch.fx.symbolic_trace`` plus a shape-recording run is the
-fallback for models export rejects. TorchScript files are converted to an ExportedProgram first.
+so every op maps back to its module path. ``torch.fx`` symbolic tracing plus a shape-recording run is the
+fallback for models export rejects; it traces into weighted layers and inference batch norms so that their
+parameters are ``get_attr`` nodes there too. TorchScript files are converted to an ExportedProgram first.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, method: str = "auto") -
             export_error = e
             log.info("torch.export failed (%s); falling back to torch.fx.symbolic_trace", first_line(e, 300))
     try:
-        gm = torch.fx.symbolic_trace(model)
+        tracer = _WeightsVisibleTracer()
+        gm = torch.fx.GraphModule(model, tracer.trace(model), type(model).__name__)
         _record_values(gm, example_inputs)
         return gm, "fx"
     except Exception as e:  # noqa: BLE001
@@ -181,6 +183,34 @@ def trace(model: torch.nn.Module, example_inputs: tuple, method: str = "auto") -
         raise UserError(f"cannot capture the model: {why}"
                         f"torch.fx.symbolic_trace failed ({first_line(e, 300)}); check --input-shape, or make the "
                         "forward exportable (no data-dependent Python control flow)") from None
+
+
+class _WeightsVisibleTracer(torch.fx.Tracer):
+    """symbolic_trace, except that convolutions, linear layers, embeddings and inference batch norms become their
+    functional calls reading the weights through get_attr, where the quantizers go and BN folding looks (as leaf
+    modules they hid them, and a model that fell back to torch.fx could not be quantized)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.Embedding)) or _frozen_bn(m):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        if _frozen_bn(m) and len(args) == 1 and not kwargs:
+            # its forward checks the input's rank in Python, which a proxy cannot answer; an inference BN is one
+            # aten batch_norm on its buffers (the form fold_batchnorm folds)
+            path = self.path_of_module(m)
+
+            def forward(x):
+                attr = [self.create_proxy("get_attr", f"{path}.{n}", (), {}) if getattr(m, n) is not None else None
+                        for n in ("weight", "bias", "running_mean", "running_var")]
+                return self.create_proxy("call_function", torch.batch_norm, (x, *attr, False, 0.0, m.eps, False), {})
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _frozen_bn(m: torch.nn.Module) -> bool:
+    return isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats \
+        and m.running_mean is not None
 
 
 @contextlib.contextmanager
@@ -405,7 +435,7 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
 
         out_shape = _shape(val[0] if isinstance(val, (tuple, list)) and val and
                            isinstance(val[0], torch.Tensor) and base != "split" else val) or []
-        op = Op(name=name, kind=kind, target=str(node.target) if node.op != "call_module" else type(
+        op = Op(name=name, kind=kind, target=_target_name(node) if node.op != "call_module" else type(
             modules[str(node.target)]).__name__, inputs=in_names, output=name,
             in_shapes=[tensors[n].shape for n in in_names], out_shape=out_shape, module=module_path,
             weight_fqn=weight_fqn, bias_fqn=bias_fqn, attrs={"node": node.name})
@@ -433,6 +463,19 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
     if unquantized:  # parameterised ops that stay float and outside every cost (LSTM, ConvTranspose, einsum)
         meta["unquantized"] = unquantized
     return Graph(ops, tensors.values(), inputs, outputs, meta)
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    """``aten.conv2d.default`` for an aten op; ``torch.conv2d``, ``operator.add`` or a method's name for what torch.fx
+    records (str() of a builtin carries its memory address)."""
+    t = node.target
+    if isinstance(t, str) or isinstance(t, torch._ops.OpOverload):
+        return str(t)
+    name = getattr(t, "__name__", None)
+    if name is None:
+        return str(t)
+    module = getattr(t, "__module__", None) or ("torch" if getattr(torch, name, None) is t else "")
+    return f"{module.replace('torch._C._nn', 'torch.nn.functional')}.{name}" if module else name
 
 
 def _params_read(gm, node: torch.fx.Node, modules: dict, params: dict) -> int:

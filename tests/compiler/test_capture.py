@@ -385,6 +385,38 @@ def test_products_with_parameters_count_the_dimension_they_reduce():
     assert "bias" not in ops
 
 
+def test_the_fx_fallback_captures_what_export_does_and_can_be_quantized():
+    """torch.fx kept convolutions, linear layers and batch norms as leaf modules: their weights never appeared as
+    get_attr nodes, so BN did not fold and building the quantized model failed ("does not read parameter"): any
+    model that fell back from torch.export to torch.fx stopped there."""
+    import torchvision
+
+    from mpqc.compiler.quantize import QuantizedModel
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so folding them matters
+            nn.init.uniform_(m.running_var, 0.5, 2.0)
+            nn.init.normal_(m.running_mean, 0, 0.2)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    caps = {method: capture(model, (x[:1],), method=method, fold_bn=True) for method in ("export", "fx")}
+    fx, ex = caps["fx"].graph, caps["export"].graph
+    assert [(op.name, op.macs, op.weight_shape, op.bias_fqn is not None) for op in fx.layers()] == \
+        [(op.name, op.macs, op.weight_shape, op.bias_fqn is not None) for op in ex.layers()]
+    assert not any(op.kind.value == "norm" for op in fx.ops.values())  # every BN folded
+    assert all(not op.target.startswith("<") for op in fx.ops.values())  # no memory addresses in names
+    outs = {}
+    for method, cap in caps.items():
+        qm = QuantizedModel(cap)
+        for op in cap.graph.layers():
+            qm.set_precision(op.name, w_bits=4)
+        outs[method] = qm(x)
+    assert torch.allclose(outs["fx"], outs["export"], atol=1e-5)
+    assert not torch.allclose(outs["fx"], model(x), atol=1e-3)  # 4-bit weights: the quantizers are in the graph
+
+
 class _InOutWeight(nn.Module):
     """``x @ W`` with W stored (in, out), a second product ``x @ Vᵀ``, and another reader of W."""
 
