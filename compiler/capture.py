@@ -22,6 +22,7 @@ import torch.fx
 from mpqc.errors import UserError, first_line
 
 from .ir import Graph, Op, OpKind, Tensor
+from .passes import transposed_conv_groups
 
 log = logging.getLogger(__name__)
 
@@ -287,13 +288,20 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     integer graph computes); ``mpqc inspect`` shows the model as written, the pipeline folds.
     """
     from .loading import set_eval
-    from .passes import canonical_linear, explicit_attention, functional_inplace, linear_from_matmul
+    from .passes import (
+        canonical_linear,
+        explicit_attention,
+        functional_inplace,
+        linear_from_matmul,
+        output_channels_first,
+    )
 
     model = set_eval(model)
     gm, method = trace(model, example_inputs, method)
     functional_inplace(gm)
     canonical_linear(gm)
     linear_from_matmul(gm)
+    output_channels_first(gm)
     explicit_attention(gm)
     if fold_bn:
         from .passes import fold_batchnorm
@@ -381,6 +389,7 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
             continue
         # call_function / call_method / call_module
         weight_fqn = bias_fqn = None
+        transposed = False
         if node.op == "call_module":
             mod = modules[str(node.target)]
             kind = next((k for cls, k in _MODULE_KINDS if isinstance(mod, cls)), None)
@@ -400,9 +409,19 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
             nonneg_act = base in _NONNEG_ACT or (base in {"hardtanh", "hardtanh_", "clamp"} and _min_arg(node) >= 0)
             module_path, _ = _module_path(node)
             args = list(node.args)
-            if kind == OpKind.CONV:
-                if base in {"convolution", "_convolution"} and len(args) > 6 and args[6]:
-                    kind = OpKind.OTHER  # transposed convolution: kept for structure, not quantized
+            t_groups = transposed_conv_groups(node)
+            if t_groups is not None:
+                # quantized when output_channels_first stored its weight (C_out, C_in, k...): read through a
+                # transpose; grouped ones stay float, kept for structure
+                w_arg = args[1] if len(args) > 1 else None
+                if t_groups == 1 and isinstance(w_arg, torch.fx.Node) and _base_name(w_arg) == "transpose" \
+                        and w_arg.args[0].op == "get_attr":
+                    kind, transposed = OpKind.CONV, True
+                    weight_fqn = str(w_arg.args[0].target)
+                    bias_fqn = _param_name(gm, args[2]) if len(args) > 2 else None
+                else:
+                    kind = OpKind.OTHER
+            elif kind == OpKind.CONV:
                 weight_fqn = _param_name(gm, args[1])
                 bias_fqn = _param_name(gm, args[2]) if len(args) > 2 else None
             elif kind == OpKind.LINEAR and base == "linear":
@@ -438,7 +457,8 @@ def build_ir(gm: torch.fx.GraphModule, *, total_params: int, input_shapes, metho
         op = Op(name=name, kind=kind, target=_target_name(node) if node.op != "call_module" else type(
             modules[str(node.target)]).__name__, inputs=in_names, output=name,
             in_shapes=[tensors[n].shape for n in in_names], out_shape=out_shape, module=module_path,
-            weight_fqn=weight_fqn, bias_fqn=bias_fqn, attrs={"node": node.name})
+            weight_fqn=weight_fqn, bias_fqn=bias_fqn, attrs={"node": node.name, **({"transposed": True}
+                                                                              if transposed else {})})
         if weight_fqn is not None:
             op.weight_shape = [int(s) for s in params[weight_fqn].shape]
         _annotate(op, node, params)
@@ -572,7 +592,15 @@ def _annotate(op: Op, node: torch.fx.Node, params: dict) -> None:
     out_numel = math.prod(op.out_shape) if op.out_shape else 0
     if op.weight_fqn is not None:
         op.params = params[op.weight_fqn].numel() + (params[op.bias_fqn].numel() if op.bias_fqn else 0)
-    if op.kind == OpKind.CONV:
+    if op.kind == OpKind.CONV and op.attrs.get("transposed"):
+        # weight stored (C_out, C_in, k...) by output_channels_first; every input element scatters C_out·k
+        # products, so an output element sums macs / out_numel of them on average (fewer near the borders)
+        op.groups = 1
+        op.macs = _transposed_conv_macs(node, None)
+        op.fan_in = max(1, op.macs // max(out_numel, 1))
+        op.act_inputs = op.inputs[:1]
+        op.attrs.update(_conv_attrs(node, transposed=True))
+    elif op.kind == OpKind.CONV:
         w = op.weight_shape
         c_in = op.in_shapes[0][1] if op.in_shapes and len(op.in_shapes[0]) > 1 else w[1]
         op.groups = max(1, c_in // w[1])
@@ -615,13 +643,18 @@ def _annotate(op: Op, node: torch.fx.Node, params: dict) -> None:
                 op.params += params[str(a.target)].numel()
 
 
-def _conv_attrs(node: torch.fx.Node) -> dict:
+def _conv_attrs(node: torch.fx.Node, transposed: bool = False) -> dict:
     args = list(node.args)
     if node.op == "call_module":
         return {}
     names = ["stride", "padding", "dilation"]
+    if transposed:  # conv_transpose(x, w, b, stride, padding, output_padding, groups, dilation)
+        names = ["stride", "padding", "output_padding", "groups", "dilation"] if _base_name(node) in \
+            {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"} else \
+            ["stride", "padding", "dilation", "transposed", "output_padding"]  # convolution(..., transposed, ...)
     out = {}
     for i, k in enumerate(names, start=3):
         if len(args) > i and isinstance(args[i], (list, tuple, int, str)):
             out[k] = list(args[i]) if isinstance(args[i], (list, tuple)) else args[i]
+    out.pop("groups", None)  # the IR's own field
     return out

@@ -138,6 +138,70 @@ def _absorb_bias(gm: torch.fx.GraphModule, lin: torch.fx.Node) -> None:
     gm.graph.erase_node(add)
 
 
+def _read_back_transposed(gm: torch.fx.GraphModule, fqn: str, d0: int, d1: int, keep=frozenset()) -> None:
+    """After parameter ``fqn`` was stored with dimensions ``d0`` and ``d1`` swapped, make every reader of it other
+    than the nodes in ``keep`` read ``transpose(W', d0, d1)``, the values it read before."""
+    for a in [a for a in gm.graph.nodes if a.op == "get_attr" and str(a.target) == fqn]:
+        stored = _get_attr(gm, a)
+        if isinstance(a.meta.get("val"), torch.Tensor):
+            a.meta["val"] = stored.detach().to("meta")
+        users = [u for u in a.users if u not in keep]
+        if not users:
+            continue
+        with gm.graph.inserting_after(a):
+            back = gm.graph.call_function(torch.ops.aten.transpose.int, (a, d0, d1))
+        back.meta = {"val": stored.detach().transpose(d0, d1).to("meta")}
+        for user in users:
+            user.replace_input_with(a, back)
+
+
+_CONV_TRANSPOSE = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+
+
+def transposed_conv_groups(node: torch.fx.Node) -> int | None:
+    """The groups of a transposed convolution node (conv_transpose{1,2,3}d, or convolution with transposed=True),
+    or None for any other node."""
+    if node.op != "call_function":
+        return None
+    p = packet(node)
+    if p in _CONV_TRANSPOSE:
+        g = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    elif p in ("convolution", "_convolution") and len(node.args) > 8 and node.args[6]:
+        g = node.args[8]
+    else:
+        return None
+    return g if isinstance(g, int) else None
+
+
+def output_channels_first(gm: torch.fx.GraphModule) -> int:
+    """Store the weight of every ungrouped transposed convolution (C_in, C_out, k...) as (C_out, C_in, k...), read
+    through ``transpose(0, 1)``; returns the count. Nodes carry ``meta['val']``.
+
+    Axis 0 is then its output channel, as for every other weight: one scale and width per output channel (the
+    export's per-axis DequantizeLinear along axis 1 of the ONNX ConvTranspose weight, where TensorRT and
+    XNNPACK expect it). A grouped one (C_in, C_out/groups, k...) has no axis of whole output channels and stays
+    float, as do tied weights.
+    """
+    tied, done = _tied(gm), set()
+    for n in gm.graph.nodes:
+        if transposed_conv_groups(n) != 1 or len(n.args) < 2:
+            continue
+        w_node = n.args[1]
+        w = _get_attr(gm, w_node)
+        fqn = str(w_node.target) if isinstance(w_node, torch.fx.Node) else ""
+        if not isinstance(w, torch.nn.Parameter) or w.dim() < 3 or not w.is_floating_point() or fqn in tied \
+                or fqn in done:
+            continue
+        _set_param(gm, fqn, w.detach().transpose(0, 1).contiguous())
+        _get_attr(gm, w_node).requires_grad_(w.requires_grad)
+        _read_back_transposed(gm, fqn, 0, 1)
+        done.add(fqn)
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return len(done)
+
+
 def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
     """``x @ Wᵀ`` -> ``linear(x, W)``, and ``x @ W`` with a 2-D parameter W stored (in, out) -> ``linear(x, W')``
     where W' = Wᵀ is stored (out, in) under W's name, taking in a bias added right after; returns the count.
@@ -176,15 +240,8 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
         gm.graph.erase_node(n)
         _absorb_bias(gm, lin)
         done += 1
-    for a in [a for a in gm.graph.nodes if a.op == "get_attr" and str(a.target) in flipped]:
-        flipped_w = _get_attr(gm, a)
-        if isinstance(a.meta.get("val"), torch.Tensor):
-            a.meta["val"] = flipped_w.detach().to("meta")
-        for user in [u for u in a.users if u not in made]:  # any other reader sees the stored (in, out) values
-            with gm.graph.inserting_after(a):
-                back = gm.graph.call_function(torch.ops.aten.t.default, (a,))
-            back.meta = {"val": flipped_w.detach().t().to("meta")}
-            user.replace_input_with(a, back)
+    for fqn in flipped:
+        _read_back_transposed(gm, fqn, 0, 1, keep=made)
     if done:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()

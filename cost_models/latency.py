@@ -54,17 +54,20 @@ def _dims(shape) -> str:
 
 
 def op_signature(layer: LayerLike) -> str:
-    """What determines an op's time: kind, input/weight/output shapes, groups, stride/padding/dilation, bias."""
+    """What determines an op's time: kind, input/weight/output shapes, groups, stride/padding/dilation (a
+    transposed conv's output padding and its flag), bias."""
     in_shapes = getattr(layer, "in_shapes", None)
     if in_shapes is None:
         raise ValueError(f"{layer.name}: a latency signature needs the layer's in_shapes")
     parts = [kind_name(layer.kind), "in=" + ";".join(_dims(s) for s in in_shapes), "w=" + _dims(layer.weight_shape),
              "out=" + _dims(getattr(layer, "out_shape", None)), f"g={layer.groups}"]
     attrs = getattr(layer, "attrs", None) or {}
-    for key, short in (("stride", "s"), ("padding", "p"), ("dilation", "d")):
+    for key, short in (("stride", "s"), ("padding", "p"), ("dilation", "d"), ("output_padding", "op")):
         v = attrs.get(key)
         if v is not None:
             parts.append(f"{short}=" + (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)))
+    if attrs.get("transposed"):
+        parts.append("transposed")
     if getattr(layer, "bias_fqn", None):
         parts.append("bias")
     return "|".join(parts)

@@ -81,6 +81,8 @@ def gemm_shape(layer: LayerLike) -> tuple[int, int, int]:
     """(M, K, N) of the GEMM a layer lowers to; ``NotImplementedError`` when it has none."""
     kind = kind_name(layer.kind)
     if kind == "conv":
+        if (getattr(layer, "attrs", None) or {}).get("transposed"):
+            raise NotImplementedError("transposed convs run in bf16 only here (no int8/fp8 GEMM lowering)")
         if layer.groups != 1:
             raise NotImplementedError("grouped/depthwise convs have no int8/fp8 GEMM lowering")
         out = layer.out_shape
@@ -113,6 +115,15 @@ def kernel(layer: LayerLike, w_bits: int | None, a_bits: int | None, fmt: str) -
     if fmt in ("bf16", "float") and w_bits in (None, 16) and a_bits in (None, 16):
         bf = torch.bfloat16
         xs = [torch.randn(*s, device=dev, dtype=bf) for s in layer.in_shapes[:2]]
+        if kind == "conv" and (getattr(layer, "attrs", None) or {}).get("transposed"):
+            from .profile_ort import _conv_transpose_geometry
+
+            geo = _conv_transpose_geometry(layer)
+            nd = len(layer.weight_shape) - 2
+            conv_t = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+            w = torch.randn(*layer.weight_shape, device=dev, dtype=bf).transpose(0, 1).contiguous()
+            return lambda: conv_t(xs[0], w, None, geo["strides"], geo["pads"][:nd], geo["output_padding"], 1,
+                                  geo["dilations"]), "bf16"
         if kind == "conv":
             from .profile_ort import _conv_geometry
 

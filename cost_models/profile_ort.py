@@ -154,6 +154,20 @@ def _conv_geometry(layer: LayerLike) -> dict:
     return {"strides": stride, "dilations": dil, "pads": list(begin) + list(end), "group": int(layer.groups)}
 
 
+def _conv_transpose_geometry(layer: LayerLike) -> dict:
+    """ONNX ConvTranspose attributes from the IR's stride/padding/output_padding/dilation (torch defaults)."""
+    nd = len(layer.weight_shape) - 2
+    attrs = getattr(layer, "attrs", None) or {}
+
+    def vec(v, default):
+        v = [default] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+        return v * nd if len(v) == 1 else v
+
+    pad = vec(attrs.get("padding"), 0)
+    return {"strides": vec(attrs.get("stride"), 1), "dilations": vec(attrs.get("dilation"), 1), "pads": pad + pad,
+            "output_padding": vec(attrs.get("output_padding"), 0), "group": 1}
+
+
 def build_layer_model(layer: LayerLike, w_bits: int | None, a_bits: int | None, fmt: str = "int", *,
                       act_signed: bool = False, runtime: str = "ort",
                       seed: int = 0) -> tuple[onnx.ModelProto, dict, str]:
@@ -174,6 +188,19 @@ def build_layer_model(layer: LayerLike, w_bits: int | None, a_bits: int | None, 
     zp = "fp8" if fmt == "fp8" else "s8" if act_signed or trt else "u8"
     has_bias = bool(getattr(layer, "bias_fqn", None))
     quant = a_bits is not None
+    if kind == "conv" and (getattr(layer, "attrs", None) or {}).get("transposed"):
+        # the IR stores the weight (C_out, C_in, k...); ONNX ConvTranspose reads (C_in, C_out, k...), scales on axis 1
+        w = np.swapaxes(rng.standard_normal(layer.weight_shape) / math.sqrt(max(layer.fan_in, 1)), 0, 1)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        x_shape = list(layer.in_shapes[0])
+        if w_bits is not None and not quant:
+            raise NotImplementedError("weight-only convs run as DQ + float ConvTranspose (no fused kernel)")
+        ins = [g.qdq("x", 0.02, zp), g.dq_weight(w, w_bits, 1, fmt)] if quant else ["x", g.const(w)]
+        if has_bias:
+            ins.append(g.const((rng.standard_normal(layer.weight_shape[0]) * 0.1).astype(np.float32)))
+        y = g.op("ConvTranspose", ins, **_conv_transpose_geometry(layer))
+        y = g.qdq(y, 0.05, zp) if quant else y
+        return g.model([("x", TensorProto.FLOAT, x_shape)], y), {"x": rng.standard_normal(x_shape, np.float32)}, note
     if kind == "conv":
         w = (rng.standard_normal(layer.weight_shape) / math.sqrt(max(layer.fan_in, 1))).astype(np.float32)
         b = (rng.standard_normal(layer.weight_shape[0]) * 0.1).astype(np.float32)

@@ -542,9 +542,14 @@ class _Inserter:
             return None, None
         u = users[0]
         perm = u.attributes.get("perm")
-        if u.op_type == "Transpose" and perm is not None and list(perm.as_ints()) == [1, 0]:
+        if u.op_type == "Transpose" and perm is not None:
+            perm = list(perm.as_ints())
             nxt = list(u.outputs[0].consumers())
-            return u, (nxt[0] if len(nxt) == 1 else None)
+            nxt_op = nxt[0].op_type if len(nxt) == 1 else ""
+            # x @ Wᵀ (a 2-D swap), or a transposed conv's weight stored (C_out, C_in, k...) read as (C_in, C_out, k...)
+            if perm == [1, 0] or (perm[:2] == [1, 0] and perm[2:] == list(range(2, len(perm)))
+                                  and nxt_op == "ConvTranspose"):
+                return u, (nxt[0] if len(nxt) == 1 else None)
         return None, u
 
     def _weight(self, marker: ir.Node, p: _WeightPoint) -> None:
@@ -555,8 +560,8 @@ class _Inserter:
         transpose, user = self._consumer(marker.outputs[0])
         op_type = user.op_type if user is not None else ""
         axis = 0
-        if transpose is not None:
-            codes, axis = np.ascontiguousarray(codes.T), 1
+        if transpose is not None:  # the stored codes take the layout the op reads; the scales stay per output channel
+            codes, axis = np.ascontiguousarray(np.swapaxes(codes, 0, 1)), 1
         container, block = self._weight_container(op_type, max(bits), p.weight_only, codes.shape, axis, user)
         lo, hi = _INT[container][2:]
         assert codes.min(initial=0) >= lo and codes.max(initial=0) <= hi, "codes outside the container"

@@ -13,6 +13,8 @@ The rules (research/formats.md §3.2-3.4, anchors.md §12), each with the id a v
 - ``qdq-pair``: a DQ reading a Q uses the same scale and zero-point.
 - ``weight-only-conv`` / ``float-weight`` / ``matmul-operands``: a weighted op quantizes all its inputs or none
   (weight-only is a GEMM feature).
+- ``weight-axis``: per-channel weight scales run along the op's output channels: axis 0 of a Conv weight, axis 1
+  of a ConvTranspose weight (C_in, C_out/groups, k...; ungrouped), the N axis of a Gemm or MatMul weight.
 - ``residual-add``: an Add after a quantized conv/GEMM reads quantized values on every input except the one
   weighted-op output it fuses into; otherwise the add runs unfused in higher precision.
 """
@@ -224,6 +226,8 @@ def _check_weighted(n: ir.Node) -> list[Violation]:
     act_q = [_from_dq(a) is not None for a in acts]
     w_q = [_from_dq(w) is not None for w in weights]
     out: list[Violation] = []
+    for w in weights:
+        out += _check_weight_axis(n, w)
     if n.op_type in ("Conv", "ConvTranspose"):
         if any(w_q) and not all(act_q):
             out.append(Violation("weight-only-conv", name, "quantized weights with a float input; TensorRT has "
@@ -239,6 +243,48 @@ def _check_weighted(n: ir.Node) -> list[Violation]:
         out.append(Violation("matmul-operands", name, "only one operand of an activation matmul is quantized; "
                              "quantize both or neither"))
     return out
+
+
+def _output_axis(n: ir.Node, rank: int) -> int | None:
+    """The axis of ``n``'s weight input that indexes its output channels (None: no single such axis)."""
+    if n.op_type == "Conv":
+        return 0
+    if n.op_type == "ConvTranspose":
+        g = n.attributes.get("group")
+        return 1 if g is None or g.as_int() == 1 else None
+    if n.op_type == "Gemm":
+        tb = n.attributes.get("transB")
+        return 0 if tb is not None and tb.as_int() else 1
+    return rank - 1  # MatMul: x @ W with W (..., K, N)
+
+
+def _check_weight_axis(n: ir.Node, w: ir.Value) -> list[Violation]:
+    """A per-channel weight DQ (read directly or through a Transpose) whose scales do not run along ``n``'s output
+    channels: TensorRT quantizes weights per output channel only."""
+    p = w.producer()
+    perm = None
+    if p is not None and p.op_type == "Transpose":
+        a = p.attributes.get("perm")
+        perm = list(a.as_ints()) if a is not None else None
+        p = p.inputs[0].producer()
+    if p is None or p.op_type != "DequantizeLinear" or "block_size" in p.attributes:
+        return []
+    scale = _const(p.inputs[1]) if len(p.inputs) > 1 else None
+    data = p.inputs[0]
+    rank = len(data.shape) if data.shape is not None else None
+    if scale is None or scale.ndim != 1 or scale.size <= 1 or rank is None:
+        return []
+    a = p.attributes.get("axis")
+    axis = (a.as_int() if a is not None else 1) % rank
+    seen = perm.index(axis) if perm is not None else axis  # where that axis lands in what the op reads
+    want = _output_axis(n, rank)
+    if want is None or seen != want:
+        return [Violation("weight-axis", _name(n), f"per-channel weight scales along axis {seen} of what the "
+                          f"{n.op_type} reads, not its output channels" + (f" (axis {want})" if want is not None
+                                                                           else " (a grouped ConvTranspose has no "
+                                                                           "such axis)") +
+                          "; quantize the weight per output channel")]
+    return []
 
 
 def _check_add(n: ir.Node) -> list[Violation]:

@@ -312,7 +312,7 @@ class NoiseInjector:
         self.noise = AnalogNoiseModel.of(noise)
         wanted = None if layers is None else set(layers)
         ops = [op for op in qmodel.graph_ir.layers() if op.kind in (OpKind.CONV, OpKind.LINEAR) and op.weight_fqn
-               and (wanted is None or op.name in wanted)]
+               and not op.attrs.get("transposed") and (wanted is None or op.name in wanted)]
         if wanted is not None and wanted - {op.name for op in ops}:
             raise KeyError(f"no conv/linear layer named {sorted(wanted - {op.name for op in ops})[0]!r}")
         nodes = {n.name: n for n in gm.graph.nodes}

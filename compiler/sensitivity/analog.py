@@ -49,10 +49,12 @@ def run(ctx: Context) -> RawScores:
     grid = [float(e) for e in target.analog.e_grid()]
     ops, skipped = [], {}
     for op in weighted_layers(qm):
-        if op.kind in (OpKind.CONV, OpKind.LINEAR) and len(op.weight_shape or []) in (2, 4):
+        if op.kind in (OpKind.CONV, OpKind.LINEAR) and len(op.weight_shape or []) in (2, 4) \
+                and not op.attrs.get("transposed"):
             ops.append(op)
         else:  # the search runs these digitally and says so
-            what = f"a {len(op.weight_shape) - 2}-d convolution" if op.kind == OpKind.CONV and op.weight_shape \
+            what = "a transposed convolution" if op.attrs.get("transposed") else \
+                f"a {len(op.weight_shape) - 2}-d convolution" if op.kind == OpKind.CONV and op.weight_shape \
                 else f"a {op.kind.value}"
             skipped[op.name] = f"{what}; the analog noise model covers 2-d convolutions and linear layers"
     node_of = {layer_node(qm, op.name): op for op in ops}

@@ -449,3 +449,46 @@ def test_a_weight_stored_in_out_exports_per_output_channel_with_its_bias(profile
     assert len(gemm.input) == 3  # the bias is the Gemm's C, not a float Add after it
     if profile == "trt":
         assert check_trt(exported.model) == []
+
+
+class _Decoder(torch.nn.Module):
+    """A conv, an upsampling ConvTranspose2d, a grouped one (stays float) and a 1x1 head: a segmentation decoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1)
+        self.up_g = torch.nn.ConvTranspose2d(6, 6, 2, stride=2, groups=2)
+        self.head = torch.nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up_g(torch.relu(self.up(torch.relu(self.enc(x)))))))
+
+
+@pytest.mark.parametrize("profile", ["ort", "trt"])
+def test_a_transposed_conv_is_quantized_per_output_channel_and_exports_along_axis_1(profile):
+    """ConvTranspose2d stayed float (its weight (C_in, C_out, k, k) has no output-channel axis 0). Ungrouped, it is
+    now a quantized layer with exact MACs, per-output-channel widths, and a DequantizeLinear along axis 1 straight
+    into the ONNX ConvTranspose (no Transpose left between), where TensorRT takes per-channel deconv weights."""
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    cap = capture(model, (torch.randn(1, 3, 8, 8),), fold_bn=True)
+    up = cap.graph.layer("up")
+    assert up.kind == OpKind.CONV and up.attrs["transposed"] and up.weight_shape == [6, 8, 3, 3]
+    assert up.macs == 8 * 8 * 8 * 6 * 9 and up.out_channels == 6  # every input element scatters C_out·k² products
+    assert [v["op"] for v in cap.graph.meta["unquantized"].values()] == ["conv_transpose2d"]  # the grouped one
+    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
+    apply_plan(qm, {"enc": LayerQuant(8, 8), "up": LayerQuant((3, 3, 3, 8, 8, 8), 8), "head": LayerQuant(8, 8)})
+    calib = [torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))]
+    qm.calibrate(calib)
+    exported = export_qdq(qm, profile, calib=calib)
+    report = check_parity(exported.model, exported.reference, torch.randn(64, 3, 8, 8))
+    assert report.passed and next(m for m in report.modes if m.mode == "no-opt").exact_fraction == 1.0
+    dq = next(n for n in exported.model.graph.node if n.name == "up/weight_dq")
+    (user,) = [n for n in exported.model.graph.node if dq.output[0] in n.input]
+    codes, scale = _init(exported.model, dq.input[0]), _init(exported.model, dq.input[1])
+    assert user.op_type == "ConvTranspose" and codes.shape == (8, 6, 3, 3) and scale.shape == (6,)
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 1
+    assert np.abs(codes[:, :3]).max() <= 4 and np.abs(codes[:, 3:]).max() > 4  # 3-bit output channels are 3-bit
+    if profile == "trt":
+        assert check_trt(exported.model) == []

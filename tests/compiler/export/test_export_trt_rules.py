@@ -229,3 +229,18 @@ def test_a_post_norm_transformer_exports_within_the_trt_rules():
     quantize_residuals_for(qm, "trt")
     qm.calibrate([x])
     assert check_trt(export_qdq(qm, "trt", calib=[x], check_trt=False).model) == []
+
+
+def test_per_channel_weight_scales_off_the_output_axis_are_named(good):
+    """TensorRT quantizes weights per output channel: scales along a Conv weight's input channels (axis 1) are a
+    model it cannot build, as an (in, out) weight exported with axis 0 was."""
+    def fn(m):
+        dq = _node(m, "conv4/weight_dq")  # 32 x 32 x 3 x 3: the 32 scales fit axis 1 as well
+        assert dq.inputs[0].const_value.numpy().shape[:2] == (32, 32)
+        dq.attributes["axis"] = ir.AttrInt64("axis", 1)
+        fn.node = next(iter(dq.outputs[0].consumers())).name
+
+    assert "weight-axis" not in _rules(good)
+    bad = _mutate(good, fn)
+    onnx.checker.check_model(bad, full_check=True)
+    assert _rules(bad)["weight-axis"] == {fn.node}
