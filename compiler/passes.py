@@ -314,7 +314,8 @@ def functional_inplace(gm: torch.fx.GraphModule) -> int:
 
 
 def fold_batchnorm(gm: torch.fx.GraphModule) -> int:
-    """Fold every inference BatchNorm whose only input is a conv/linear used nowhere else; returns the count.
+    """Fold every inference BatchNorm whose only input is a conv/linear (or an ungrouped transposed conv, its weight
+    stored output-channel first) used nowhere else; returns the count.
 
     w' = w·γ/√(σ²+ε) per output channel, b' = (b − μ)·γ/√(σ²+ε) + β.
     """
@@ -325,17 +326,22 @@ def fold_batchnorm(gm: torch.fx.GraphModule) -> int:
             if packet(bn) == "batch_norm" and (len(args) < 6 or args[5] is not False):
                 continue  # training-mode BN: statistics come from the batch, nothing to fold
             conv = args[0]
-            if not isinstance(conv, torch.fx.Node) or conv.op != "call_function" or len(conv.users) != 1 \
-                    or packet(conv) not in {"conv1d", "conv2d", "conv3d", "convolution", "linear"}:
+            if not isinstance(conv, torch.fx.Node) or conv.op != "call_function" or len(conv.users) != 1:
                 continue
-            if packet(conv) == "convolution" and conv.args[6]:
-                continue  # transposed
+            t_groups = transposed_conv_groups(conv)
+            if t_groups is None and packet(conv) not in {"conv1d", "conv2d", "conv3d", "convolution", "linear"}:
+                continue
+            w_node = conv.args[1]
+            if t_groups is not None:  # foldable once output_channels_first stored its weight output-channel first
+                if t_groups != 1 or not isinstance(w_node, torch.fx.Node) or packet(w_node) != "transpose" \
+                        or _get_attr(gm, w_node.args[0]) is None:
+                    continue
+                w_node = w_node.args[0]
             if packet(bn) != "batch_norm" and not all(u.op == "call_function" and u.target is operator.getitem
                                                        and u.args[1] == 0 for u in bn.users):
                 continue  # something reads the saved statistics too
             gamma, beta, mean, var = (_get_attr(gm, a) for a in args[1:5])
             eps = args[7] if packet(bn) == "batch_norm" else args[6]
-            w_node = conv.args[1]
             w = _get_attr(gm, w_node)
             if w is None or mean is None or var is None:
                 continue

@@ -417,6 +417,27 @@ def test_the_fx_fallback_captures_what_export_does_and_can_be_quantized():
     assert not torch.allclose(outs["fx"], model(x), atol=1e-3)  # 4-bit weights: the quantizers are in the graph
 
 
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_a_batch_norm_after_a_transposed_conv_folds_into_its_output_channels(method):
+    """A decoder's ConvTranspose2d -> BatchNorm2d: the BN stayed a float op after the quantized layer, so the
+    deployed integer kernel's weights were not the ones quantized. Stored output-channel first, the weight
+    takes the BN's per-channel gain like any conv's."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6)
+    nn.init.uniform_(bn.running_var, 0.5, 2.0)
+    nn.init.normal_(bn.running_mean, 0, 0.3)
+    nn.init.normal_(bn.weight, 1, 0.3)
+    for bias in (True, False):
+        model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, bias=bias), bn,
+                              nn.ReLU()).eval()
+        x = torch.randn(2, 4, 5, 5)
+        cap = capture(model, (x[:1],), method=method, fold_bn=True)
+        assert not any(op.kind.value == "norm" for op in cap.graph.ops.values())
+        (layer,) = cap.graph.layers()
+        assert layer.attrs["transposed"] and layer.bias_fqn is not None
+        torch.testing.assert_close(cap.gm(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 class _InOutWeight(nn.Module):
     """``x @ W`` with W stored (in, out), a second product ``x @ Vᵀ``, and another reader of W."""
 
