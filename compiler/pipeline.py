@@ -162,6 +162,9 @@ class _Run:
         if o.search == "learned" and self.target.kind != "analog":
             raise UserError(f"--search learned trains the energy per MAC of an analog target; target "
                             f"{self.target.name} is {self.target.kind}: use --search ilp or greedy")
+        if o.finetune_method == "energy" and self.target.kind != "analog":
+            raise UserError(f"--finetune-method energy trains an analog array's noise; target {self.target.name} "
+                            f"is {self.target.kind}: use lsq, pdqat or dxmax, or an analog target")
         self.budgets = self._budgets()
         self.loaded = load_model(o.model, arch=o.arch, weights=o.weights, trust_pickle=o.trust_pickle,
                                  input_shape=o.input_shape)
@@ -188,10 +191,14 @@ class _Run:
         return os.path.join(self.out, name)
 
     # -- helpers -----------------------------------------------------------------------------------------
-    def plan(self):
+    def plan_file(self) -> str:
+        """The plan the fine-tuned model runs at: the search's, or the widths dxmax learned from it."""
+        return "plan_trained.json" if self.finetune_method() == "dxmax" and self.o.epochs > 0 else "plan.json"
+
+    def plan(self, name: str | None = None):
         from .plan import Plan
 
-        return Plan.load(self.path("plan.json"))
+        return Plan.load(self.path(name or self.plan_file()))
 
     def quantized(self, *, state: bool, plan=None):
         """A QuantizedModel at the plan (plan.json unless given), calibrated; with ``state`` the fine-tuned
@@ -432,7 +439,8 @@ def _stage_finetune(r: _Run) -> dict:
     from .finetune import FinetuneConfig, finetune
 
     o = r.o
-    q, emac = r.quantized(state=False)
+    searched = r.plan("plan.json")
+    q, emac = r.quantized(state=False, plan=searched)
     if o.epochs == 0:
         atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save(r.checkpoint(q), tmp))
         return {"epochs": 0}
@@ -452,7 +460,14 @@ def _stage_finetune(r: _Run) -> dict:
     # the widths stay what the plan says (lsq, pdqat): ending below the start means the steps hurt
     start = accuracy(q, r.data.val, batch_size=config.eval_batch_size, device=r.device) \
         if method in ("lsq", "pdqat") else None
-    res = finetune(q, r.teacher, r.data, config, progress=o.progress, emac=emac or None)
+    try:
+        res = finetune(q, r.teacher, r.data, config, progress=o.progress, emac=emac or None)
+    except (ValueError, FloatingPointError) as e:  # a diverged loss, a split smaller than a batch: the options'
+        raise UserError(f"fine-tuning: {e}") from None
+    if res.bits:  # dxmax learned the widths: the later stages run (and report) what was trained
+        from .plan import plan_after_finetune
+
+        plan_after_finetune(searched, q, res, method, r.captured.graph, r.target).save(r.path(r.plan_file()))
     atomic_write_with(r.path("model_q.pt"), lambda tmp: torch.save(r.checkpoint(q), tmp))
     if start is not None and res.final_accuracy < start - _WORSE_BY:
         log.warning("fine-tuning ended at %.2f %% validation accuracy, below the %.2f %% of the calibrated model "
@@ -517,7 +532,7 @@ def _export_command(r: _Run) -> str:
     o = r.o
     args = ["mpqc", "export", o.model, *(["--arch", o.arch] if o.arch else []),
             *(["--weights", o.weights] if o.weights else []), *(["--trust-pickle"] if o.trust_pickle else []),
-            *(["--input-shape", o.input_shape] if o.input_shape else []), "--plan", r.path("plan.json"),
+            *(["--input-shape", o.input_shape] if o.input_shape else []), "--plan", r.path(r.plan_file()),
             "--checkpoint", r.path("model_q.pt"), "--profile", o.profile,
             "--data", o.data, "-o", r.path("model.onnx")]
     return shlex.join(args)
@@ -649,6 +664,7 @@ def _compile(o: CompileOptions) -> CompileResult:
     from .deploy_grid import trained_for
 
     grid = trained_for(o.profile, o.residual_quant)  # the grid fine-tuning trains on
+    run_plan = r.plan_file()  # what the fine-tuned model runs at (dxmax writes its learned widths there)
     steps = [
         ("capture", {**common}, ["ir.json"], _stage_capture),
         ("sensitivity", {**common_t, "target": o.target, "method": o.sensitivity, "granularity": o.granularity,
@@ -665,15 +681,15 @@ def _compile(o: CompileOptions) -> CompileResult:
         ("finetune", {**common_t, "epochs": o.epochs, "lr": o.lr, "optimizer": o.optimizer,
                       "batch_size": o.batch_size, "batch_stats": o.batch_stats, "deploy_tail": o.deploy_tail,
                       "method": o.finetune_method, "_files": {"plan": "plan.json"},
-                      "trained_for": grid}, ["model_q.pt"],
+                      "trained_for": grid}, ["model_q.pt"] + ([run_plan] if run_plan != "plan.json" else []),
          _stage_finetune),
         ("export", {**common_t, "profile": o.profile, "residual_quant": o.residual_quant,
-                    "_files": {"plan": "plan.json", "state": "model_q.pt"}},
+                    "_files": {"plan": run_plan, "state": "model_q.pt"}},
          ["model.onnx", "parity.json"], _stage_export),
         ("evaluate", {**common_t, "trained_for": grid,
-                      "_files": {"plan": "plan.json", "state": "model_q.pt", "onnx": "model.onnx"}},
+                      "_files": {"plan": run_plan, "state": "model_q.pt", "onnx": "model.onnx"}},
          ["metrics.json"], _stage_evaluate),
-        ("report", {"_files": {"plan": "plan.json", "metrics": "metrics.json"}}, ["report.html"], _stage_report),
+        ("report", {"_files": {"plan": run_plan, "metrics": "metrics.json"}}, ["report.html"], _stage_report),
     ]
     t0 = time.perf_counter()
     _run_stages(o, r, steps, result)

@@ -366,3 +366,66 @@ class _Priced:
 
     def __getattr__(self, name):
         return getattr(self._t, name)
+
+
+# base cost row each budget row is a multiple of (the same model of the target, in the option's unit)
+_BUDGET_BASE = {"bitops": "bitops", "avg-bits": "bitops", "size": "size", "compression": "size",
+                "act-mem": "act_mem", "act-mem-max": "act_mem_max", "latency": "latency", "energy": "energy",
+                "emac": "emac", "cycles": "cycles"}
+
+
+def plan_after_finetune(plan: Plan, q, result, method: str, graph=None, target=None, lut=None) -> Plan:
+    """A copy of ``plan`` with what fine-tuning learned: the widths (dxmax) or energies per MAC (energy) of the
+    QuantizedModel ``q`` after ``finetune`` returned ``result``. With ``graph`` and ``target`` the costs are those
+    of the learned precisions (each budget row scaled with the cost it limits, its slack and binding flag
+    recomputed); without them they are dropped (``mpqc report`` recomputes them)."""
+    from mpqc.compiler.quantize import bits_of
+
+    new = Plan.from_dict(plan.to_dict())
+    if result.emac:
+        for layer, e in result.emac.items():
+            if layer in new.layers:
+                new.layers[layer].emac = e
+    if result.bits:
+        for op in q.graph_ir.layers():
+            lp = new.layers.get(op.name)
+            if lp is None:
+                continue
+            wq = q.weight_quantizer(op.name)
+            if wq is not None and wq.enabled:
+                lp.w_bits = bits_of(wq)
+            aqs = [a for a in q.act_quantizers(op.name) if a.enabled]
+            if aqs:
+                lp.a_bits = max(a.bits for a in aqs)
+            for t, key in zip(op.act_inputs, q.act_keys.get(op.name, [])):
+                if t in new.act_groups and q.aq[key].enabled:
+                    new.act_groups[t] = q.aq[key].bits
+    new.meta = {**new.meta, "finetuned": method}
+    if graph is None or target is None:
+        new.costs = {}
+        return new
+    now = plan_costs(new, graph, target, lut=lut)
+    costs = {}
+    for name, row in plan.costs.items():
+        row = dict(row)
+        base = name[len("budget:"):] if name.startswith("budget:") else None
+        if base is None:
+            if name in now:
+                row.update(value=now[name]["value"])
+        else:
+            key = _BUDGET_BASE.get(base)
+            old = plan.costs.get(key, {}).get("value") if key else None
+            if key in now and old and row.get("value") is not None:
+                row["value"] = row["value"] * now[key]["value"] / old
+                if row.get("budget") is not None:
+                    row["slack"] = row["budget"] - row["value"]
+                    row["binding"] = bool(row["slack"] <= 1e-4 * max(abs(row["budget"]), 1.0))
+            else:
+                row["stale"] = True  # not re-evaluated for the learned precisions
+        costs[name] = row
+    for name, c in now.items():
+        costs.setdefault(name, {"value": c["value"], "unit": c["unit"], "budget": None, "slack": None,
+                                "binding": False})
+    new.costs = costs
+    return new
+

@@ -1,7 +1,8 @@
 """The report: PNG plots and one self-contained HTML page (images embedded) from a compile directory.
 
-Everything is read back from the stage artifacts in OUT (ir.json, sensitivity.json, plan.json,
-pareto.csv, metrics.json), so ``mpqc report OUT`` regenerates the report without re-running anything.
+Everything is read back from the stage artifacts in OUT (ir.json, sensitivity.json, plan.json or, after a dxmax
+fine-tuning, plan_trained.json, pareto.csv, metrics.json), so ``mpqc report OUT`` regenerates the report without
+re-running anything.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def read_inputs(out: str) -> ReportInputs:
     if not os.path.isdir(out):
         raise UserError(f"{out} is not a directory; pass the OUTDIR of a `mpqc compile` run")
     ir = _read_json(os.path.join(out, "ir.json"), True)
-    plan = _read_json(os.path.join(out, "plan.json"), True)
+    manifest = _read_json(os.path.join(out, "manifest.json"), False) or {}
+    # the plan the model was fine-tuned and exported at: the searched one, or the widths dxmax learned from it
+    trained = ((manifest.get("stages") or {}).get("finetune") or {}).get("outputs") or {}
+    plan = _read_json(os.path.join(out, "plan_trained.json" if "plan_trained.json" in trained else "plan.json"), True)
     sens = _read_json(os.path.join(out, "sensitivity.json"), False)
     metrics = _read_json(os.path.join(out, "metrics.json"), False) or {}
-    manifest = _read_json(os.path.join(out, "manifest.json"), False) or {}
     pareto = None
     p = os.path.join(out, "pareto.csv")
     if os.path.exists(p):

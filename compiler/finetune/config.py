@@ -176,12 +176,18 @@ class DxmaxConfig:
     """Uhlich et al.'s (d, x_max) parametrisation and memory penalty (seeds.md 4.1-4.3).
 
     Loss = CE + penalty_w relu(S_w - weight_kb)^2 + penalty_a relu(S_a - act_kb)^2 with S in KB (1024 bytes);
-    S_a is the largest (``act_mode="max"``) or the summed activation tensor. A ``None`` target drops its term.
-    Ranges are the seed code's defaults; with a target set, d and x_max gradients are clipped to [-d, d].
+    S_a is the largest (``act_mode="max"``) or the summed activation tensor. A ``None`` target is what the plan's
+    widths occupy when training starts (``budget_from_plan``; off: the term is dropped, as in the seed code, and
+    nothing holds the widths back). Ranges are the seed code's defaults; with a target, d and x_max gradients are
+    clipped to [-d, d]. Learned widths stay within ``min_bits``..``max_bits`` (what the export and the runtimes
+    take; the seed leaves them open above and its first layers reach 9-10 bits).
     """
 
     weight_kb: float | None = None
     act_kb: float | None = None
+    budget_from_plan: bool = True
+    min_bits: int = 2
+    max_bits: int = 8
     act_mode: str = "max"
     penalty_w: float = 0.1
     penalty_a: float = 0.1
@@ -206,6 +212,12 @@ class DxmaxConfig:
             _range(f"dxmax.{k}", v)
         if not isinstance(self.clip_grads, bool):
             raise ValueError("dxmax.clip_grads must be true or false")
+        if not isinstance(self.budget_from_plan, bool):
+            raise ValueError("dxmax.budget_from_plan must be true or false")
+        _int("dxmax.min_bits", self.min_bits, 1)
+        _int("dxmax.max_bits", self.max_bits, 1)
+        if self.max_bits < self.min_bits:
+            raise ValueError(f"dxmax.max_bits ({self.max_bits}) must be >= dxmax.min_bits ({self.min_bits})")
 
 
 _SECTIONS = {"distill": DistillConfig, "pdqat": PDQATConfig, "energy": EnergyConfig, "dxmax": DxmaxConfig}

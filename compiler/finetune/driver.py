@@ -470,7 +470,7 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
         steps = len(loader)
         if steps == 0:
             raise ValueError(f"the training split ({len(data.train)} samples) holds less than one batch of "
-                             f"{config.batch_size}")
+                             f"{config.batch_size}; lower --batch-size or use more data")
         total = steps * config.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, total))
         if config.method == Method.LSQ and config.deploy_tail > 0:

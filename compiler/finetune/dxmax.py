@@ -9,9 +9,11 @@ ceil(log2(x_max/d + 1)) for unsigned activations, and the loss adds the seed's p
     CE + penalty_w relu(S_w - S_w*)^2 + penalty_a relu(S_a - S_a*)^2,   S in KB = bits * elements / 8 / 1024
 
 where S_w sums the quantized weight tensors (biases are not quantized here, unlike the seed) and S_a is the
-largest (or the summed) quantized activation tensor per sample. Its gradient reaches d and x_max through the
-inferred bits with straight-through ceil and round. With a target set, d and x_max gradients are clipped to
-[-d, d]; after each step both are projected back into their ranges with d <= x_max.
+largest (or the summed) quantized activation tensor per sample; a target not given is what the plan's widths
+occupy at the start (without one the step sizes shrink freely and the widths climb: W4 became W8 in 5 steps).
+Its gradient reaches d and x_max through the inferred bits with straight-through ceil and round. With a target
+set, d and x_max gradients are clipped to [-d, d]; after each step both are projected back into their ranges
+with d <= x_max and x_max / d within ``max_bits``.
 
 At the end the learned quantizers are baked back into the LSQ quantizers QuantizedModel uses elsewhere: scale
 d, bits as inferred, and weights clipped to [-x_max, x_max], so the weight codes equal the U3 ones exactly.
@@ -43,13 +45,15 @@ class DxmaxQuantizer(nn.Module):
     """Per-tensor U3 fake-quant with learnable ``d`` and ``xmax``; ``numel`` counts toward the memory penalty."""
 
     def __init__(self, d: float, xmax: float, *, signed: bool, numel: int, d_range: tuple[float, float],
-                 xmax_range: tuple[float, float]):
+                 xmax_range: tuple[float, float], min_bits: int = 1, max_bits: int | None = None):
         super().__init__()
         self.signed = bool(signed)
         self.numel = int(numel)
         self.d_range = tuple(d_range)
         self.xmax_range = tuple(xmax_range)
-        self.b_min = 2 if signed else 1
+        self.b_min = max(2 if signed else 1, int(min_bits))
+        # the most levels x_max / d may reach: max_bits wide, sign included
+        self.max_levels = None if max_bits is None else (2 ** (max_bits - 1) - 1 if signed else 2 ** max_bits - 1)
         self.enabled = True
         self.d = nn.Parameter(torch.tensor(float(d)))
         self.xmax = nn.Parameter(torch.tensor(float(xmax)))
@@ -63,7 +67,8 @@ class DxmaxQuantizer(nn.Module):
         ratio = max(float(weight.detach().abs().max()), 1e-8) / qmax
         exp = math.ceil(math.log2(ratio)) if b > 4 else math.floor(math.log2(ratio))
         d = 2.0**exp
-        return cls(d, d * qmax, signed=True, numel=weight.numel(), d_range=cfg.d_range, xmax_range=cfg.xmax_range_w)
+        return cls(d, d * qmax, signed=True, numel=weight.numel(), d_range=cfg.d_range, xmax_range=cfg.xmax_range_w,
+                   min_bits=cfg.min_bits, max_bits=cfg.max_bits)
 
     @classmethod
     def for_activation(cls, aq: ActQuantizer, numel: int, cfg: DxmaxConfig) -> DxmaxQuantizer:
@@ -71,7 +76,8 @@ class DxmaxQuantizer(nn.Module):
         s = max(float(aq.scale.detach().abs()), 1e-8)
         d = 2.0 ** round(math.log2(s))
         qmax = 2 ** (aq.bits - 1) - 1 if aq.signed else 2**aq.bits - 1
-        return cls(d, d * qmax, signed=aq.signed, numel=numel, d_range=cfg.d_range, xmax_range=cfg.xmax_range_a)
+        return cls(d, d * qmax, signed=aq.signed, numel=numel, d_range=cfg.d_range, xmax_range=cfg.xmax_range_a,
+                   min_bits=cfg.min_bits, max_bits=cfg.max_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return fake_quant_dxmax(x, self.d, self.xmax, signed=self.signed, d_range=self.d_range,
@@ -97,9 +103,11 @@ class DxmaxQuantizer(nn.Module):
 
     @torch.no_grad()
     def project(self) -> None:
-        """Back into the ranges, with d <= x_max (after every optimizer step)."""
+        """Back into the ranges, with d <= x_max and x_max / d within the widest grid (after every optimizer step)."""
         self.d.clamp_(*self.d_range)
         self.xmax.clamp_(*self.xmax_range)
+        if self.max_levels is not None:
+            self.xmax.clamp_(max=float(pow2_round(self.d.detach())) * self.max_levels)
         self.d.copy_(torch.minimum(self.d, self.xmax))
 
     @torch.no_grad()
@@ -163,6 +171,11 @@ class DxmaxObjective(Objective):
             if m.enabled:
                 self.originals[("aq", k)] = m
                 q.aq[k] = DxmaxQuantizer.for_activation(m, numel.get(k, 0), cfg).to(device)
+        with torch.no_grad():
+            s_w, s_a = self.memory_kb()
+        # the memory targets: given, or what the plan's widths occupy now (the search's budget, as trained)
+        self.weight_kb = cfg.weight_kb if cfg.weight_kb is not None or not cfg.budget_from_plan else float(s_w)
+        self.act_kb = cfg.act_kb if cfg.act_kb is not None or not cfg.budget_from_plan else float(s_a)
         super().setup()
 
     def learned(self, kind: str) -> list[DxmaxQuantizer]:
@@ -186,10 +199,10 @@ class DxmaxObjective(Objective):
         cfg = self.config.dxmax
         s_w, s_a = self.memory_kb()
         pen = torch.zeros((), device=s_w.device)
-        if cfg.weight_kb is not None:
-            pen = pen + cfg.penalty_w * torch.relu(s_w - cfg.weight_kb) ** 2
-        if cfg.act_kb is not None:
-            pen = pen + cfg.penalty_a * torch.relu(s_a - cfg.act_kb) ** 2
+        if self.weight_kb is not None:
+            pen = pen + cfg.penalty_w * torch.relu(s_w - self.weight_kb) ** 2
+        if self.act_kb is not None:
+            pen = pen + cfg.penalty_a * torch.relu(s_a - self.act_kb) ** 2
         return pen
 
     def loss(self, logits, aux, y, teacher_logits):  # noqa: D102
@@ -200,7 +213,7 @@ class DxmaxObjective(Objective):
 
     def after_backward(self):  # noqa: D102
         cfg = self.config.dxmax
-        if cfg.clip_grads and (cfg.weight_kb is not None or cfg.act_kb is not None):
+        if cfg.clip_grads and (self.weight_kb is not None or self.act_kb is not None):
             for m in self.learned("wq") + self.learned("aq"):
                 m.clip_grads()
         super().after_backward()
@@ -249,6 +262,7 @@ class DxmaxObjective(Objective):
         self.bake()
         out = super().finish()
         out.update({"bits": bits, "weight_kb": float(s_w), "act_kb": float(s_a),
+                    "targets_kb": {"weight": self.weight_kb, "act": self.act_kb},
                     "memory": quantized_memory_kb(self.q)})
         return out
 

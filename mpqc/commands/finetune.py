@@ -77,35 +77,6 @@ def _config(args):
         raise UserError(f"bad fine-tuning setting: {e}") from None
 
 
-def _updated_plan(plan, q, result, method: str):
-    """A copy of the plan with what the method learned: bits (dxmax) or energy per MAC (energy)."""
-    from mpqc.compiler.plan import Plan
-    from mpqc.compiler.quantize import bits_of
-
-    new = Plan.from_dict(plan.to_dict())
-    if result.emac:
-        for layer, e in result.emac.items():
-            if layer in new.layers:
-                new.layers[layer].emac = e
-    if result.bits:
-        for op in q.graph_ir.layers():
-            lp = new.layers.get(op.name)
-            if lp is None:
-                continue
-            wq = q.weight_quantizer(op.name)
-            if wq is not None and wq.enabled:
-                lp.w_bits = bits_of(wq)
-            aqs = [a for a in q.act_quantizers(op.name) if a.enabled]
-            if aqs:
-                lp.a_bits = max(a.bits for a in aqs)
-            for t, key in zip(op.act_inputs, q.act_keys.get(op.name, [])):
-                if t in new.act_groups and q.aq[key].enabled:
-                    new.act_groups[t] = q.aq[key].bits
-    new.costs = {}  # stale after learning; `mpqc report` recomputes them
-    new.meta = {**new.meta, "finetuned": method}
-    return new
-
-
 def run(args):
     import torch
 
@@ -114,7 +85,7 @@ def run(args):
     from mpqc.compiler.data import load_data, make_loader
     from mpqc.compiler.finetune import accuracy, apply_plan, finetune
     from mpqc.compiler.loading import fit_to_data, image_size, load_model
-    from mpqc.compiler.plan import Plan
+    from mpqc.compiler.plan import Plan, plan_after_finetune
     from mpqc.compiler.quantize import QuantizedModel, RangeMethod
 
     config = _config(args)
@@ -151,7 +122,7 @@ def run(args):
     plan_out = None
     if result.bits or result.emac:
         plan_out = os.path.splitext(args.output)[0] + ".plan.json"
-        _updated_plan(plan, q, result, config.method.value).save(plan_out)
+        plan_after_finetune(plan, q, result, config.method.value).save(plan_out)
     last = result.metrics[-1] if result.metrics else {}
     if not args.json:
         print(f"{config.method.value}: {len(result.metrics)} epochs, val accuracy {calibrated:.2f}% calibrated -> "

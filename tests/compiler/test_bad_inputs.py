@@ -94,6 +94,9 @@ CASES = [
     ({"deploy_tail": 1.0}, "--deploy-tail"),
     ({"deploy_tail": -0.2}, "--deploy-tail"),
     ({"profile": "tensorrt"}, "--profile"),
+    ({"finetune_method": "energy"}, "trains an analog array's noise"),
+    ({"batch_size": 100000, "stop_after": "finetune"}, "lower --batch-size"),
+    ({"lr": 1e12, "epochs": 1, "stop_after": "finetune"}, "lower the learning rate"),
     ({"target": "analog", "avg_bits": None, "emac": "10", "weight_alpha": "auto", "stop_after": "search"},
      "is analog"),
     ({"weight_alpha": "auto", "candidates": "4", "stop_after": "search"}, "one candidate width"),
@@ -109,7 +112,8 @@ CASES = [
      "fix the energy per MAC instead"),
 ]
 # errors that need the captured graph or the scores come from their stage, after the stages before it are kept
-_AT_A_STAGE = {"is analog", "one candidate width", "fix bits instead", "fix the energy per MAC instead"}
+_AT_A_STAGE = {"is analog", "one candidate width", "fix bits instead", "fix the energy per MAC instead",
+               "lower --batch-size", "lower the learning rate"}
 if not torch.cuda.is_available():
     CASES.append(({"device": "cuda"}, "no CUDA device"))
 

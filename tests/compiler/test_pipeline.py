@@ -172,6 +172,35 @@ def test_a_fine_tuning_that_ends_below_its_start_says_so(demo, tmp_path, caplog)
     assert said and "smaller --lr" in said[0], [r.getMessage() for r in caplog.records]
 
 
+def test_dxmax_fine_tuning_compiles_and_exports_the_widths_it_learned(demo, tmp_path):
+    """dxmax learns its own widths; the compile exported at the searched plan's widths, so the parity check failed
+    (15 % agreement) and the suggested `mpqc export` refused the checkpoint. The learned widths now go to
+    plan_trained.json, which the export, the metrics and the report read."""
+    import torch
+
+    from mpqc.compiler.plan import Plan
+    from mpqc.compiler.report import read_inputs
+
+    out, summary = demo
+    work = tmp_path / "dx"
+    args = [sys.executable, "-m", "mpqc", "compile", summary["model"], "--arch", "mpqc.compiler.zoo:digits_cnn",
+            "--target", "bitserial", "--avg-bits", "W3A4", "--data", "digits", "--epochs", "1", "--json",
+            "--finetune-method", "dxmax", "-o", str(work)]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    trained = Plan.load(str(work / "plan_trained.json"))
+    precision = torch.load(work / "model_q.pt", map_location="cpu", weights_only=True)["precision"]
+    widths = {k[3:]: (v[1][0] if len(set(v[1])) == 1 else v[1])  # [enabled, per-channel widths]
+              for k, v in precision.items() if k.startswith("wq.")}
+    assert widths and all(trained.layers[k].w_bits == v for k, v in widths.items()), (widths, trained.layers)
+    assert trained.meta["finetuned"] == "dxmax" and trained.costs["bitops"]["value"] > 0
+    assert json.loads((work / "parity.json").read_text())["passed"]
+    assert read_inputs(str(work)).plan == json.loads((work / "plan_trained.json").read_text())
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # nothing left to redo
+    assert set(json.loads(again.stdout)["reused"]) == {"capture", "sensitivity", "search", "finetune", "export",
+                                                        "evaluate", "report"}
+
+
 def test_report_command_regenerates(demo):
     out, _ = demo
     os.remove(out / "analog" / "report.html")

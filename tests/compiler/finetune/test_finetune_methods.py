@@ -257,6 +257,27 @@ def test_dxmax_inferred_bits_respect_the_memory_penalty(float_model, float_acc, 
     assert result.final_accuracy >= float_acc - 5.0
 
 
+def test_dxmax_by_default_holds_the_plans_memory_and_deployable_widths(float_model, digits):
+    """With no memory target the step sizes shrank freely: a W4 plan came out at W8-W9 in two epochs, which no
+    export takes and no budget allowed. The default target is the memory the plan's widths occupy, and the
+    learned widths stay within min_bits..max_bits."""
+    cap = _captured(float_model)
+    cfg = FinetuneConfig(epochs=2, method="dxmax", distill=NO_DISTILL)
+    q = prepare(cap, _uniform(cap, 4, 4), digits, cfg)
+    start = quantized_memory_kb(q)
+    result = finetune(q, float_model, _subset(digits, 512), cfg, progress=False)
+    end = quantized_memory_kb(q)
+    assert result.summary["targets_kb"]["weight"] == pytest.approx(start["weight_kb"])
+    assert end["weight_kb"] <= start["weight_kb"] * 1.1  # a soft penalty: a little above at most
+    widths = list(result.bits["w"].values()) + list(result.bits["a"].values())
+    assert all(2 <= b <= 8 for b in widths), result.bits
+    unbounded = FinetuneConfig(epochs=1, method="dxmax", distill=NO_DISTILL,
+                               dxmax=DxmaxConfig(budget_from_plan=False, max_bits=6))
+    q = prepare(_captured(float_model), _uniform(cap, 4, 4), digits, unbounded)
+    result = finetune(q, float_model, _subset(digits, 512), unbounded, progress=False)
+    assert max(result.bits["w"].values()) <= 6 and result.summary["targets_kb"]["weight"] is None
+
+
 def test_dxmax_bake_reproduces_the_learned_weight_codes_exactly(float_model, digits):
     cap = _captured(float_model)
     cfg = FinetuneConfig(method="dxmax")
