@@ -611,6 +611,19 @@ def _payload(epoch, qmodel, optimizer, scheduler, objective, config, metrics, si
 _WHERE_NOT_WHAT = ("resume", "checkpoint_dir", "ddp", "device", "eval_batch_size")
 
 
+def _widths(entry) -> str:
+    """A precision-signature entry as the user reads it: "off", "4", "4..8" or "none"."""
+    if entry is None:
+        return "none"
+    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list):
+        on, bits = entry
+        if not on:
+            return "off"
+        lo, hi = min(bits, default=0), max(bits, default=0)
+        return str(lo) if lo == hi else f"{lo}..{hi}"
+    return str(entry)
+
+
 def _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
             before_load: Callable[[str], bool] = lambda form: False) -> tuple[int, list[dict]] | None:
     """Load the checkpoint at ``path`` into the run; ``before_load(form)`` first puts the model into the deploy
@@ -623,7 +636,12 @@ def _resume(path, qmodel, optimizer, scheduler, objective, config, signature,
         raise ValueError(f"the checkpoint {path} is for method {payload['method']!r}, not "
                          f"{config.method.value!r}; delete it or run without resume")
     if payload["precision"] != signature:
-        raise ValueError(f"the checkpoint {path} was written for a different plan; delete it or run without resume")
+        old_sig = payload["precision"]
+        diff = sorted(k for k in set(old_sig) | set(signature) if old_sig.get(k) != signature.get(k))
+        shown = "; ".join(f"{k} {_widths(old_sig.get(k))} -> {_widths(signature.get(k))}" for k in diff[:3])
+        raise ValueError(f"the checkpoint {path} was written for other quantizers ({shown}"
+                         f"{f'; {len(diff) - 3} more' if len(diff) > 3 else ''}): another plan, or another "
+                         "--profile / --residual-quant; delete it or run without resume")
     old, new = payload.get("config", {}), config.to_dict()
     changed = sorted(k for k, v in new.items() if k not in _WHERE_NOT_WHAT and old.get(k) != v)
     if changed:  # a resumed run must end where the uninterrupted one would: another recipe is another run

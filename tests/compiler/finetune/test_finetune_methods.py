@@ -365,8 +365,10 @@ def test_resuming_a_checkpoint_of_another_plan_is_refused(float_model, digits, t
     finetune(prepare(cap, _uniform(cap, 4, 4), data, cfg), None, data, cfg.replace(distill=NO_DISTILL),
              progress=False)
     other = prepare(_captured(float_model), _uniform(cap, 3, 4), data, cfg)
-    with pytest.raises(ValueError, match="different plan"):
+    with pytest.raises(ValueError, match="other quantizers") as e:
         finetune(other, None, data, cfg.replace(distill=NO_DISTILL), progress=False)
+    # which quantizers changed, and how: a --profile change (7-bit carriers) reads differently from a new plan
+    assert "wq.conv1 4 -> 3" in str(e.value) and "--profile" in str(e.value)
 
 
 # --------------------------------------------------------------------------------------------------------
