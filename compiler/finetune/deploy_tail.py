@@ -130,8 +130,12 @@ class DeployTail:
 
 
 def tail_start(fraction: float, total_steps: int) -> int:
-    """The first global step of a tail of ``fraction`` of ``total_steps`` (``total_steps``: no tail)."""
+    """The first global step of a tail of ``fraction`` of ``total_steps`` (``total_steps``: no tail); a positive
+    fraction gets at least its last step (0.01 of 44 steps rounded to none, and the biases were never put on
+    their grid)."""
     n = int(round(fraction * total_steps))
+    if fraction > 0 and total_steps > 0:
+        n = max(n, 1)
     return total_steps - n
 
 

@@ -53,6 +53,12 @@ def _on_grid(q) -> bool:
     return True
 
 
+def test_a_tail_fraction_too_small_for_one_step_still_runs_the_last_step():
+    """--deploy-tail 0.01 over 44 steps rounded to an empty tail: no bias reached its grid, and nothing said so."""
+    assert tail_start(0.01, 44) == 43 and tail_start(0.0, 44) == 44 and tail_start(0.25, 16) == 12
+    assert tail_start(0.5, 0) == 0
+
+
 @pytest.mark.parametrize("batch_stats,form", [(True, "stats"), (False, "folded")])
 def test_tail_begins_at_its_step_and_leaves_the_model_the_export_computes(float_model, digits, batch_stats, form):
     data = _subset(digits, 512)
