@@ -134,11 +134,26 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
+@torch.no_grad()
+def average_running_stats(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Average every ``running_mean``/``running_var`` buffer under ``module`` over the ranks (no-op in one process).
+
+    Each rank's batch-statistics modules (the fine-tuning's BatchRenorm) track their own shard's statistics, and
+    buffers are not synced per step (:func:`wrap`): without this the ranks evaluate, checkpoint and fold
+    different models (98.05 % vs 96.94 % on two ranks of the digits CNN)."""
+    if not ctx.distributed:
+        return
+    for name, buf in module.named_buffers():
+        if name.rsplit(".", 1)[-1] in ("running_mean", "running_var") and buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(ctx.world_size)
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait for every rank (no-op in one process)."""
     if ctx.distributed:
         dist.barrier()
 
 
-__all__ = ["DistContext", "all_reduce_sum", "barrier", "init_distributed", "local_batch_size", "shard_loader",
-           "shutdown", "train_loader", "wrap"]
+__all__ = ["DistContext", "all_reduce_sum", "average_running_stats", "barrier", "init_distributed",
+           "local_batch_size", "shard_loader", "shutdown", "train_loader", "wrap"]

@@ -589,6 +589,7 @@ def _train_epoch(epoch, student, objective, optimizer, scheduler, loader, sample
             callback("step", {"epoch": epoch, "step": step, "loss": lv})
     bar.remove_task(task)
     qmodel.train(False)
+    ddp.average_running_stats(qmodel, ctx)  # the ranks evaluate, save and fold one model
     extra = objective.end_epoch(epoch)
     row = {"epoch": epoch + 1, **{k: float(v) / max(1, n) for k, v in sums.items()},
            "lr": float(optimizer.param_groups[0]["lr"]), "val_acc": float(objective.evaluate(data.val)),
