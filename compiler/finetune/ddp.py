@@ -81,7 +81,8 @@ def wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
 
     Buffers are synced from rank 0 once, at construction, and not at every step: the quantizers' buffers
     (bit-widths, calibration samples) do not change while training and the noise counters advance alike on
-    every rank (each rank draws its own noise stream through ``LayerNoise.stream``).
+    every rank (each rank draws its own noise stream through ``LayerNoise.stream``); the batch-statistics
+    running means and variances do change, and :func:`average_running_stats` joins them after each epoch.
     """
     if not ctx.distributed:
         return module
