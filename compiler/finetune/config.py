@@ -237,7 +237,7 @@ class FinetuneConfig:
     ``quant_lr`` is the step-size learning rate (None: ``lr``). ``weight_decay`` applies to weights only.
     ``checkpoint_dir``: where ``last.pt`` is written after every epoch (None: no checkpoints); with
     ``resume`` an existing one is continued. ``ddp``: use torch.distributed when launched by torchrun
-    (one process otherwise). ``device``: "auto" (CUDA when available), "cpu" or "cuda". ``batch_stats`` (LSQ):
+    (one process otherwise). ``device``: "auto" (CUDA when available), "cpu" or "cuda". ``batch_stats`` (LSQ, PD-QAT):
     normalise each folded conv's output with batch statistics while training, folded back at the end
     (:mod:`.renorm`): what training-mode BN gives a network that was captured with BN folded. ``deploy_tail``
     (LSQ): the last fraction of the steps trains with the conv biases the export writes, rounded onto the int32

@@ -450,7 +450,7 @@ def _run(qmodel, teacher, data, config, show, emac, callback, ctx) -> FinetuneRe
     teacher = _frozen_teacher(teacher, qmodel, device)  # before the move: shared storage is detected on home
     qmodel.to(device)
     renorm = tail = None
-    if config.batch_stats and config.method == Method.LSQ:
+    if config.batch_stats and config.method in (Method.LSQ, Method.PDQAT):
         from .renorm import Renormalizer
 
         renorm = Renormalizer(qmodel)

@@ -40,8 +40,8 @@ def add_arguments(p) -> None:
     t.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd",
                    help="fine-tuning optimizer (sgd: Nesterov momentum)")
     t.add_argument("--batch-stats", action=argparse.BooleanOptionalAction, default=True,
-                   help="LSQ: normalise the BN-folded convs with batch statistics while fine-tuning, folded back "
-                        "afterwards (default on)")
+                   help="LSQ, PD-QAT: normalise the BN-folded convs with batch statistics while fine-tuning, folded "
+                        "back afterwards (default on)")
     t.add_argument("--deploy-tail", type=float, default=0.0, metavar="F",
                    help="LSQ: the last fraction F of the fine-tuning steps trains with the conv biases rounded "
                         "onto the int32 grid the export writes (default 0 = off; e.g. 0.1)")
