@@ -69,8 +69,13 @@ def _load_checkpoint(qm, path: str, profile: str, *, fixed: bool = True) -> str:
             from None
     grid = obj.get("trained_for") if isinstance(obj, dict) else None
     precision = obj.get("precision") if isinstance(obj, dict) else None
+    midway = isinstance(obj, dict) and "optimizer" in obj and "epoch" in obj  # finetune_ckpt/last.pt
     if isinstance(obj, dict):
         obj = obj.get("model", obj.get("state_dict", obj))
+    if midway and isinstance(obj, dict) and any(".renorm." in k or k.startswith("gm.renorm") for k in obj):
+        raise UserError(f"--checkpoint {path} is a fine-tuning run's own checkpoint, its batch statistics not yet "
+                        "folded into the weights; export the model the run writes at its end (model_q.pt, or "
+                        "mpqc finetune -o FILE), resuming the run to finish it if it was cut off")
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"--checkpoint {path}: does not hold a state dict of the quantized model")
     trained_rq = {k.split(".")[1] for k in obj if k.startswith("rq.")}

@@ -134,6 +134,16 @@ def test_a_mismatched_checkpoint_exits_2(files, capsys):
     assert code == 2 and "does not fit" in err
 
 
+def test_a_runs_own_midway_checkpoint_is_named_as_such(files, capsys):
+    """finetune_ckpt/last.pt holds the batch-statistics maps not yet folded: it was refused with "was it fine-tuned
+    with the same --plan?", which sent users looking for another plan."""
+    state = {f"gm.renorm.r0.{k}": torch.ones(4) for k in ("gain", "bias", "running_mean", "running_var")}
+    torch.save({"epoch": 1, "method": "lsq", "model": state, "optimizer": {}, "precision": {}}, files / "last.pt")
+    code, _, err = _run(capsys, *_base(files, "-o", files / "l.onnx", "--checkpoint", files / "last.pt"))
+    assert code == 2 and "fine-tuning run's own checkpoint" in err and "model_q.pt" in err, err
+    assert not (files / "l.onnx").exists()
+
+
 def test_a_checkpoint_fine_tuned_at_another_plan_exits_2(files, capsys):
     """Its step sizes were learned for other widths: exporting them at this plan's would be silently wrong."""
     from mpqc.compiler.deploy_grid import model_checkpoint
