@@ -3,8 +3,8 @@
 :class:`NoiseInjector` inserts one :class:`LayerNoise` module after the fx node of every conv/linear layer of
 a :class:`~mpqc.compiler.quantize.QuantizedModel` (``call_module`` nodes in ``qmodel.gm``, the way
 ``quantize.py`` inserts quantizers). Each draws the noise of one of Garg et al.'s models (an
-:class:`AnalogNoiseModel`: a target's ``[analog] noise``, ``sigma_t`` and ``weight_noise``) with the cost model's
-formulas (``mpqc.cost_models.analog.output_noise_variance``), E the energy per MAC:
+:class:`AnalogNoiseModel`: a target's ``[analog] noise``, ``sigma_t`` and ``weight_noise``) as the search priced
+it (``mpqc.cost_models.analog.output_noise_variance`` on the same quantizer ranges), E the energy per MAC:
 
     thermal: y + sigma n,   sigma = sigma_t sqrt(N) R_w R_x / sqrt(E)        per output channel
     shot:    y + sigma n,   sigma = ||w_j|| ||x_patch|| / (sqrt(N) sqrt(E))  per output element
@@ -12,9 +12,7 @@ formulas (``mpqc.cost_models.analog.output_noise_variance``), E the energy per M
 
 with N the layer's fan-in (``op.fan_in``: C_in/groups k_h k_w; the seed code does not divide by groups),
 R_w = s_w (2^b_w - 1) the full range of the quantized weights per output channel and R_x = s_a (2^b_a - 1)
-that of the quantized input (a float operand falls back to its observed range; the sensitivity stage, which
-runs before any quantizer range is final, uses the float ranges 2 max|w| and max x - min x, so an MSE-clipped
-quantizer here sees somewhat less thermal noise than the search priced), ||w_j|| the L2 norm of the
+that of the quantized input (a float operand falls back to its observed range), ||w_j|| the L2 norm of the
 weight row the GEMM reads, ||x_patch|| that of the input each output reads (its receptive field), and E held
 as a parameter log E (per layer, or per output channel). Weight noise is one draw of dW per forward pass (the
 array's weights), so its variance on an output is sigma_w^2 ||x_patch||^2, the cost model's. Noise is drawn

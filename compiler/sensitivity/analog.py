@@ -9,8 +9,9 @@ the Fisher of the outputs standing in for the Hessian
     score(layer, E) = ½ · Σ_c σ_c²(E) · G_c,    G_c = (1/N)·Σ_i Σ_positions (∂ℓ_i/∂y_{i,c,p})²,
 
 an estimate of the loss increase at energy E (here the diagonal is exact: the noise is independent across
-elements). The output gradients are per-sample for free; the noise statistics (weight ranges and row norms,
-input range, mean ‖x_patch‖²) come from the float weights and the recorded layer inputs of the sample.
+elements). The output gradients are per-sample for free; the ranges R_w and R_x are those of the layer's
+calibrated quantizers at the target's widths (s·(2^b − 1), as the noise-aware fine-tuning draws them), and the
+weight row norms and mean ‖x_patch‖² come from the float weights and the recorded layer inputs of the sample.
 Layers the noise model cannot describe (other than conv2d and linear) get no ``e`` scores. At channel
 granularity each channel's term ½·σ_c²(E)·G_c is kept too (``e_channel``): the search can then give every
 output channel (an array column) its own E, which is where most of the saving is (bench/RESULTS.md, analog).
@@ -41,6 +42,27 @@ def _pad(p):
     if isinstance(p, str):
         raise ValueError(f"string padding {p!r}")
     return tuple(p) if isinstance(p, list) else p
+
+
+@torch.no_grad()
+def _quantizer_ranges(qm, layer: str, b_w: int, b_a: int) -> tuple[np.ndarray | None, float | None]:
+    """R_w = s_w·(2^b_w − 1) per output channel and R_x = s_a·(2^b_a − 1): the ranges of the layer's calibrated
+    quantizers at the target's widths, the ones the noise-aware fine-tuning draws its noise with (Garg et al.'s R
+    is the quantizer's full range). None where the layer has no such quantizer (or its input was not observed)."""
+    r_w = r_x = None
+    wq, w = qm.weight_quantizer(layer), qm.weight(layer)
+    if wq is not None:
+        on, bits = wq.enabled, (wq.bits.clone() if wq.enabled else None)
+        wq.set_bits(b_w, w)
+        r_w = (wq.scale.detach().abs().double() * (2**b_w - 1)).cpu().numpy()
+        wq.set_bits(bits if on else None, w)
+    aqs = qm.act_quantizers(layer)
+    if aqs and float(aqs[0].absmax) > 0:
+        aq, before = aqs[0], aqs[0].bits
+        aq.set_bits(b_a)
+        r_x = float(aq.scale.detach().abs()) * (2**b_a - 1)
+        aq.set_bits(before)
+    return r_w, r_x
 
 
 def run(ctx: Context) -> RawScores:
@@ -90,12 +112,15 @@ def run(ctx: Context) -> RawScores:
             tick()
     raw = RawScores(meta={"samples": n, "noise": target.analog.noise, "e_grid": grid, "unit": target.analog.unit,
                           "digital_layers": list(target.analog.digital_layers), "skipped": skipped})
+    b_w, b_a = max(target.weights.bits), max(target.activations.bits)
     for op in ops:
         if op.name in skipped or op.name not in xsq:
             continue
         w = qm.weight(op.name).detach().double()
         rows = w.reshape(w.shape[0], -1)
-        stats = LayerStats(r_w=(2 * rows.abs().amax(1)).cpu().numpy(), r_x=rx[op.name],
+        r_w, r_x = _quantizer_ranges(qm, op.name, b_w, b_a)
+        stats = LayerStats(r_w=r_w if r_w is not None else (2 * rows.abs().amax(1)).cpu().numpy(),
+                           r_x=r_x if r_x is not None else rx[op.name],
                            w_row_norms=rows.norm(dim=1).cpu().numpy(), x_patch_sq=xsq[op.name] / max(n, 1))
         g = gsq[op.name].numpy() / max(n, 1)
         per_e = {e: 0.5 * output_noise_variance(op, e, target, stats) * g for e in grid}

@@ -179,17 +179,16 @@ def test_noise_model_from_targets_and_configs():
 
 
 def test_shot_and_weight_noise_refuse_an_uncovered_layer_and_leave_the_graph(digits):
-    class MatmulNet(torch.nn.Module):
+    class Conv1dNet(torch.nn.Module):  # a 1-d convolution: shot and weight noise cover conv2d and linear only
         def __init__(self):
             super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(64, 10) * 0.1)
+            self.c = torch.nn.Conv1d(8, 10, 3)
 
         def forward(self, x):
-            return x.flatten(1) @ self.w
+            return self.c(x.flatten(1, 2)).mean(-1)
 
-    cap = capture(MatmulNet().eval(), (torch.randn(1, 1, 8, 8),))
-    if not any(op.kind == OpKind.LINEAR and op.weight_fqn for op in cap.graph.layers()):
-        pytest.skip("this torch captures x @ W without a weighted linear layer")
+    cap = capture(Conv1dNet().eval(), (torch.randn(1, 1, 8, 8),))
+    assert [op.kind for op in cap.graph.layers()] == [OpKind.CONV]
     q = prepare(cap, {op.name: LayerQuant(8, 8) for op in cap.graph.layers()}, digits, FinetuneConfig())
     code = q.gm.code
     for kind in ("shot", "weight"):

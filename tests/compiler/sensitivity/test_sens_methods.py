@@ -176,6 +176,28 @@ def test_analog_scores_fall_as_energy_grows(digits):
         run_sensitivity("analog", qm, data, {"samples": 8})
 
 
+def test_analog_scores_price_the_noise_ranges_the_fine_tuning_draws(digits):
+    """The search priced thermal noise with the float ranges 2·max|w| and max x − min x, while noise-aware fine-tuning
+    drew it with the quantizers' s·(2^b − 1), MSE-clipped: per layer the two differed by up to 2x in variance. Both
+    now read the calibrated quantizers at the target's widths (8 bits on the analog target)."""
+    import copy
+
+    from mpqc.compiler.finetune.energy import _thermal_sigma_fn
+    from mpqc.compiler.sensitivity.analog import _quantizer_ranges
+    from mpqc.kernels.analog_noise import thermal_sigma
+
+    qm, _, _ = digits
+    at8 = copy.deepcopy(qm)
+    for op in at8.graph_ir.layers():
+        at8.set_precision(op.name, w_bits=8, a_bits=8)
+    for op in qm.graph_ir.layers():
+        r_w, r_x = _quantizer_ranges(qm, op.name, 8, 8)
+        assert not qm.weight_quantizer(op.name).enabled and not any(a.enabled for a in qm.act_quantizers(op.name))
+        priced = thermal_sigma(op.fan_in, torch.as_tensor(r_w).float(), torch.tensor(r_x).float(), 1.0, 0.01)
+        drawn = _thermal_sigma_fn(at8, at8.graph_ir.ops[op.name], 0.01)()
+        torch.testing.assert_close(priced, drawn.reshape(priced.shape), rtol=1e-5, atol=0)
+
+
 def test_analog_channel_scores_sum_to_the_layer_score(digits):
     """At channel granularity every output channel keeps its own term; they add up to the layer's score, the
     file round-trips, and the search's reader takes it."""
