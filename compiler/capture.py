@@ -290,7 +290,9 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     from .loading import set_eval
     from .passes import (
         canonical_linear,
+        einsum_as_products,
         explicit_attention,
+        free_reserved_names,
         functional_inplace,
         linear_from_matmul,
         output_channels_first,
@@ -298,8 +300,10 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
 
     model = set_eval(model)
     gm, method = trace(model, example_inputs, method)
+    free_reserved_names(gm)
     functional_inplace(gm)
     canonical_linear(gm)
+    einsum_as_products(gm)
     linear_from_matmul(gm)
     output_channels_first(gm)
     explicit_attention(gm)

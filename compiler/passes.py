@@ -7,6 +7,9 @@ export, ``ExportedProgram.run_decompositions()`` or the edge dialect, makes of `
 ``linear_from_matmul`` does the same for ``x @ Wᵀ`` and for ``x @ W`` with W stored (in, out), which it stores
 transposed, so that a weight's axis 0 is its output channel everywhere.
 
+``einsum_as_products`` spells a two-operand einsum that is one (batched) matrix product as ``matmul``, so that
+it is a layer like any other product (a linear one when an operand is a parameter).
+
 ``functional_inplace`` turns in-place ops (``out += identity``, ``relu_``) into their out-of-place forms where
 nothing else reads the tensor they would overwrite. The quantizers the compiler inserts later return fresh
 tensors that autograd forbids writing to in place, and a graph of pure functions is one the IR can describe.
@@ -111,12 +114,126 @@ def canonical_linear(gm: torch.fx.GraphModule) -> int:
     return done
 
 
+# the attributes mpqc adds to a captured GraphModule's root (quantizers, splices, the export's bias quantizers)
+RESERVED_NAMES = ("wq", "aq", "rq", "bq", "sbn", "noise", "renorm", "tail_bq")
+
+
+def free_reserved_names(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Rename the model's own root attributes that clash with :data:`RESERVED_NAMES` (a ``self.wq`` projection)
+    to ``<name>_`` (or the first free ``<name>_<k>``), in the graph's targets and module paths too; returns
+    {old: new}. Adding the quantizers stopped with "attribute 'wq' already exists" otherwise."""
+    renamed: dict[str, str] = {}
+    for name in RESERVED_NAMES:
+        if not hasattr(gm, name) or name in type(gm).__dict__:
+            continue
+        new, k = f"{name}_", 1
+        while hasattr(gm, new):
+            k += 1
+            new = f"{name}_{k}"
+        obj = getattr(gm, name)
+        if name in gm._modules:
+            gm._modules[new] = gm._modules.pop(name)
+        elif name in gm._parameters:
+            gm._parameters[new] = gm._parameters.pop(name)
+        elif name in gm._buffers:
+            gm._buffers[new] = gm._buffers.pop(name)
+        else:
+            delattr(gm, name)
+            setattr(gm, new, obj)
+        renamed[name] = new
+
+    def moved(path: str) -> str:
+        head, dot, rest = path.partition(".")
+        return renamed[head] + dot + rest if head in renamed else path
+
+    if not renamed:
+        return renamed
+    for n in gm.graph.nodes:
+        if n.op in ("get_attr", "call_module") and isinstance(n.target, str):
+            n.target = moved(n.target)
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            n.meta["nn_module_stack"] = {k_: (moved(v[0]), v[1]) if isinstance(v, tuple) and isinstance(v[0], str)
+                                         else v for k_, v in stack.items()}
+    gm.recompile()
+    return renamed
+
+
 def _tied(gm: torch.fx.GraphModule) -> set[str]:
     """Names of parameters reachable under more than one name (tied weights)."""
     names: dict[int, list[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     return {n for group in names.values() if len(group) > 1 for n in group}
+
+
+def _einsum_operands(node: torch.fx.Node) -> tuple[str, list] | None:
+    """(equation without spaces, operand nodes) of a call to einsum, else None."""
+    if node.op != "call_function" or packet(node) != "einsum" or not node.args or not isinstance(node.args[0], str):
+        return None
+    rest = node.args[1:]
+    ops = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    return node.args[0].replace(" ", ""), ops
+
+
+def _product_form(eq: str) -> bool | None:
+    """Whether a two-operand einsum is one (batched) matrix product ``a @ b``: False with b held (..., k, n), True
+    with b held (..., n, k) (read transposed); None when it is not (several contracted indices, a permuted
+    output, repeated or summed-out indices, broadcast batch dimensions that do not line up from the right)."""
+    if eq.count("->") != 1:
+        return None
+    ins, out = eq.split("->")
+    parts = ins.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    a, b, out = (p.replace("...", "@") for p in (a, b, out))  # the broadcast dimensions as one index
+    if "." in a + b + out or any(len(set(p)) != len(p) for p in (a, b, out)) or len(a) < 2 or len(b) < 2:
+        return None
+    a_batch, m, k = a[:-2], a[-2], a[-1]
+    if k in out or k not in b[-2:] or m in b:
+        return None
+    n = b[-1] if b[-2] == k else b[-2]
+    b_batch = b[:-2]
+    if n in a or not a_batch.endswith(b_batch) or out != a_batch + m + n:
+        return None
+    return b[-2:] == n + k
+
+
+def einsum_as_products(gm: torch.fx.GraphModule) -> int:
+    """A two-operand einsum that is one (batched) matrix product becomes ``matmul(a, b)`` (with ``b`` transposed
+    when held (..., n, k)): ``"bsi,oi->bso"`` is a linear layer, ``"bhqd,bhkd->bhqk"`` an attention product;
+    returns the count. Nodes carry ``meta['val']``.
+
+    As einsums they were counted (MACs) but stayed float outside every cost and budget; as products they are
+    layers the search prices and quantizes, and a parameter operand becomes a linear layer (linear_from_matmul).
+    """
+    done = 0
+    for n in list(gm.graph.nodes):
+        got = _einsum_operands(n)
+        if got is None or len(got[1]) != 2 or not all(isinstance(o, torch.fx.Node) for o in got[1]):
+            continue
+        transpose_b = _product_form(got[0])
+        vals = [o.meta.get("val") for o in got[1]]
+        if transpose_b is None or not all(isinstance(v, torch.Tensor) for v in vals):
+            continue
+        a, b = got[1]
+        with gm.graph.inserting_before(n):
+            if transpose_b:
+                bt = gm.graph.call_function(torch.ops.aten.transpose.int, (b, -2, -1))
+                bt.meta = {"val": vals[1].transpose(-2, -1)}
+                b = bt
+            mm = gm.graph.call_function(torch.ops.aten.matmul.default, (a, b))
+        mm.meta = {k_: v_ for k_, v_ in n.meta.items() if k_ in ("nn_module_stack", "stack_trace", "val")}
+        n.replace_all_uses_with(mm)
+        name = n.name
+        gm.graph.erase_node(n)
+        mm._rename(name)  # the layer keeps the name the einsum gave it (plans and reports name it so)
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
 
 
 def _absorb_bias(gm: torch.fx.GraphModule, lin: torch.fx.Node) -> None:

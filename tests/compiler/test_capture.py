@@ -571,6 +571,70 @@ def test_parameterised_ops_left_float_are_listed_with_their_macs_and_params(meth
     assert any("stay float" in w and "2 op(s)" in w for w in sp.warnings), sp.warnings
 
 
+class _ReservedNames(nn.Module):
+    """Root attributes named like mpqc's own (a ``self.wq`` query projection is common in attention code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq = nn.Linear(16, 16)
+        self.aq = nn.Parameter(torch.randn(16, 8) / 4)
+        self.rq = nn.Sequential(nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.rq(torch.relu(self.wq(x)) @ self.aq)
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_a_model_attribute_named_like_a_quantizer_table_is_renamed_not_a_crash(method):
+    """Building the quantized model stopped with KeyError "attribute 'wq' already exists" on any model with a root
+    attribute wq, aq or rq: mpqc's quantizer tables hang there. The model's own are renamed with a "_"."""
+    from mpqc.compiler.quantize import QuantizedModel
+
+    torch.manual_seed(0)
+    model, x = _ReservedNames().eval(), torch.randn(64, 16)
+    cap = capture(model, (x[:1],), method=method)
+    assert [op.name for op in cap.graph.layers()] == ["wq_", "aq_", "rq_.1"]
+    qm = QuantizedModel(cap)
+    for op in cap.graph.layers():
+        qm.set_precision(op.name, w_bits=8, a_bits=8)
+    qm.calibrate([x])
+    ref = model(x)
+    assert (qm(x) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+class _EinsumAttention(nn.Module):
+    """Projections and attention spelled as einsums (a JAX port's style), and an outer product that is no matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq, self.wk = nn.Parameter(torch.randn(16, 16) / 4), nn.Parameter(torch.randn(16, 16) / 4)
+        self.wo = nn.Parameter(torch.randn(16, 10) / 4)  # (in, out)
+
+    def forward(self, x):  # [B, 8, 16]
+        q, k = torch.einsum("bsi,oi->bso", x, self.wq), torch.einsum("...i,oi->...o", x, self.wk)
+        a = torch.einsum("bqd,bkd->bqk", q, k).softmax(-1)
+        h = torch.einsum("bqk,bkd->bqd", a, k)
+        outer = torch.einsum("bi,bj->bij", h.mean(1), h.mean(1)).mean((1, 2))
+        return torch.einsum("bsd,do->bso", h, self.wo).mean(1) + outer[:, None]
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_einsums_that_are_matrix_products_become_layers(method):
+    """An einsum was counted but stayed float, outside every cost: a model written with einsums compiled with its
+    projections and attention unquantized. One that is a (batched) matrix product is now a linear layer (a
+    parameter operand, either layout) or an activation product; any other einsum stays listed as float."""
+    model, x = _EinsumAttention().eval(), torch.randn(2, 8, 16)
+    cap = capture(model, (x[:1],), method=method)
+    layers = {op.weight_fqn or "matmul": op for op in cap.graph.layers()}
+    assert {k: v.kind.value for k, v in layers.items() if k != "matmul"} == {"wq": "linear", "wk": "linear",
+                                                                             "wo": "linear"}
+    assert layers["wo"].weight_shape == [10, 16] and layers["wo"].macs == 8 * 16 * 10
+    products = [op for op in cap.graph.layers() if op.kind.value == "matmul"]
+    assert len(products) == 2 and all(op.macs == 8 * 8 * 16 for op in products)
+    assert [v["op"] for v in cap.graph.unquantized().values()] == ["einsum"]  # the outer product
+    torch.testing.assert_close(cap.gm(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 class _Attention(nn.Module):
     def __init__(self, masked: bool):
         super().__init__()
@@ -598,8 +662,9 @@ def test_fused_attention_is_spelled_as_its_two_products_where_unmasked(method):
 
 
 @pytest.mark.parametrize("method", ["export", "fx"])
-def test_einsums_are_listed_as_float_with_their_contraction_macs(method):
-    """torch.einsum is neither a matmul nor a linear layer to mpqc: it stays float, and was counted nowhere."""
+def test_einsums_that_are_no_matrix_product_are_listed_as_float_with_their_contraction_macs(method):
+    """An einsum that is not one matrix product is neither a matmul nor a linear layer to mpqc: it stays float, and
+    was counted nowhere."""
 
     class Einsums(nn.Module):
         def __init__(self):
@@ -607,10 +672,10 @@ def test_einsums_are_listed_as_float_with_their_contraction_macs(method):
             self.W = nn.Parameter(torch.randn(16, 8))
 
         def forward(self, x):  # [B, 8, 8]
-            h = torch.einsum("bid,ed->bie", x.flatten(1, 2), self.W)  # a weight: [B, 8, 16]
-            return torch.einsum("bid,bjd->bij", h, h).flatten(1)  # two activations: [B, 8, 8]
+            h = torch.einsum("bid,ed->be", x.flatten(1, 2), self.W)  # a weight, i summed out too: [B, 16]
+            return torch.einsum("bi,bj->bij", h, h).flatten(1)  # an outer product of activations: [B, 16, 16]
 
     g = capture(Einsums().eval(), (torch.randn(1, 1, 8, 8),), method=method).graph
     u = sorted(g.unquantized().values(), key=lambda v: -v["params"])
-    assert [(v["params"], v["macs"]) for v in u] == [(128, 8 * 8 * 16), (0, 8 * 8 * 16)]
-    assert g.total_macs() == 2 * 8 * 8 * 16
+    assert [(v["params"], v["macs"]) for v in u] == [(128, 8 * 8 * 16), (0, 16 * 16)]
+    assert g.total_macs() == 8 * 8 * 16 + 16 * 16
