@@ -446,8 +446,9 @@ def fold_batchnorm(gm: torch.fx.GraphModule) -> int:
             if not isinstance(conv, torch.fx.Node) or conv.op != "call_function" or len(conv.users) != 1:
                 continue
             t_groups = transposed_conv_groups(conv)
-            if t_groups is None and packet(conv) not in {"conv1d", "conv2d", "conv3d", "convolution", "linear"}:
-                continue
+            if t_groups is None and (packet(conv) not in {"conv1d", "conv2d", "conv3d", "convolution", "linear"} or (
+                    packet(conv) == "convolution" and len(conv.args) > 6 and conv.args[6])):
+                continue  # (a transposed convolution whose groups are not a plain int stays unfolded)
             w_node = conv.args[1]
             if t_groups is not None:  # foldable once output_channels_first stored its weight output-channel first
                 if t_groups != 1 or not isinstance(w_node, torch.fx.Node) or packet(w_node) != "transpose" \
