@@ -82,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--train-optimizer", choices=("sgd", "adam", "adamw"), default="adam",
                    help="noise-aware fine-tuning optimizer (SGD at lr 0.002 lost 11 points in one CPU epoch at E=8; "
                         "Adam 1e-4 kept the most, bench/RESULTS.md)")
+    p.add_argument("--sens-ranges", choices=("quantizer", "float"), default="quantizer",
+                   help="noise ranges the analog sensitivity prices with: the calibrated quantizers' (default, what "
+                        "fine-tuning draws) or the float weights' and inputs' (before 2026-12-08)")
     p.add_argument("--only", default=None,
                    help="comma-separated parts to run besides setup/sensitivity/search/summary (e.g. uniform,"
                         "closed-channel,ilp-channel,check,measure,learned,trained-uniform@4); default: all")
@@ -189,7 +192,7 @@ class Bench:
         t = time.perf_counter()
         table = run_sensitivity("analog", self.captured, self.data,
                                 {"target": "analog", "samples": self.samples, "device": str(self.dev),
-                                 "granularity": "channel"})
+                                 "granularity": "channel", "ranges": self.a.sens_ranges})
         self.s_repo = {n: float(ls.e[min(ls.e, key=lambda e: abs(e - 1.0))]) for n, ls in table.layers.items()
                        if ls.e}
         self.s_repo_ch = {n: np.asarray(ls.e_channel[min(ls.e_channel, key=lambda e: abs(e - 1.0))])

@@ -24,10 +24,13 @@ import torch
 
 from mpqc.compiler.ir import OpKind
 from mpqc.cost_models.analog import LayerStats, output_noise_variance
+from mpqc.errors import UserError
 
 from ._common import Context, NodeTaps, RawScores, layer_node, weighted_layers
 
-DEFAULTS: dict = {}
+# ranges: "quantizer" (the calibrated quantizers' s·(2^b − 1) at the target's widths, what fine-tuning draws noise
+# with) or "float" (2·max|w| and max x − min x of the float weights and inputs, as before 2026-12-08)
+DEFAULTS: dict = {"ranges": "quantizer"}
 
 
 def _stat_args(op) -> dict:
@@ -67,6 +70,8 @@ def _quantizer_ranges(qm, layer: str, b_w: int, b_a: int) -> tuple[np.ndarray | 
 
 def run(ctx: Context) -> RawScores:
     qm, target = ctx.qmodel, ctx.target
+    if ctx.params["ranges"] not in ("quantizer", "float"):
+        raise UserError(f"analog: ranges must be quantizer or float, not {ctx.params['ranges']!r}")
     per_channel = ctx.options.granularity == "channel"
     grid = [float(e) for e in target.analog.e_grid()]
     ops, skipped = [], {}
@@ -118,7 +123,7 @@ def run(ctx: Context) -> RawScores:
             continue
         w = qm.weight(op.name).detach().double()
         rows = w.reshape(w.shape[0], -1)
-        r_w, r_x = _quantizer_ranges(qm, op.name, b_w, b_a)
+        r_w, r_x = _quantizer_ranges(qm, op.name, b_w, b_a) if ctx.params["ranges"] == "quantizer" else (None, None)
         stats = LayerStats(r_w=r_w if r_w is not None else (2 * rows.abs().amax(1)).cpu().numpy(),
                            r_x=r_x if r_x is not None else rx[op.name],
                            w_row_norms=rows.norm(dim=1).cpu().numpy(), x_patch_sq=xsq[op.name] / max(n, 1))
