@@ -230,6 +230,8 @@ def test_unknown_method_and_options(digits):
         run_sensitivity("fisher", qm, data, {"candidates": (9, 1)})
     with pytest.raises(UserError, match="granularity layer"):
         run_sensitivity("limpq", qm, data, {"granularity": "channel"})
+    with pytest.raises(UserError, match="ranges must be quantizer or float"):
+        run_sensitivity("analog", qm, data, {"target": "analog", "samples": 8, "ranges": "observed"})
     assert set(METHODS) == {"fisher", "hutchinson", "impq", "eval", "limpq", "dual", "analog"}
 
 
