@@ -249,6 +249,8 @@ def _absorb_bias(gm: torch.fx.GraphModule, lin: torch.fx.Node) -> None:
     if not isinstance(b, torch.nn.Parameter) or b.dim() != 1 or w is None or b.shape[0] != w.shape[0] \
             or not isinstance(add.meta.get("val"), torch.Tensor) or add.meta["val"].shape != lin.meta["val"].shape:
         return
+    if b_node.op == "get_attr":  # torch.fx records the bias's get_attr where `+ self.b` reads it: after the product
+        lin.prepend(b_node)
     lin.args = (lin.args[0], lin.args[1], b_node)
     lin.meta = dict(add.meta)
     add.replace_all_uses_with(lin)

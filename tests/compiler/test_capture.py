@@ -438,6 +438,26 @@ def test_a_batch_norm_after_a_transposed_conv_folds_into_its_output_channels(met
         torch.testing.assert_close(cap.gm(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_a_bias_added_after_x_at_w_joins_the_layer(method):
+    """``x @ W + b``: the bias joins the linear layer (its integer grid); under torch.fx the bias's get_attr comes
+    after the product, and the rewritten graph read it before it was defined (a RuntimeError in capture)."""
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W, self.b = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.randn(32))
+
+        def forward(self, x):
+            return x @ self.W + self.b
+
+    model, x = Dense().eval(), torch.randn(4, 16)
+    cap = capture(model, (x[:1],), method=method)
+    (op,) = cap.graph.layers()
+    assert op.bias_fqn == "b" and op.weight_shape == [32, 16]
+    torch.testing.assert_close(cap.gm(x), model(x))
+
+
 class _InOutWeight(nn.Module):
     """``x @ W`` with W stored (in, out), a second product ``x @ Vᵀ``, and another reader of W."""
 
