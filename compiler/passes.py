@@ -159,6 +159,13 @@ def free_reserved_names(gm: torch.fx.GraphModule) -> dict[str, str]:
     return renamed
 
 
+def _only_read_as(gm: torch.fx.GraphModule, fqn: str, reads) -> bool:
+    """Whether every node that reads parameter ``fqn`` is one that ``reads(user, get_attr_node)`` accepts: a weight
+    stored transposed for those readers must not change what any other reader computes with (its layout)."""
+    attrs = [a for a in gm.graph.nodes if a.op == "get_attr" and str(a.target) == fqn]
+    return bool(attrs) and all(reads(u, a) for a in attrs for u in a.users)
+
+
 def _tied(gm: torch.fx.GraphModule) -> set[str]:
     """Names of parameters reachable under more than one name (tied weights)."""
     names: dict[int, list[str]] = {}
@@ -299,7 +306,7 @@ def output_channels_first(gm: torch.fx.GraphModule) -> int:
     Axis 0 is then its output channel, as for every other weight: one scale and width per output channel (the
     export's per-axis DequantizeLinear along axis 1 of the ONNX ConvTranspose weight, where TensorRT and
     XNNPACK expect it). A grouped one (C_in, C_out/groups, k...) has no axis of whole output channels and stays
-    float, as do tied weights.
+    float, as do tied weights and weights something else reads too.
     """
     tied, done = _tied(gm), set()
     for n in gm.graph.nodes:
@@ -309,7 +316,8 @@ def output_channels_first(gm: torch.fx.GraphModule) -> int:
         w = _get_attr(gm, w_node)
         fqn = str(w_node.target) if isinstance(w_node, torch.fx.Node) else ""
         if not isinstance(w, torch.nn.Parameter) or w.dim() < 3 or not w.is_floating_point() or fqn in tied \
-                or fqn in done:
+                or fqn in done or not _only_read_as(gm, fqn, lambda u, a: transposed_conv_groups(u) == 1 and
+                                                   len(u.args) > 1 and u.args[1] is a and a not in u.args[2:]):
             continue
         _set_param(gm, fqn, w.detach().transpose(0, 1).contiguous())
         _get_attr(gm, w_node).requires_grad_(w.requires_grad)
@@ -321,6 +329,21 @@ def output_channels_first(gm: torch.fx.GraphModule) -> int:
     return len(done)
 
 
+# ops that make a weighted layer of a parameter they read (directly or through views): a second layout of that
+# parameter would be read along the wrong axis there
+_LAYER_OPS = {"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "conv1d", "conv2d", "conv3d", "convolution",
+              "_convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "embedding", "einsum",
+              "t", "transpose", "permute", "view", "reshape", "expand", "unsqueeze", "_unsafe_view"}
+
+
+def _right_operand(user: torch.fx.Node, w: torch.fx.Node) -> bool:
+    """``user`` is ``x @ w`` (matmul or mm, w the right operand only), or no layer reads w there (a sum, a norm)."""
+    if user.op == "call_function" and packet(user) in ("matmul", "mm") and len(user.args) == 2 \
+            and user.args[1] is w and user.args[0] is not w and not user.kwargs:
+        return True
+    return user.op not in ("call_function", "call_method") or packet(user) not in _LAYER_OPS
+
+
 def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
     """``x @ Wᵀ`` -> ``linear(x, W)``, and ``x @ W`` with a 2-D parameter W stored (in, out) -> ``linear(x, W')``
     where W' = Wᵀ is stored (out, in) under W's name, taking in a bias added right after; returns the count.
@@ -329,7 +352,8 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
     Every weight stage takes axis 0 as the output channel (per-channel scales and bit-widths, channel
     sensitivities, the export's per-axis scales); an (in, out) weight would get one scale per *input* row, which
     no integer kernel can apply after its dot products. Other readers of a flipped W read ``W'ᵀ``, so the
-    function is unchanged; the quantized model's state dict holds W'. Tied parameters are left as they are.
+    function is unchanged; the quantized model's state dict holds W'. Tied parameters, and a W that something other
+    than such products also reads (a linear layer's weight reused as ``h @ W``), are left as they are.
     """
     tied, flipped, made = _tied(gm), set(), set()
     done = 0
@@ -344,7 +368,8 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
         if weight is None:
             p = _get_attr(gm, w)
             fqn = str(w.target) if isinstance(w, torch.fx.Node) else ""
-            if not isinstance(p, torch.nn.Parameter) or p.dim() != 2 or not p.is_floating_point() or fqn in tied:
+            if not isinstance(p, torch.nn.Parameter) or p.dim() != 2 or not p.is_floating_point() or fqn in tied \
+                    or not _only_read_as(gm, fqn, _right_operand):  # (also a linear's W elsewhere: leave it)
                 continue
             if fqn not in flipped:
                 _set_param(gm, fqn, p.detach().t().contiguous())

@@ -458,6 +458,26 @@ def test_a_bias_added_after_x_at_w_joins_the_layer(method):
     torch.testing.assert_close(cap.gm(x), model(x))
 
 
+def test_a_linear_weight_also_read_as_x_at_w_keeps_its_layout():
+    """One parameter as nn.Linear's weight and as ``h @ W`` (a tied decoder): storing it transposed for the product
+    made the linear read it through a transpose, which the IR took for a (16, 32) weight: 16 output channels
+    instead of 32, twice the MACs, per-channel scales along its inputs. Such a weight keeps its layout."""
+
+    class TiedDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(16, 32)
+
+        def forward(self, x):
+            return torch.relu(self.enc(x)) @ self.enc.weight
+
+    model, x = TiedDecoder().eval(), torch.randn(2, 16)
+    cap = capture(model, (x,))
+    enc = cap.graph.layer("enc")
+    assert enc.weight_shape == [32, 16] and enc.out_channels == 32 and enc.macs == 2 * 32 * 16
+    torch.testing.assert_close(cap.gm(x), model(x))
+
+
 class _InOutWeight(nn.Module):
     """``x @ W`` with W stored (in, out), a second product ``x @ Vᵀ``, and another reader of W."""
 
@@ -627,15 +647,15 @@ class _EinsumAttention(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.wq, self.wk = nn.Parameter(torch.randn(16, 16) / 4), nn.Parameter(torch.randn(16, 16) / 4)
-        self.wo = nn.Parameter(torch.randn(16, 10) / 4)  # (in, out)
+        self.w_q, self.w_k = nn.Parameter(torch.randn(16, 16) / 4), nn.Parameter(torch.randn(16, 16) / 4)
+        self.w_o = nn.Parameter(torch.randn(16, 10) / 4)  # (in, out)
 
     def forward(self, x):  # [B, 8, 16]
-        q, k = torch.einsum("bsi,oi->bso", x, self.wq), torch.einsum("...i,oi->...o", x, self.wk)
+        q, k = torch.einsum("bsi,oi->bso", x, self.w_q), torch.einsum("...i,oi->...o", x, self.w_k)
         a = torch.einsum("bqd,bkd->bqk", q, k).softmax(-1)
         h = torch.einsum("bqk,bkd->bqd", a, k)
         outer = torch.einsum("bi,bj->bij", h.mean(1), h.mean(1)).mean((1, 2))
-        return torch.einsum("bsd,do->bso", h, self.wo).mean(1) + outer[:, None]
+        return torch.einsum("bsd,do->bso", h, self.w_o).mean(1) + outer[:, None]
 
 
 @pytest.mark.parametrize("method", ["export", "fx"])
@@ -646,9 +666,9 @@ def test_einsums_that_are_matrix_products_become_layers(method):
     model, x = _EinsumAttention().eval(), torch.randn(2, 8, 16)
     cap = capture(model, (x[:1],), method=method)
     layers = {op.weight_fqn or "matmul": op for op in cap.graph.layers()}
-    assert {k: v.kind.value for k, v in layers.items() if k != "matmul"} == {"wq": "linear", "wk": "linear",
-                                                                             "wo": "linear"}
-    assert layers["wo"].weight_shape == [10, 16] and layers["wo"].macs == 8 * 16 * 10
+    assert {k: v.kind.value for k, v in layers.items() if k != "matmul"} == {"w_q": "linear", "w_k": "linear",
+                                                                             "w_o": "linear"}
+    assert layers["w_o"].weight_shape == [10, 16] and layers["w_o"].macs == 8 * 16 * 10
     products = [op for op in cap.graph.layers() if op.kind.value == "matmul"]
     assert len(products) == 2 and all(op.macs == 8 * 8 * 16 for op in products)
     assert [v["op"] for v in cap.graph.unquantized().values()] == ["einsum"]  # the outer product
