@@ -290,6 +290,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     from .loading import set_eval
     from .passes import (
         canonical_linear,
+        drop_eval_noops,
         einsum_as_products,
         explicit_attention,
         free_reserved_names,
@@ -301,6 +302,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     model = set_eval(model)
     gm, method = trace(model, example_inputs, method)
     free_reserved_names(gm)
+    drop_eval_noops(gm)
     functional_inplace(gm)
     canonical_linear(gm)
     einsum_as_products(gm)

@@ -64,6 +64,24 @@ def _set_param(gm: torch.fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
     mod.register_parameter(leaf, torch.nn.Parameter(value.detach().clone()))
 
 
+def _store_like(gm: torch.fx.GraphModule, fqn: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    """Store ``value`` at ``fqn`` as what ``like`` was there: a parameter (same requires_grad) or a buffer (a fixed
+    projection held in a buffer is a weight to the IR as much as a parameter is)."""
+    if isinstance(like, torch.nn.Parameter):
+        _set_param(gm, fqn, value)
+        _get_attr(gm, _attr_node(gm, fqn)).requires_grad_(like.requires_grad)
+        return
+    mod_path, _, leaf = fqn.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    persistent = leaf not in getattr(mod, "_non_persistent_buffers_set", set())
+    mod._buffers.pop(leaf, None)
+    mod.register_buffer(leaf, value.detach().clone(), persistent=persistent)
+
+
+def _attr_node(gm: torch.fx.GraphModule, fqn: str) -> torch.fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) == fqn)
+
+
 _TRANSPOSES = {"t", "permute", "transpose", "numpy_T"}
 
 
@@ -164,6 +182,39 @@ def _only_read_as(gm: torch.fx.GraphModule, fqn: str, reads) -> bool:
     stored transposed for those readers must not change what any other reader computes with (its layout)."""
     attrs = [a for a in gm.graph.nodes if a.op == "get_attr" and str(a.target) == fqn]
     return bool(attrs) and all(reads(u, a) for a in attrs for u in a.users)
+
+
+_NOOP_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+                 torch.nn.FeatureAlphaDropout, torch.nn.Identity)
+
+
+def drop_eval_noops(gm: torch.fx.GraphModule) -> int:
+    """Remove what an inference graph does not compute: dropout (modules, or functions called with training off),
+    nn.Identity, torchvision's stochastic depth with training off; returns the count. torch.export leaves none of
+    them; under torch.fx they stood between a layer and its residual add, which then got no quantizers (every
+    post-norm block failed TensorRT's residual-add rule)."""
+    done = 0
+    for n in list(gm.graph.nodes):
+        if not n.args or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        if n.op == "call_module":
+            m = gm.get_submodule(str(n.target))
+            noop = isinstance(m, _NOOP_MODULES) and not m.training and len(n.args) == 1 and not n.kwargs
+        elif n.op == "call_function" and packet(n) in ("dropout", "alpha_dropout", "feature_alpha_dropout",
+                                                          "dropout1d", "dropout2d", "dropout3d"):
+            noop = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True) is False
+        elif n.op == "call_function" and packet(n) == "stochastic_depth":
+            noop = n.kwargs.get("training", n.args[3] if len(n.args) > 3 else True) is False
+        else:
+            noop = False
+        if noop:
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
 
 
 def _tied(gm: torch.fx.GraphModule) -> set[str]:
@@ -271,13 +322,11 @@ def _read_back_transposed(gm: torch.fx.GraphModule, fqn: str, d0: int, d1: int, 
         stored = _get_attr(gm, a)
         if isinstance(a.meta.get("val"), torch.Tensor):
             a.meta["val"] = stored.detach().to("meta")
-        users = [u for u in a.users if u not in keep]
-        if not users:
-            continue
-        with gm.graph.inserting_after(a):
-            back = gm.graph.call_function(torch.ops.aten.transpose.int, (a, d0, d1))
-        back.meta = {"val": stored.detach().transpose(d0, d1).to("meta")}
-        for user in users:
+        for user in [u for u in a.users if u not in keep]:
+            # one transpose per reader: each reading layer gets its own weight quantizer spliced in before it
+            with gm.graph.inserting_after(a):
+                back = gm.graph.call_function(torch.ops.aten.transpose.int, (a, d0, d1))
+            back.meta = {"val": stored.detach().transpose(d0, d1).to("meta")}
             user.replace_input_with(a, back)
 
 
@@ -319,8 +368,7 @@ def output_channels_first(gm: torch.fx.GraphModule) -> int:
                 or fqn in done or not _only_read_as(gm, fqn, lambda u, a: transposed_conv_groups(u) == 1 and
                                                    len(u.args) > 1 and u.args[1] is a and a not in u.args[2:]):
             continue
-        _set_param(gm, fqn, w.detach().transpose(0, 1).contiguous())
-        _get_attr(gm, w_node).requires_grad_(w.requires_grad)
+        _store_like(gm, fqn, w.detach().transpose(0, 1).contiguous(), w)
         _read_back_transposed(gm, fqn, 0, 1)
         done.add(fqn)
     if done:
@@ -341,12 +389,16 @@ def _right_operand(user: torch.fx.Node, w: torch.fx.Node) -> bool:
     if user.op == "call_function" and packet(user) in ("matmul", "mm") and len(user.args) == 2 \
             and user.args[1] is w and user.args[0] is not w and not user.kwargs:
         return True
+    if user.op == "call_function" and packet(user) == "addmm" and len(user.args) == 3 and user.args[2] is w \
+            and w not in user.args[:2]:
+        return True  # addmm(b, x, W): GPT-2's Conv1D
     return user.op not in ("call_function", "call_method") or packet(user) not in _LAYER_OPS
 
 
 def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
-    """``x @ Wᵀ`` -> ``linear(x, W)``, and ``x @ W`` with a 2-D parameter W stored (in, out) -> ``linear(x, W')``
-    where W' = Wᵀ is stored (out, in) under W's name, taking in a bias added right after; returns the count.
+    """``x @ Wᵀ`` -> ``linear(x, W)``, and ``x @ W`` (or GPT-2's ``addmm(b, x, W)``) with a 2-D parameter W stored
+    (in, out) -> ``linear(x, W')`` where W' = Wᵀ is stored (out, in) under W's name, taking in a bias added right
+    after; returns the count.
     Nodes carry ``meta['val']``.
 
     Every weight stage takes axis 0 as the output channel (per-channel scales and bit-widths, channel
@@ -358,9 +410,17 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
     tied, flipped, made = _tied(gm), set(), set()
     done = 0
     for n in list(gm.graph.nodes):
-        if n.op != "call_function" or packet(n) not in ("matmul", "mm") or len(n.args) != 2 or n.kwargs:
+        bias = None
+        if n.op == "call_function" and packet(n) == "addmm" and len(n.args) == 3 \
+                and all(n.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):
+            bias, x, w = n.args  # addmm(b, x, W) with W stored (in, out); W read through .t() is canonical_linear's
+            b = _get_attr(gm, bias)
+            if b is None or b.dim() != 1 or _transposed_param(gm, w) is not None:
+                continue
+        elif n.op != "call_function" or packet(n) not in ("matmul", "mm") or len(n.args) != 2 or n.kwargs:
             continue
-        x, w = n.args
+        else:
+            x, w = n.args
         xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
         if not isinstance(xv, torch.Tensor) or xv.dim() < 1 or _get_attr(gm, x) is not None:
             continue
@@ -368,21 +428,23 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
         if weight is None:
             p = _get_attr(gm, w)
             fqn = str(w.target) if isinstance(w, torch.fx.Node) else ""
-            if not isinstance(p, torch.nn.Parameter) or p.dim() != 2 or not p.is_floating_point() or fqn in tied \
-                    or not _only_read_as(gm, fqn, _right_operand):  # (also a linear's W elsewhere: leave it)
-                continue
+            if not isinstance(p, torch.Tensor) or p.dim() != 2 or not p.is_floating_point() or fqn in tied \
+                    or not _only_read_as(gm, fqn, _right_operand) \
+                    or (bias is not None and _get_attr(gm, bias).shape[0] != p.shape[1]):
+                continue  # (a W a linear layer also reads, or an addmm bias of another size: left as it is)
             if fqn not in flipped:
-                _set_param(gm, fqn, p.detach().t().contiguous())
-                _get_attr(gm, w).requires_grad_(p.requires_grad)
+                _store_like(gm, fqn, p.detach().t().contiguous(), p)
                 flipped.add(fqn)
             weight = w
         with gm.graph.inserting_before(n):
-            lin = gm.graph.call_function(torch.ops.aten.linear.default, (x, weight))
+            lin = gm.graph.call_function(torch.ops.aten.linear.default,
+                                         (x, weight) if bias is None else (x, weight, bias))
         lin.meta = dict(n.meta)
         made.add(lin)
         n.replace_all_uses_with(lin)
         gm.graph.erase_node(n)
-        _absorb_bias(gm, lin)
+        if bias is None:
+            _absorb_bias(gm, lin)
         done += 1
     for fqn in flipped:
         _read_back_transposed(gm, fqn, 0, 1, keep=made)
@@ -490,6 +552,9 @@ def fold_batchnorm(gm: torch.fx.GraphModule) -> int:
             w = _get_attr(gm, w_node)
             if w is None or mean is None or var is None:
                 continue
+            if not _only_read_as(gm, str(w_node.target), lambda u, a, c=conv: u is c or (
+                    len(u.users) == 1 and next(iter(u.users)) is c and packet(u) == "transpose")):
+                continue  # a weight another layer also computes with (a conv applied twice) keeps its values
             b_node = conv.args[2] if len(conv.args) > 2 else None
             b = _get_attr(gm, b_node) if b_node is not None else None
             with torch.no_grad():

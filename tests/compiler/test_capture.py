@@ -478,6 +478,40 @@ def test_a_linear_weight_also_read_as_x_at_w_keeps_its_layout():
     torch.testing.assert_close(cap.gm(x), model(x))
 
 
+class _Conv1D(nn.Module):
+    """GPT-2's Conv1D: ``addmm(bias, x, W)`` with W stored (in, out)."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf) / 4), nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(x.shape[0], x.shape[1], -1)
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_gpt2_conv1d_and_buffer_projections_are_per_output_channel_layers(method):
+    """addmm(b, x, W) with W (in, out) (GPT-2's Conv1D) and an (in, out) projection held in a buffer were captured as
+    linear layers whose axis 0 is their input: per-channel scales along the inputs, a TensorRT weight-axis error."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = _Conv1D(16, 24)
+            self.register_buffer("proj", torch.randn(24, 8) / 4)
+
+        def forward(self, x):  # [B, T, 16]
+            return torch.einsum("bti,io->bto", torch.relu(self.c_attn(x)), self.proj)
+
+    model, x = Net().eval(), torch.randn(2, 5, 16)
+    cap = capture(model, (x[:1],), method=method)
+    ops = {op.name: op for op in cap.graph.layers()}
+    assert ops["c_attn"].weight_shape == [24, 16] and ops["c_attn"].bias_fqn == "c_attn.bias"
+    assert ops["proj"].weight_shape == [8, 24] and ops["proj"].out_channels == 8
+    assert ops["c_attn"].macs == 5 * 16 * 24 and ops["proj"].macs == 5 * 24 * 8
+    torch.testing.assert_close(cap.gm(x), model(x))
+
+
 class _InOutWeight(nn.Module):
     """``x @ W`` with W stored (in, out), a second product ``x @ Vᵀ``, and another reader of W."""
 

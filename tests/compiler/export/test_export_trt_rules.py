@@ -244,3 +244,34 @@ def test_per_channel_weight_scales_off_the_output_axis_are_named(good):
     bad = _mutate(good, fn)
     onnx.checker.check_model(bad, full_check=True)
     assert _rules(bad)["weight-axis"] == {fn.node}
+
+
+class _DropoutResidual(torch.nn.Module):
+    """A residual add that reads a layer through an nn.Dropout module and torchvision's stochastic depth."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.drop, self.head = torch.nn.Dropout(0.1), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        import torchvision
+
+        h = torch.relu(self.fc0(x))
+        h = h + self.drop(self.fc1(h))
+        h = h + torchvision.ops.stochastic_depth(self.fc2(h), 0.2, "row", self.training)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_residual_adds_behind_inference_no_ops_are_quantized_on_both_capture_paths(method):
+    """torch.fx kept nn.Dropout and stochastic depth as nodes between a layer and its residual add, so the add got no
+    quantizers and every post-norm block (EfficientNet, ViT, Swin under fx) broke TensorRT's residual-add rule."""
+    torch.manual_seed(0)
+    model, x = _DropoutResidual().eval(), torch.randn(8, 16)
+    cap = capture(model, (x,), fold_bn=True, method=method)
+    assert not any("dropout" in op.target.lower() or "stochastic" in op.target.lower() for op in cap.graph.ops.values())
+    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
+    apply_plan(qm, {op.name: LayerQuant(8, 8) for op in cap.graph.layers()})
+    qm.calibrate([x])
+    assert check_trt(export_qdq(qm, "trt", calib=[x], check_trt=False).model) == []
