@@ -234,28 +234,36 @@ def _einsum_operands(node: torch.fx.Node) -> tuple[str, list] | None:
     return node.args[0].replace(" ", ""), ops
 
 
-def _product_form(eq: str) -> bool | None:
-    """Whether a two-operand einsum is one (batched) matrix product ``a @ b``: False with b held (..., k, n), True
-    with b held (..., n, k) (read transposed); None when it is not (several contracted indices, a permuted
-    output, repeated or summed-out indices, broadcast batch dimensions that do not line up from the right)."""
+def _product_form(eq: str) -> tuple[bool, bool] | None:
+    """How a two-operand einsum is one (batched) matrix product: ``(swap, transpose_b)`` for ``a @ b`` with
+    (a, b) the operands in order (``swap``: the second operand is the left factor, ``"bnd,hn->bhd"`` is
+    ``W @ x``) and b held (..., k, n) or, with ``transpose_b``, (..., n, k); None when it is not (several
+    contracted indices, a permuted output, repeated or summed-out indices, batch dimensions that do not
+    broadcast from the right)."""
     if eq.count("->") != 1:
         return None
     ins, out = eq.split("->")
     parts = ins.split(",")
     if len(parts) != 2:
         return None
-    a, b = parts
-    a, b, out = (p.replace("...", "@") for p in (a, b, out))  # the broadcast dimensions as one index
-    if "." in a + b + out or any(len(set(p)) != len(p) for p in (a, b, out)) or len(a) < 2 or len(b) < 2:
+    parts = [p.replace("...", "@") for p in parts]  # the broadcast dimensions as one index
+    out = out.replace("...", "@")
+    if "." in "".join(parts) + out or any(len(set(p)) != len(p) for p in (*parts, out)):
         return None
-    a_batch, m, k = a[:-2], a[-2], a[-1]
-    if k in out or k not in b[-2:] or m in b:
-        return None
-    n = b[-1] if b[-2] == k else b[-2]
-    b_batch = b[:-2]
-    if n in a or not a_batch.endswith(b_batch) or out != a_batch + m + n:
-        return None
-    return b[-2:] == n + k
+    for swap in (False, True):
+        a, b = parts[::-1] if swap else parts
+        if len(a) < 2 or len(b) < 2:
+            continue
+        a_batch, m, k = a[:-2], a[-2], a[-1]
+        if k in out or k not in b[-2:] or m in b:
+            continue
+        n = b[-1] if b[-2] == k else b[-2]
+        b_batch = b[:-2]
+        batch = a_batch if len(a_batch) >= len(b_batch) else b_batch  # matmul broadcasts from the right
+        if n in a or not batch.endswith(a_batch) or not batch.endswith(b_batch) or out != batch + m + n:
+            continue
+        return swap, b[-2:] == n + k
+    return None
 
 
 def einsum_as_products(gm: torch.fx.GraphModule) -> int:
@@ -271,11 +279,12 @@ def einsum_as_products(gm: torch.fx.GraphModule) -> int:
         got = _einsum_operands(n)
         if got is None or len(got[1]) != 2 or not all(isinstance(o, torch.fx.Node) for o in got[1]):
             continue
-        transpose_b = _product_form(got[0])
+        form = _product_form(got[0])
         vals = [o.meta.get("val") for o in got[1]]
-        if transpose_b is None or not all(isinstance(v, torch.Tensor) for v in vals):
+        if form is None or not all(isinstance(v, torch.Tensor) for v in vals):
             continue
-        a, b = got[1]
+        swap, transpose_b = form
+        (a, b), vals = (got[1][::-1], vals[::-1]) if swap else (got[1], vals)
         with gm.graph.inserting_before(n):
             if transpose_b:
                 bt = gm.graph.call_function(torch.ops.aten.transpose.int, (b, -2, -1))

@@ -245,8 +245,9 @@ def _check_weighted(n: ir.Node) -> list[Violation]:
     return out
 
 
-def _output_axis(n: ir.Node, rank: int) -> int | None:
-    """The axis of ``n``'s weight input that indexes its output channels (None: no single such axis)."""
+def _output_axis(n: ir.Node, rank: int, first: bool = False) -> int | None:
+    """The axis of ``n``'s weight input that indexes its output channels (None: no single such axis); ``first``:
+    the weight is a MatMul's left operand (W @ x, its rows are the outputs)."""
     if n.op_type == "Conv":
         return 0
     if n.op_type == "ConvTranspose":
@@ -255,7 +256,7 @@ def _output_axis(n: ir.Node, rank: int) -> int | None:
     if n.op_type == "Gemm":
         tb = n.attributes.get("transB")
         return 0 if tb is not None and tb.as_int() else 1
-    return rank - 1  # MatMul: x @ W with W (..., K, N)
+    return rank - 2 if first else rank - 1  # MatMul: x @ W with W (..., K, N), or W (..., M, K) @ x
 
 
 def _check_weight_axis(n: ir.Node, w: ir.Value) -> list[Violation]:
@@ -277,7 +278,7 @@ def _check_weight_axis(n: ir.Node, w: ir.Value) -> list[Violation]:
     a = p.attributes.get("axis")
     axis = (a.as_int() if a is not None else 1) % rank
     seen = perm.index(axis) if perm is not None else axis  # where that axis lands in what the op reads
-    want = _output_axis(n, rank)
+    want = _output_axis(n, rank, first=n.op_type == "MatMul" and n.inputs[0] is w)
     if want is None or seen != want:
         return [Violation("weight-axis", _name(n), f"per-channel weight scales along axis {seen} of what the "
                           f"{n.op_type} reads, not its output channels" + (f" (axis {want})" if want is not None

@@ -709,6 +709,30 @@ def test_einsums_that_are_matrix_products_become_layers(method):
     torch.testing.assert_close(cap.gm(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+class _TokenMixer(nn.Module):
+    """MLP-Mixer's token mixing as an einsum with the parameter second: ``W @ x`` along the token axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Parameter(torch.randn(12, 8) / 3)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):  # [B, 8 tokens, 16]
+        return self.head(torch.relu(torch.einsum("bnd,hn->bhd", x, self.tok)).mean(1))
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_a_token_mixing_einsum_is_a_layer_whose_weight_is_the_left_factor(method):
+    """``"bnd,hn->bhd"`` is ``W @ x``: it stayed a float einsum; now a linear layer whose rows (axis 0) are its
+    output channels, with exact MACs."""
+    model, x = _TokenMixer().eval(), torch.randn(4, 8, 16)
+    cap = capture(model, (x[:1],), method=method)
+    tok = cap.graph.layer("tok")
+    assert tok.kind.value == "linear" and tok.weight_shape == [12, 8] and tok.macs == 12 * 16 * 8
+    assert not cap.graph.unquantized()
+    torch.testing.assert_close(cap.gm(x), model(x))
+
+
 class _Attention(nn.Module):
     def __init__(self, masked: bool):
         super().__init__()

@@ -275,3 +275,21 @@ def test_residual_adds_behind_inference_no_ops_are_quantized_on_both_capture_pat
     apply_plan(qm, {op.name: LayerQuant(8, 8) for op in cap.graph.layers()})
     qm.calibrate([x])
     assert check_trt(export_qdq(qm, "trt", calib=[x], check_trt=False).model) == []
+
+
+def test_a_left_factor_weight_scaled_along_its_rows_meets_the_weight_axis_rule():
+    """``W @ x`` (token mixing): W's rows are the outputs, so per-channel scales along axis 0 are right for it; the
+    rule took every MatMul weight for the right factor and would have named it."""
+    from tests.compiler.test_capture import _TokenMixer
+
+    torch.manual_seed(0)
+    cap = capture(_TokenMixer().eval(), (torch.randn(1, 8, 16),), fold_bn=True)
+    qm = QuantizedModel(cap, method=RangeMethod.MINMAX)
+    apply_plan(qm, {"tok": LayerQuant((4,) * 6 + (8,) * 6, 8), "head": LayerQuant(8, 8)})
+    calib = [torch.randn(32, 8, 16)]
+    qm.calibrate(calib)
+    model = export_qdq(qm, "trt", calib=calib, check_trt=False).model
+    dq = next(n for n in model.graph.node if n.name == "tok/weight_dq")
+    (mm,) = [n for n in model.graph.node if dq.output[0] in n.input]
+    assert mm.op_type == "MatMul" and mm.input[0] == dq.output[0] and check_trt(model) == []
+
