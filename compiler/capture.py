@@ -289,7 +289,6 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     """
     from .loading import set_eval
     from .passes import (
-        canonical_linear,
         drop_eval_noops,
         einsum_as_products,
         explicit_attention,
@@ -304,7 +303,6 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, fold_bn: bool = Fa
     free_reserved_names(gm)
     drop_eval_noops(gm)
     functional_inplace(gm)
-    canonical_linear(gm)
     einsum_as_products(gm)
     linear_from_matmul(gm)
     output_channels_first(gm)

@@ -1,11 +1,10 @@
 """Graph passes on the captured GraphModule that run before the IR is built.
 
-``canonical_linear`` rewrites a linear layer spelled as ``addmm(b, x, wᵀ)`` or ``mm(x, wᵀ)`` (what a decomposed
-export, ``ExportedProgram.run_decompositions()`` or the edge dialect, makes of ``nn.Linear``) back into
-``linear(x, w, b)``, the one form the IR, the quantizers, the integer-bias grid and the export know.
-
-``linear_from_matmul`` does the same for ``x @ Wᵀ`` and for ``x @ W`` with W stored (in, out), which it stores
-transposed, so that a weight's axis 0 is its output channel everywhere.
+``linear_from_matmul`` rewrites a linear layer spelled as ``addmm(b, x, wᵀ)``, ``mm(x, wᵀ)`` (what a decomposed
+export, ``ExportedProgram.run_decompositions()`` or the edge dialect, makes of ``nn.Linear``) or ``x @ wᵀ`` back
+into ``linear(x, w, b)``, the one form the IR, the quantizers, the integer-bias grid and the export know; and
+``x @ W`` or ``addmm(b, x, W)`` with W stored (in, out) likewise, storing W transposed, so that a weight's axis 0
+is its output channel everywhere.
 
 ``einsum_as_products`` spells a two-operand einsum that is one (batched) matrix product as ``matmul``, so that
 it is a layer like any other product (a linear one when an operand is a parameter).
@@ -99,37 +98,6 @@ def _transposed_param(gm: torch.fx.GraphModule, node) -> torch.fx.Node | None:
     if packet(node) == "transpose" and sorted(d % 2 for d in rest) != [0, 1]:
         return None
     return src
-
-
-def canonical_linear(gm: torch.fx.GraphModule) -> int:
-    """``addmm(b, x, wᵀ)`` -> ``linear(x, w, b)`` and ``mm(x, wᵀ)`` -> ``linear(x, w)`` for a 2-D parameter w and
-    a 1-D parameter b, with addmm's beta and alpha at 1; returns the count. The transposes left unused go."""
-    done = 0
-    for n in list(gm.graph.nodes):
-        if n.op != "call_function" or packet(n) not in ("addmm", "mm"):
-            continue
-        if packet(n) == "addmm":
-            if len(n.args) != 3 or any(n.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
-                continue
-            bias, x, wt = n.args
-            b = _get_attr(gm, bias)
-            if b is None or b.dim() != 1:
-                continue
-        else:
-            (x, wt), bias = n.args[:2], None
-        w = _transposed_param(gm, wt)
-        if w is None or (bias is not None and b.shape[0] != _get_attr(gm, w).shape[0]):
-            continue
-        with gm.graph.inserting_before(n):
-            lin = gm.graph.call_function(torch.ops.aten.linear.default, (x, w) if bias is None else (x, w, bias))
-        lin.meta = dict(n.meta)
-        n.replace_all_uses_with(lin)
-        gm.graph.erase_node(n)
-        done += 1
-    if done:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return done
 
 
 # the attributes mpqc adds to a captured GraphModule's root (quantizers, splices, the export's bias quantizers)
@@ -405,10 +373,10 @@ def _right_operand(user: torch.fx.Node, w: torch.fx.Node) -> bool:
 
 
 def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
-    """``x @ Wᵀ`` -> ``linear(x, W)``, and ``x @ W`` (or GPT-2's ``addmm(b, x, W)``) with a 2-D parameter W stored
-    (in, out) -> ``linear(x, W')`` where W' = Wᵀ is stored (out, in) under W's name, taking in a bias added right
-    after; returns the count.
-    Nodes carry ``meta['val']``.
+    """``x @ Wᵀ`` / ``mm(x, Wᵀ)`` / ``addmm(b, x, Wᵀ)`` -> ``linear(x, W[, b])`` (addmm's beta and alpha at 1), and
+    ``x @ W`` (or GPT-2's ``addmm(b, x, W)``) with a 2-D parameter W stored (in, out) -> ``linear(x, W')`` where
+    W' = Wᵀ is stored (out, in) under W's name; a bias added right after a product joins it. Returns the count;
+    the transposes left unused go. Nodes carry ``meta['val']``.
 
     Every weight stage takes axis 0 as the output channel (per-channel scales and bit-widths, channel
     sensitivities, the export's per-axis scales); an (in, out) weight would get one scale per *input* row, which
@@ -422,9 +390,9 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
         bias = None
         if n.op == "call_function" and packet(n) == "addmm" and len(n.args) == 3 \
                 and all(n.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):
-            bias, x, w = n.args  # addmm(b, x, W) with W stored (in, out); W read through .t() is canonical_linear's
+            bias, x, w = n.args  # addmm(b, x, Wᵀ) (a decomposed nn.Linear), or addmm(b, x, W) with W stored (in, out)
             b = _get_attr(gm, bias)
-            if b is None or b.dim() != 1 or _transposed_param(gm, w) is not None:
+            if b is None or b.dim() != 1:
                 continue
         elif n.op != "call_function" or packet(n) not in ("matmul", "mm") or len(n.args) != 2 or n.kwargs:
             continue
@@ -434,6 +402,8 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> int:
         if not isinstance(xv, torch.Tensor) or xv.dim() < 1 or _get_attr(gm, x) is not None:
             continue
         weight = _transposed_param(gm, w)
+        if weight is not None and bias is not None and _get_attr(gm, bias).shape[0] != _get_attr(gm, weight).shape[0]:
+            continue
         if weight is None:
             p = _get_attr(gm, w)
             fqn = str(w.target) if isinstance(w, torch.fx.Node) else ""
