@@ -214,7 +214,7 @@ class DxmaxConfig:
             raise ValueError("dxmax.clip_grads must be true or false")
         if not isinstance(self.budget_from_plan, bool):
             raise ValueError("dxmax.budget_from_plan must be true or false")
-        _int("dxmax.min_bits", self.min_bits, 1)
+        _int("dxmax.min_bits", self.min_bits, 2)  # the narrowest grid the export and the runtimes take
         _int("dxmax.max_bits", self.max_bits, 1)
         if self.max_bits < self.min_bits:
             raise ValueError(f"dxmax.max_bits ({self.max_bits}) must be >= dxmax.min_bits ({self.min_bits})")

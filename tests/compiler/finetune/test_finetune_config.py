@@ -52,7 +52,8 @@ def test_strings_become_enums_and_lists_become_tuples():
     {"distill": {"weight": 1.5}}, {"distill": {"temperature": 0}},
     {"pdqat": {"dual_lr": -0.1}}, {"pdqat": {"dual_batches": 0}}, {"energy": {"e_target": 0.0}},
     {"energy": {"mode": "guess"}}, {"dxmax": {"act_mode": "mean"}}, {"dxmax": {"d_range": [1.0, 0.5]}},
-    {"dxmax": {"weight_kb": -3.0}},
+    {"dxmax": {"weight_kb": -3.0}}, {"dxmax": {"min_bits": 1}}, {"dxmax": {"max_bits": 4, "min_bits": 6}},
+    {"dxmax": {"budget_from_plan": "yes"}},
 ], ids=str)
 def test_bad_values_raise_value_error(changes):
     with pytest.raises(ValueError):
