@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -196,6 +197,18 @@ def test_analog_scores_price_the_noise_ranges_the_fine_tuning_draws(digits):
         priced = thermal_sigma(op.fan_in, torch.as_tensor(r_w).float(), torch.tensor(r_x).float(), 1.0, 0.01)
         drawn = _thermal_sigma_fn(at8, at8.graph_ir.ops[op.name], 0.01)()
         torch.testing.assert_close(priced, drawn.reshape(priced.shape), rtol=1e-5, atol=0)
+    # and the scores are priced on them: the thermal score is ½·Σ_c σ_c²·G_c, σ_c ∝ R_w[c]·R_x
+    _, data, _ = digits
+    scores = {r: run_sensitivity("analog", qm, data, {"samples": 64, "target": "analog", "ranges": r,
+                                                      "granularity": "channel"}) for r in ("quantizer", "float")}
+    for op in qm.graph_ir.layers():
+        r_w, r_x = _quantizer_ranges(qm, op.name, 8, 8)
+        w = qm.weight(op.name).detach().double().reshape(op.out_channels, -1)
+        q_ch = np.asarray(scores["quantizer"].layers[op.name].e_channel[1.0])
+        f_ch = np.asarray(scores["float"].layers[op.name].e_channel[1.0])
+        ratio = q_ch / f_ch  # G_c cancels: (R_w,q · R_x,q)² / (R_w,f · R_x,f)² per channel
+        expect = (r_w / (2 * w.abs().amax(1).numpy())) ** 2
+        np.testing.assert_allclose(ratio / ratio.mean(), expect / expect.mean(), rtol=1e-6)
 
 
 def test_analog_channel_scores_sum_to_the_layer_score(digits):
