@@ -68,17 +68,13 @@ def _store_like(gm: torch.fx.GraphModule, fqn: str, value: torch.Tensor, like: t
     projection held in a buffer is a weight to the IR as much as a parameter is)."""
     if isinstance(like, torch.nn.Parameter):
         _set_param(gm, fqn, value)
-        _get_attr(gm, _attr_node(gm, fqn)).requires_grad_(like.requires_grad)
+        gm.get_parameter(fqn).requires_grad_(like.requires_grad)
         return
     mod_path, _, leaf = fqn.rpartition(".")
     mod = gm.get_submodule(mod_path) if mod_path else gm
     persistent = leaf not in getattr(mod, "_non_persistent_buffers_set", set())
     mod._buffers.pop(leaf, None)
     mod.register_buffer(leaf, value.detach().clone(), persistent=persistent)
-
-
-def _attr_node(gm: torch.fx.GraphModule, fqn: str) -> torch.fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) == fqn)
 
 
 _TRANSPOSES = {"t", "permute", "transpose", "numpy_T"}
